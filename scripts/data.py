@@ -1,0 +1,131 @@
+"""Datalists and input checks: bad input stops the run before training, with the file and the problem named."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import load_decathlon_datalist
+from monai.transforms import MapTransform
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Raised for input that cannot be used; the message always names the file.
+
+    It is also logged at once: MONAI's config parser wraps it in a "Failed to evaluate" error, and the user should
+    not have to read a traceback to learn which file is wrong.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        logger.error(message)
+
+
+def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "auto") -> list[dict]:
+    """Entries of one datalist section with paths resolved against `dataset_dir`.
+
+    `labels`: "require" (every entry must have one, e.g. the test set), "auto" (kept only when every entry has one,
+    so that batches collate), or "drop".
+    """
+    if not os.path.isfile(datalist):
+        raise DataError(f"{datalist}: datalist file not found")
+    try:
+        with open(datalist) as f:
+            sections = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{datalist}: not a valid JSON datalist ({e})") from e
+    if not isinstance(sections, dict) or not sections.get(section):
+        raise DataError(f"{datalist}: section {section!r} is missing or empty")
+    entries = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=section, base_dir=dataset_dir)
+    for i, entry in enumerate(entries):
+        if "image" not in entry:
+            raise DataError(f"{datalist}: entry {i} of {section!r} has no 'image'")
+        if labels == "require" and "label" not in entry:
+            raise DataError(f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'")
+    if labels == "drop" or (labels == "auto" and not all("label" in e for e in entries)):
+        entries = [{k: v for k, v in e.items() if k != "label"} for e in entries]
+    for entry in entries:
+        for key in ("image", "label"):
+            if key in entry and not os.path.isfile(entry[key]):
+                raise DataError(f"{entry[key]}: {key} file not found (datalist {datalist}, section {section!r})")
+    return entries
+
+
+class CheckImaged(MapTransform):
+    """Validates freshly loaded, channel-first images (and their labels) against what the bundle is configured for."""
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int, channels: int, label_key: str = "label") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.spatial_dims, self.channels, self.label_key = spatial_dims, channels, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            name = getattr(img, "meta", {}).get("filename_or_obj", key)
+            if img.ndim - 1 != self.spatial_dims:
+                raise DataError(
+                    f"{name}: has {img.ndim - 1} spatial dimensions, the bundle is configured for "
+                    f"{self.spatial_dims} (spatial_dims)"
+                )
+            if key != self.label_key:
+                if img.shape[0] == 1 and self.channels > 1:
+                    d[key] = img = img.repeat(self.channels, *([1] * self.spatial_dims))
+                if img.shape[0] != self.channels:
+                    raise DataError(
+                        f"{name}: has {img.shape[0]} channels, the bundle is configured for "
+                        f"{self.channels} (in_channels)"
+                    )
+            if not torch.isfinite(torch.as_tensor(img)).all():
+                raise DataError(f"{name}: contains NaN or Inf values")
+        if self.label_key in d and self.keys[0] in d:
+            image, label = d[self.keys[0]], d[self.label_key]
+            if tuple(image.shape[1:]) != tuple(label.shape[1:]):
+                name = getattr(label, "meta", {}).get("filename_or_obj", self.label_key)
+                raise DataError(
+                    f"{name}: label shape {tuple(label.shape[1:])} does not match its image's "
+                    f"{tuple(image.shape[1:])}"
+                )
+        return d
+
+
+class BinarizeLabeld(MapTransform):
+    """Any voxel above `threshold` in any channel is anomalous: masks arrive as 0/255 PNGs, RGB masks or NIfTI labels."""
+
+    def __init__(self, keys: KeysCollection, threshold: float = 0.0) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.threshold = threshold
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = (d[key] > self.threshold).any(dim=0, keepdim=True).float()
+        return d
+
+
+def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checking data") -> list[dict]:
+    """Runs the deterministic preprocessing over every entry once, so that bad input fails before training starts.
+
+    MONAI wraps a transform's exception in layers of `RuntimeError`; this re-raises the innermost cause as a
+    `DataError` that names the entry's files.
+    """
+    for entry in tqdm(entries, desc=desc, leave=False):
+        try:
+            transform(entry)
+        except Exception as e:  # noqa: BLE001 - every failure here is the input's, reported with its file
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if isinstance(cause, DataError):
+                raise cause from e
+            files = ", ".join(f"{k}: {v}" for k, v in entry.items() if k in ("image", "label"))
+            raise DataError(f"{files}: cannot be loaded ({type(cause).__name__}: {cause})") from e
+    return list(entries)

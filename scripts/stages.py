@@ -1,0 +1,89 @@
+"""Stage bookkeeping for long runs: what is finished is never redone or overwritten, and a killed stage resumes."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader
+
+logger = logging.getLogger(__name__)
+
+
+def latest_checkpoint(folder: str, pattern: str = "checkpoint_*.pt") -> str | None:
+    """The newest resumable checkpoint in `folder`, if a killed run left one."""
+    paths = glob.glob(os.path.join(folder, pattern))
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """`torch.save` through a temporary file, so a kill never leaves a truncated file that looks finished."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class RunState:
+    """`state.json` under the output folder: one record per completed step, written atomically."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.path = os.path.join(output_dir, "state.json")
+        self.steps: dict[str, dict] = {}
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.steps = json.load(f)
+
+    def done(self, step: str) -> bool:
+        return step in self.steps
+
+    def complete(self, step: str, **info: Any) -> None:
+        if step in self.steps:
+            raise RuntimeError(f"{self.path}: step {step!r} is already complete and will not be overwritten")
+        self.steps[step] = {"completed_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.steps, f, indent=2)
+        os.replace(tmp, self.path)
+
+
+def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=None) -> torch.nn.Module:
+    """Runs `trainer` unless `step` is complete; either way its network ends with the stage's final weights.
+
+    Every epoch the network, optimiser and trainer state go to a checkpoint beside `weights`; a rerun of the same
+    command after a kill resumes from it. Only when training ends are the final weights written and the step, with
+    the last validation metrics of `evaluator`, recorded in `state.json`; a completed step is never rerun.
+    """
+    network, state = trainer.network, RunState(output_dir)
+    if state.done(step):
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{weights}: step {step!r} is complete in {state.path} but its weights are gone")
+        logger.info(f"{step}: already complete, loading {weights}")
+        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return network
+    folder = os.path.dirname(weights)
+    objects = {"model": network, "optimizer": trainer.optimizer, "trainer": trainer}
+    if trainer.scaler is not None:
+        objects["scaler"] = trainer.scaler
+    resume = latest_checkpoint(folder)
+    if resume is not None:
+        logger.info(f"{step}: resuming from {resume}")
+        CheckpointLoader(load_path=resume, load_dict=objects, map_location="cpu").attach(trainer)
+    saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=1)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+    start = time.time()
+    trainer.run()
+    atomic_save(network.state_dict(), weights)
+    metrics = {k: float(v) for k, v in (evaluator.state.metrics if evaluator is not None else {}).items()}
+    state.complete(
+        step, weights=os.path.relpath(weights, output_dir), wall_time_s=round(time.time() - start, 1), **metrics
+    )
+    return network

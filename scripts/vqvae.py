@@ -1,0 +1,140 @@
+"""First stage: MONAI's VQ-VAE with explicit decoder dropout, its loss, and the pieces the ignite engines need.
+
+ILTM only works when the VQ-VAE reconstructs what it is shown, anomalies included (DESIGN.md, "What makes ILTM
+work"): the KDE inferer decodes every healed latent several times with the decoder's dropout on, so that dropout is
+part of the trained model, channel-wise and right before the last decoder layer (Patel et al. 2023, §3.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.nets import VQVAE
+from torch import nn
+
+
+class DropoutVQVAE(VQVAE):
+    """`monai.networks.nets.VQVAE` plus one channel-wise dropout before the decoder's last layer.
+
+    MONAI's own `dropout` argument acts in the encoder as well; here the encoder stays deterministic so that a
+    latent is a function of the image, and only `decoder_dropout` makes reconstructions vary.
+    """
+
+    def __init__(self, *args, decoder_dropout: float = 0.05, decay: float = 0.99, **kwargs) -> None:
+        super().__init__(*args, decay=decay, **kwargs)
+        dropout_type = nn.Dropout2d if self.spatial_dims == 2 else nn.Dropout3d
+        self.decoder_dropout = dropout_type(p=decoder_dropout)
+        blocks = list(self.decoder.blocks)
+        last_conv = max(i for i, block in enumerate(blocks) if isinstance(block, Convolution))
+        blocks.insert(last_conv, self.decoder_dropout)
+        self.decoder.blocks = nn.ModuleList(blocks)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.num_embeddings
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction alone, for inferers and metrics that do not want the quantisation loss."""
+        return self(images)[0]
+
+
+@contextmanager
+def decoder_dropout_only(vqvae: DropoutVQVAE) -> Iterator[DropoutVQVAE]:
+    """Everything in eval mode except the decoder's dropout, as the KDE inferer requires; restores the old modes."""
+    modes = {m: m.training for m in vqvae.modules()}
+    vqvae.eval()
+    vqvae.decoder_dropout.train()
+    try:
+        yield vqvae
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+class VQVAELoss(nn.Module):
+    """Reconstruction (L1 by default) + quantisation (commitment) loss, for `SupervisedTrainer(loss_function=...)`.
+
+    The trainer passes the network output `(reconstruction, quantisation_loss)` as `pred` and the image as target.
+    """
+
+    def __init__(self, reconstruction: str = "l1", quantisation_weight: float = 1.0) -> None:
+        super().__init__()
+        losses = {"l1": nn.L1Loss(), "l2": nn.MSELoss()}
+        if reconstruction not in losses:
+            raise ValueError(f"reconstruction loss must be one of {sorted(losses)}, got {reconstruction!r}")
+        self.reconstruction = losses[reconstruction]
+        self.quantisation_weight = quantisation_weight
+
+    def forward(self, pred: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        reconstruction, quantisation_loss = pred
+        return (
+            self.reconstruction(reconstruction.float(), target.float()) + self.quantisation_weight * quantisation_loss
+        )
+
+
+class ReconstructionInferer:
+    """MONAI-style inferer returning only the reconstruction, so evaluators and handlers see an image as `pred`."""
+
+    def __call__(self, inputs: torch.Tensor, network: DropoutVQVAE, *args, **kwargs) -> torch.Tensor:
+        return network(inputs)[0]
+
+
+def codebook_usage(indices: torch.Tensor, codebook_size: int) -> tuple[int, float]:
+    """Number of codes used and the perplexity of their distribution: a collapsed codebook cannot be faithful."""
+    counts = torch.bincount(indices.flatten().long(), minlength=codebook_size).double()
+    probs = counts / counts.sum().clamp_min(1)
+    perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
+    return int((counts > 0).sum()), float(perplexity)
+
+
+def prepare_reconstruction_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+    """`prepare_batch` for the engines: the target of an autoencoder is its input; masks stay in the batch."""
+    image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+    return image, image
+
+
+class ReconstructionStats:
+    """Validation handler: L1 error inside and outside the ground-truth anomalies (when masks exist), codebook use.
+
+    The error inside anomalies is what ILTM depends on: a VQ-VAE that cannot reproduce anomalies makes the anomaly
+    map its own reconstruction error, and the Transformer (and so ILTM) then changes nothing (DESIGN.md).
+    Attach before `StatsHandler` so the numbers are in `engine.state.metrics` when it prints.
+    """
+
+    def __init__(self, prefix: str = "val") -> None:
+        self.prefix = prefix
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._complete)
+
+    def _reset(self, engine) -> None:
+        self.sums = {"anomaly": 0.0, "normal": 0.0}
+        self.counts = {"anomaly": 0, "normal": 0}
+        self.codes: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def _update(self, engine) -> None:
+        image, pred = engine.state.output["image"], engine.state.output["pred"]
+        error = (pred.float() - image.float()).abs().mean(dim=1, keepdim=True)
+        mask = engine.state.batch.get("label") if isinstance(engine.state.batch, dict) else None
+        if mask is not None:
+            mask = mask.to(error.device) > 0
+            for name, region in (("anomaly", mask), ("normal", ~mask)):
+                self.sums[name] += float(error[region].sum())
+                self.counts[name] += int(region.sum())
+        self.codes.append(engine.network.index_quantize(image).cpu())
+
+    def _complete(self, engine) -> None:
+        for name in self.sums:
+            if self.counts[name]:
+                engine.state.metrics[f"{self.prefix}_l1_{name}"] = self.sums[name] / self.counts[name]
+        used, perplexity = codebook_usage(torch.cat([c.flatten() for c in self.codes]), engine.network.codebook_size)
+        engine.state.metrics[f"{self.prefix}_codes_used"] = used
+        engine.state.metrics[f"{self.prefix}_perplexity"] = perplexity

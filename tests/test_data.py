@@ -1,0 +1,144 @@
+"""Bad input stops before training with an error naming the file and the problem; good input of any size loads."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+from PIL import Image
+
+from scripts.data import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _dataset(tmp_path, n=3, size=(50, 40), rgb=False, labels=True):
+    rng = np.random.default_rng(0)
+    sections = {}
+    for section in ("training", "validation", "test"):
+        sections[section] = []
+        for i in range(n):
+            shape = (*size, 3) if rgb else size
+            _png(str(tmp_path / "img" / f"{section}{i}.png"), rng.integers(0, 256, shape, dtype=np.uint8))
+            entry = {"image": f"img/{section}{i}.png", "category": "x"}
+            if labels:
+                mask = np.zeros(size, np.uint8)
+                mask[5:10, 5:12] = 255
+                _png(str(tmp_path / "lbl" / f"{section}{i}.png"), mask)
+                entry["label"] = f"lbl/{section}{i}.png"
+            sections[section].append(entry)
+    return sections
+
+
+def _parser(tmp_path, sections, **overrides):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(sections))
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "train.yaml"))
+    parser.update({"bundle_root": ROOT, "dataset_dir": str(tmp_path), "datalist": str(datalist), **overrides})
+    return parser
+
+
+def _error(parser, section="train_files"):
+    """The DataError behind MONAI's "Failed to evaluate" wrapper: what the user sees in the traceback and the log."""
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content(section)
+    error = info.value
+    while not isinstance(error, DataError) and error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, DataError), info.value
+    return str(error)
+
+
+def test_any_size_is_resized_and_labels_binarised(tmp_path):
+    parser = _parser(tmp_path, _dataset(tmp_path, size=(50, 37)))
+    files = parser.get_parsed_content("train_files")
+    item = parser.get_parsed_content("loading")(files[0])
+    assert tuple(item["image"].shape) == (1, 64, 64)
+    assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+    assert set(np.unique(item["label"].numpy())) == {0.0, 1.0}
+
+
+def test_grey_images_are_repeated_for_an_rgb_bundle_and_rgb_loads(tmp_path):
+    for rgb in (False, True):
+        parser = _parser(tmp_path, _dataset(tmp_path, rgb=rgb), in_channels=3)
+        item = parser.get_parsed_content("loading")(parser.get_parsed_content("train_files")[0])
+        assert tuple(item["image"].shape) == (3, 64, 64)
+
+
+def test_missing_file(tmp_path):
+    sections = _dataset(tmp_path)
+    os.remove(tmp_path / "img" / "training1.png")
+    message = _error(_parser(tmp_path, sections))
+    assert "training1.png" in message and "not found" in message
+
+
+def test_missing_datalist_and_empty_or_absent_section(tmp_path):
+    parser = _parser(tmp_path, _dataset(tmp_path))
+    parser["datalist"] = str(tmp_path / "nope.json")
+    assert "nope.json" in _error(parser)
+    sections = _dataset(tmp_path)
+    sections["validation"] = []
+    message = _error(_parser(tmp_path, sections), "val_files")
+    assert "'validation'" in message and "empty" in message
+
+
+def test_unreadable_image(tmp_path):
+    sections = _dataset(tmp_path)
+    (tmp_path / "img" / "training2.png").write_bytes(b"this is not a png")
+    message = _error(_parser(tmp_path, sections))
+    assert "training2.png" in message and "cannot be loaded" in message
+
+
+def test_wrong_channel_count(tmp_path):
+    sections = _dataset(tmp_path, rgb=True)
+    message = _error(_parser(tmp_path, sections, in_channels=1))
+    assert "training0.png" in message and "3 channels" in message
+
+
+def test_wrong_dimensionality(tmp_path):
+    sections = _dataset(tmp_path)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(tmp_path / "img" / "vol.nii.gz"))
+    sections["training"][0]["image"] = "img/vol.nii.gz"
+    message = _error(_parser(tmp_path, sections))
+    assert "vol.nii.gz" in message and "3 spatial dimensions" in message
+
+
+def test_nan_and_inf(tmp_path):
+    sections = _dataset(tmp_path)
+    for name, value in (("nan.nii.gz", np.nan), ("inf.nii.gz", np.inf)):
+        volume = np.zeros((8, 8, 8), np.float32)
+        volume[2, 3, 4] = value
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "img" / name))
+    for name in ("nan.nii.gz", "inf.nii.gz"):
+        sections["training"] = [{"image": f"img/{name}"}]
+        message = _error(_parser(tmp_path, sections, spatial_dims=3, image_size=[8, 8, 8]))
+        assert name in message and "NaN or Inf" in message
+
+
+def test_label_shape_mismatch(tmp_path):
+    sections = _dataset(tmp_path)
+    _png(str(tmp_path / "lbl" / "small.png"), np.zeros((20, 20), np.uint8))
+    sections["training"][1]["label"] = "lbl/small.png"
+    message = _error(_parser(tmp_path, sections))
+    assert "small.png" in message and "does not match" in message
+
+
+def test_test_entries_must_carry_labels_and_training_labels_are_optional(tmp_path):
+    from scripts.data import load_datalist
+
+    sections = _dataset(tmp_path)
+    del sections["training"][0]["label"]
+    del sections["test"][1]["label"]
+    (tmp_path / "d.json").write_text(json.dumps(sections))
+    training = load_datalist(str(tmp_path / "d.json"), str(tmp_path), "training")
+    assert all("label" not in e for e in training)  # partial labels dropped so that batches collate
+    with pytest.raises(DataError, match="test1.png.*no 'label'|no 'label'"):
+        load_datalist(str(tmp_path / "d.json"), str(tmp_path), "test", labels="require")
