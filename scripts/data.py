@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.data import load_decathlon_datalist
 from monai.transforms import MapTransform
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
+PATH_KEYS = ("image", "label")
 
 
 class DataError(ValueError):
@@ -44,7 +44,7 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
         raise DataError(f"{datalist}: not a valid JSON datalist ({e})") from e
     if not isinstance(sections, dict) or not sections.get(section):
         raise DataError(f"{datalist}: section {section!r} is missing or empty")
-    entries = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=section, base_dir=dataset_dir)
+    entries = [_resolve(entry, dataset_dir) for entry in sections[section]]
     for i, entry in enumerate(entries):
         if "image" not in entry:
             raise DataError(f"{datalist}: entry {i} of {section!r} has no 'image'")
@@ -57,6 +57,14 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
             if key in entry and not os.path.isfile(entry[key]):
                 raise DataError(f"{entry[key]}: {key} file not found (datalist {datalist}, section {section!r})")
     return entries
+
+
+def _resolve(entry: dict, dataset_dir: str, path_keys: Sequence[str] = PATH_KEYS) -> dict:
+    """Joins only path fields with `dataset_dir`; MONAI's `load_decathlon_datalist` would also turn any other string
+    that happens to name an existing file or folder (e.g. a category "bottle") into a path."""
+    if not isinstance(entry, dict):
+        return {"image": os.path.join(dataset_dir, str(entry))}
+    return {k: os.path.join(dataset_dir, v) if k in path_keys and isinstance(v, str) else v for k, v in entry.items()}
 
 
 class CheckImaged(MapTransform):

@@ -32,35 +32,45 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 class RunState:
-    """`state.json` under the output folder: one record per completed step, written atomically."""
+    """`state.json` under the output folder: one record per completed step, written atomically.
+
+    Read from disk on every access, so that several holders (the ILTM loop, each training stage) never write back a
+    stale copy over each other's steps.
+    """
 
     def __init__(self, output_dir: str) -> None:
         self.path = os.path.join(output_dir, "state.json")
-        self.steps: dict[str, dict] = {}
-        if os.path.isfile(self.path):
-            with open(self.path) as f:
-                self.steps = json.load(f)
+
+    @property
+    def steps(self) -> dict[str, dict]:
+        if not os.path.isfile(self.path):
+            return {}
+        with open(self.path) as f:
+            return json.load(f)
 
     def done(self, step: str) -> bool:
         return step in self.steps
 
     def complete(self, step: str, **info: Any) -> None:
-        if step in self.steps:
+        steps = self.steps
+        if step in steps:
             raise RuntimeError(f"{self.path}: step {step!r} is already complete and will not be overwritten")
-        self.steps[step] = {"completed_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
+        steps[step] = {"completed_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
-            json.dump(self.steps, f, indent=2)
+            json.dump(steps, f, indent=2)
         os.replace(tmp, self.path)
 
 
-def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=None) -> torch.nn.Module:
+def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=None, seed: int = 0) -> torch.nn.Module:
     """Runs `trainer` unless `step` is complete; either way its network ends with the stage's final weights.
 
     Every epoch the network, optimiser and trainer state go to a checkpoint beside `weights`; a rerun of the same
     command after a kill resumes from it. Only when training ends are the final weights written and the step, with
     the last validation metrics of `evaluator`, recorded in `state.json`; a completed step is never rerun.
+    The global RNG is re-seeded from (seed, epoch) at every epoch start, so shuffling and dropout after a resume are
+    those of an uninterrupted run.
     """
     network, state = trainer.network, RunState(output_dir)
     if state.done(step):
@@ -77,6 +87,9 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
     if resume is not None:
         logger.info(f"{step}: resuming from {resume}")
         CheckpointLoader(load_path=resume, load_dict=objects, map_location="cpu").attach(trainer)
+    trainer.add_event_handler(
+        Events.EPOCH_STARTED, lambda engine: torch.manual_seed(seed * 100_003 + engine.state.epoch)
+    )
     saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=1)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
     start = time.time()

@@ -23,14 +23,45 @@ class DropoutVQVAE(VQVAE):
     latent is a function of the image, and only `decoder_dropout` makes reconstructions vary.
     """
 
-    def __init__(self, *args, decoder_dropout: float = 0.05, decay: float = 0.99, **kwargs) -> None:
+    def __init__(
+        self, *args, decoder_dropout: float = 0.05, decay: float = 0.99, dead_code_threshold: float = 1.0, **kwargs
+    ) -> None:
         super().__init__(*args, decay=decay, **kwargs)
+        self.dead_code_threshold = dead_code_threshold
+        self.register_buffer("codebook_initialised", torch.tensor(False))
         dropout_type = nn.Dropout2d if self.spatial_dims == 2 else nn.Dropout3d
         self.decoder_dropout = dropout_type(p=decoder_dropout)
         blocks = list(self.decoder.blocks)
         last_conv = max(i for i, block in enumerate(blocks) if isinstance(block, Convolution))
         blocks.insert(last_conv, self.decoder_dropout)
         self.decoder.blocks = nn.ModuleList(blocks)
+
+    def quantize(self, encodings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            self._maintain_codebook(encodings)
+        return super().quantize(encodings)
+
+    @torch.no_grad()
+    def _maintain_codebook(self, encodings: torch.Tensor) -> None:
+        """Data-dependent codebook initialisation and dead-code restarts (Dhariwal et al. 2020, Jukebox).
+
+        With MONAI's random-normal codebook the EMA quantiser can collapse onto one or a few codes (seen here: one
+        code for a whole texture set), and a collapsed codebook cannot reproduce anomalies. So the codebook starts
+        from encoder outputs, and codes whose EMA usage falls below `dead_code_threshold` restart at random encoder
+        outputs of the current batch.
+        """
+        quantizer = self.quantizer.quantizer
+        flat = encodings.detach().float().movedim(1, -1).reshape(-1, self.embedding_dim)
+        if not bool(self.codebook_initialised):
+            dead = torch.ones(self.num_embeddings, dtype=torch.bool, device=flat.device)
+            self.codebook_initialised.fill_(True)
+        else:
+            dead = quantizer.ema_cluster_size < self.dead_code_threshold
+        if dead.any():
+            picks = flat[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)]
+            quantizer.embedding.weight.data[dead] = picks
+            quantizer.ema_w.data[dead] = picks
+            quantizer.ema_cluster_size.data[dead] = 1.0
 
     @property
     def codebook_size(self) -> int:

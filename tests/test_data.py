@@ -142,3 +142,14 @@ def test_test_entries_must_carry_labels_and_training_labels_are_optional(tmp_pat
     assert all("label" not in e for e in training)  # partial labels dropped so that batches collate
     with pytest.raises(DataError, match="test1.png.*no 'label'|no 'label'"):
         load_datalist(str(tmp_path / "d.json"), str(tmp_path), "test", labels="require")
+
+
+def test_only_path_fields_are_joined_with_the_dataset_dir(tmp_path):
+    from scripts.data import load_datalist
+
+    sections = _dataset(tmp_path)
+    (tmp_path / "x").mkdir()  # a folder named like the category must not turn the category into a path
+    (tmp_path / "d.json").write_text(json.dumps(sections))
+    entry = load_datalist(str(tmp_path / "d.json"), str(tmp_path), "training")[0]
+    assert entry["category"] == "x"
+    assert entry["image"] == os.path.join(str(tmp_path), "img", "training0.png")

@@ -1,0 +1,221 @@
+"""The whole ILTM anomaly detector as one ``nn.Module`` (the bundle's ``network_def``).
+
+Pipeline per image (Patel et al. 2023, §3.1; Pinaya et al. 2022): VQ-VAE latent -> token log-likelihoods from one
+teacher-forced Transformer pass -> flags ``p < t`` -> N healed latents (:mod:`scripts.healing`) -> each decoded M
+times with only the decoder's dropout active -> per-voxel KDE over the R = N*M reconstructions (:mod:`scripts.kde`).
+
+``forward`` returns the score map ``-log density`` [B, 1, *S] (higher = more anomalous), for MONAI Label and
+``verify_net_in_out``; :meth:`AnomalyDetector.infer` also returns the segmentation and the token-level maps the
+ILTM iterations and the diagnostics (DESIGN.md, "What makes ILTM work") need. ``resample=False`` is the ablation
+"original latent, dropout decoding only": if the full method is no better, the Transformer is not what finds the
+anomalies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scripts.healing import LatentSequencer, flag_tokens, heal, token_log_likelihood
+from scripts.kde import kde_log_density
+from scripts.vqvae import DropoutVQVAE, decoder_dropout_only
+
+__all__ = ["AnomalyDetector"]
+
+_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@contextmanager
+def _seeded_rng(device: torch.device, seed: int) -> Iterator[torch.Generator]:
+    """Sampling generator plus a seeded global RNG for dropout, restored afterwards so callers' streams are untouched.
+
+    Dropout cannot take a generator, so the global RNG of ``device`` is forked and seeded too (with a derived seed,
+    so that dropout masks and token draws are not the same random stream).
+    """
+    cuda = device.type == "cuda"
+    index = device.index if device.index is not None else (torch.cuda.current_device() if cuda else None)
+    dropout_seed = (seed * 0x9E3779B1 + 0x7F4A7C15) % (2**63)
+    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+        torch.default_generator.manual_seed(dropout_seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(dropout_seed)
+        yield torch.Generator(device=device).manual_seed(seed)
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval for the duration, then every submodule's own mode back (a trainer may call us mid-training)."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+class AnomalyDetector(nn.Module):
+    """VQ-VAE + masked Transformer + healing + dropout decoding + KDE; its ``state_dict`` is ``models/model.pt``.
+
+    Args:
+        vqvae: the first stage (:class:`~scripts.vqvae.DropoutVQVAE`), trained with its decoder dropout.
+        transformer: the (ILTM-trained) :class:`~scripts.transformer.MaskedTransformer`.
+        num_samples: N healed latents per image (paper: 60).
+        num_decodes: M dropout decodes per latent (paper: 5), so R = N*M reconstructions.
+        resample_threshold: t, tokens with ``p(s_i | s_<i) < t`` are re-drawn (paper: 0.005; ILTM lowers it).
+        epsilon: KDE bandwidth floor in intensity units (0.05 on [0, 1]; the paper's 12.75 on 0-255).
+        density_threshold: voxels with KDE density below it are anomalous (paper: 0.005). Not scale-free: it
+            assumes the [0, 1] intensities the bundle's transforms produce.
+        temperature, top_k: healing's sampling options.
+        seed: every image is processed with generators seeded by it, so a map does not depend on the batch.
+        kde_max_bytes: memory budget of the KDE's temporaries.
+        decode_batch_size: latents decoded per VQ-VAE call.
+        resample: False = ablation, the original latent decoded N*M times with dropout only.
+        amp: autocast the Transformer and the decoder on CUDA (the KDE stays float32).
+        amp_dtype: "float16" or "bfloat16".
+        channel_reduction: how per-channel log-densities combine into one map (see :func:`scripts.kde.kde_log_density`).
+        ordering_type: token order of MONAI's ``Ordering``; must match the Transformer's training.
+    """
+
+    def __init__(
+        self,
+        vqvae: DropoutVQVAE,
+        transformer: nn.Module,
+        num_samples: int = 60,
+        num_decodes: int = 5,
+        resample_threshold: float = 0.005,
+        epsilon: float = 0.05,
+        density_threshold: float = 0.005,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        kde_max_bytes: int = 256 * 2**20,
+        decode_batch_size: int = 30,
+        resample: bool = True,
+        amp: bool = True,
+        amp_dtype: str = "float16",
+        channel_reduction: str = "mean",
+        ordering_type: str = "raster_scan",
+    ) -> None:
+        super().__init__()
+        if amp_dtype not in _AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {sorted(_AMP_DTYPES)}, got {amp_dtype!r}.")
+        if num_samples < 1 or num_decodes < 1 or decode_batch_size < 1:
+            raise ValueError("num_samples, num_decodes and decode_batch_size must be >= 1.")
+        if density_threshold <= 0:
+            raise ValueError(f"density_threshold must be > 0, got {density_threshold}.")
+        self.vqvae = vqvae
+        self.transformer = transformer
+        self.num_samples = num_samples
+        self.num_decodes = num_decodes
+        self.resample_threshold = resample_threshold
+        self.epsilon = epsilon
+        self.density_threshold = density_threshold
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self.kde_max_bytes = kde_max_bytes
+        self.decode_batch_size = decode_batch_size
+        self.resample = resample
+        self.amp = amp
+        self.amp_dtype = amp_dtype
+        self.channel_reduction = channel_reduction
+        self.ordering_type = ordering_type
+        self._sequencers: dict[tuple[int, ...], LatentSequencer] = {}
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Score map ``-log density`` [B, 1, *S]: higher = more anomalous."""
+        return self.infer(image)["score"]
+
+    def sequencer(self, grid_shape: tuple[int, ...]) -> LatentSequencer:
+        """The grid <-> sequence mapping for a latent shape (taken from the VQ-VAE's output, cached)."""
+        key = tuple(grid_shape)
+        if key not in self._sequencers:
+            self._sequencers[key] = LatentSequencer(key, self.transformer.bos_id, self.ordering_type)
+        return self._sequencers[key]
+
+    @torch.no_grad()
+    def infer(
+        self, image: torch.Tensor, resample: bool | None = None, resample_threshold: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Anomaly maps of a batch [B, C, *S] (device taken from it).
+
+        Args:
+            resample, resample_threshold: per-call overrides (the ablation; ILTM's per-iteration threshold).
+
+        Returns:
+            ``score`` [B,1,*S] float (-log density); ``log_density`` [B,1,*S]; ``segmentation`` [B,1,*S] bool
+            (density < ``density_threshold``); ``token_log_likelihood`` and ``flags`` [B,1,*S] (token maps
+            upsampled nearest); ``latent_log_likelihood`` and ``latent_flags`` [B, *grid]; ``num_flagged`` [B] long.
+        """
+        resample = self.resample if resample is None else resample
+        threshold = self.resample_threshold if resample_threshold is None else resample_threshold
+        image = image.to(next(self.vqvae.parameters()).dtype)
+        with _eval_mode(self.transformer), decoder_dropout_only(self.vqvae):
+            indices = self.vqvae.index_quantize(image)  # encoder + quantiser, float32: the latent is exact
+            sequencer = self.sequencer(tuple(indices.shape[1:]))
+            seq = sequencer.to_sequence(indices)
+            with self._autocast(image.device):
+                log_likelihood = token_log_likelihood(self.transformer, seq).float()
+            flags = flag_tokens(log_likelihood, threshold)
+            log_density = torch.stack(
+                [self._image_log_density(image[b], seq[b], flags[b], sequencer, resample) for b in range(len(image))]
+            )
+        latent_ll, latent_flags = sequencer.to_grid(log_likelihood), sequencer.to_grid(flags)
+        spatial = tuple(image.shape[2:])
+        return {
+            "score": -log_density,
+            "log_density": log_density,
+            "segmentation": log_density < math.log(self.density_threshold),
+            "token_log_likelihood": self._upsample(latent_ll, spatial),
+            "flags": self._upsample(latent_flags, spatial) > 0.5,
+            "latent_log_likelihood": latent_ll,
+            "latent_flags": latent_flags,
+            "num_flagged": flags.sum(dim=1),
+        }
+
+    def _image_log_density(
+        self, image: torch.Tensor, seq: torch.Tensor, flags: torch.Tensor, sequencer: LatentSequencer, resample: bool
+    ) -> torch.Tensor:
+        """One image [C, *S] -> KDE log-density [1, *S] (or [C, *S] with ``channel_reduction="none"``)."""
+        with _seeded_rng(image.device, self.seed) as generator:
+            if resample:
+                with self._autocast(image.device):
+                    tokens = heal(
+                        self.transformer, seq, flags, self.num_samples, self.temperature, self.top_k, generator
+                    )
+            else:
+                tokens = seq[1:].expand(self.num_samples, -1)
+            latents = sequencer.to_grid(tokens).repeat_interleave(self.num_decodes, dim=0)  # [R, *grid]
+            reconstructions = self._decode(latents, tuple(image.shape))
+        return kde_log_density(
+            image, reconstructions, self.epsilon, self.kde_max_bytes, self.channel_reduction, torch.float32
+        )
+
+    def _decode(self, latents: torch.Tensor, image_shape: tuple[int, ...]) -> torch.Tensor:
+        """[R, *grid] -> [R, C, *S] float32, in batches; dropout (decoder only) makes the M decodes differ."""
+        out = torch.empty((latents.shape[0], *image_shape), dtype=torch.float32, device=latents.device)
+        for start in range(0, latents.shape[0], self.decode_batch_size):
+            batch = latents[start : start + self.decode_batch_size]
+            with self._autocast(latents.device):
+                decoded = self.vqvae.decode_samples(batch)
+            if tuple(decoded.shape[1:]) != image_shape:
+                raise ValueError(f"decoded shape {tuple(decoded.shape[1:])} differs from the image's {image_shape}.")
+            out[start : start + len(batch)] = decoded
+        return out
+
+    def _autocast(self, device: torch.device):
+        if self.amp and device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=_AMP_DTYPES[self.amp_dtype])
+        return nullcontext()
+
+    @staticmethod
+    def _upsample(grid: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+        """Token-grid map [B, *grid] -> [B, 1, *S], nearest: each voxel shows its token's value."""
+        return F.interpolate(grid[:, None].float(), size=spatial, mode="nearest")

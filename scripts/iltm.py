@@ -1,0 +1,203 @@
+"""The ILTM loop (Patel et al. 2023, §3.2, Figure 2): find the suspicious tokens of the training images, mask them
+out of the Transformer's attention and loss, retrain, repeat.
+
+Iteration 0 trains the Transformer on all tokens. Iteration k >= 1 runs the KDE inferer with Transformer k-1 and
+resampling threshold t_k on every training image, turns each density map into a binary anomaly map (density below
+`density_threshold`), downsamples it to the token grid and retrains with those tokens masked; t_{k+1} =
+t_k (1 - threshold_decay) unless the threshold is fixed. The loop stops when the number of masked tokens changes by
+less than `stop_tolerance` (relative) from the previous iteration, or after `max_iterations`.
+
+Every step is recorded in `<output_dir>/state.json` when it completes; a rerun of the same command loads completed
+steps and continues at the first incomplete one (a Transformer mid-training resumes from its epoch checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.data import DataLoader, Dataset
+from torch import nn
+from tqdm import tqdm
+
+from scripts.detector import AnomalyDetector
+from scripts.healing import LatentSequencer
+from scripts.iltm_report import write_report
+from scripts.stages import RunState, atomic_save
+from scripts.tokens import cached_tokens, latent_shape, load_token_masks, save_token_masks
+from scripts.transformer_stage import TransformerStage
+
+logger = logging.getLogger(__name__)
+
+
+def threshold_schedule(t0: float, iterations: int, decay: float = 0.125, fixed: bool = False) -> list[float]:
+    """Resampling thresholds t_1..t_iterations of the mask-generating passes: t_{k+1} = t_k (1 - decay)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"threshold_decay must be in [0, 1), got {decay}")
+    return [t0 if fixed else t0 * (1.0 - decay) ** k for k in range(iterations)]
+
+
+def should_stop(previous: int, current: int, tolerance: float = 0.01) -> bool:
+    """Masked-token count changed by less than `tolerance` of the previous count (0 -> 0 counts as converged)."""
+    return abs(current - previous) < tolerance * max(previous, 1) if previous else current == 0
+
+
+def tokens_from_map(anomalous: torch.Tensor, grid: Sequence[int], rule: str = "fraction", fraction: float = 0.5):
+    """Binary voxel map [N, 1, *S] -> suspect tokens [N, *grid].
+
+    rule "any": a token is suspect if any voxel under it is anomalous; "fraction": if at least `fraction` of them are.
+    The voxels under a token are its receptive block of the image (image size / grid size per axis).
+    """
+    if rule not in ("any", "fraction"):
+        raise ValueError(f"downsample rule must be 'any' or 'fraction', got {rule!r}")
+    pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
+    covered = pool(anomalous.float(), tuple(grid))[:, 0]
+    return covered > 0 if rule == "any" else covered >= fraction - 1e-6
+
+
+def precision_recall(suspect: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """Token-mask precision and recall against the true anomalous tokens (NaN where undefined)."""
+    hits = float((suspect & truth).sum())
+    flagged, positives = float(suspect.sum()), float(truth.sum())
+    return (hits / flagged if flagged else float("nan")), (hits / positives if positives else float("nan"))
+
+
+class ILTMWorkflow:
+    """Runs iteration 0 and the ILTM iterations; `run()` is the bundle's Transformer + ILTM training.
+
+    Args:
+        output_dir: where every iteration's checkpoint, masks and counts go (`iltm/iter_KK/`).
+        detector: the whole detector (`network_def`) around the trained VQ-VAE and the Transformer to train.
+        stage: trains one Transformer (hyperparameters from the config).
+        train_files, val_files, transform: training / validation entries and their deterministic preprocessing.
+        resample_threshold: t_1, the first mask-generating pass's threshold (paper: 0.005).
+        threshold_decay, fixed_threshold: the schedule (paper: 12.5 % decrease per iteration).
+        downsample_rule, downsample_fraction: voxel map -> token mask (see `tokens_from_map`).
+        max_iterations: ILTM iterations after iteration 0.
+        stop_tolerance: relative change of the masked-token count below which the loop stops (paper: 1 %).
+        warm_start: start each retraining from the previous Transformer instead of its initial weights.
+        mask_batch_size: training images per inferer call while generating masks.
+        export: where the final detector's state dict is also written (the bundle's `models/model.pt`); None = not.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        detector: AnomalyDetector,
+        stage: TransformerStage,
+        train_files: Sequence[dict],
+        val_files: Sequence[dict],
+        transform: Callable,
+        image_size: Sequence[int],
+        device: str | torch.device = "cpu",
+        resample_threshold: float = 0.005,
+        threshold_decay: float = 0.125,
+        fixed_threshold: bool = False,
+        downsample_rule: str = "fraction",
+        downsample_fraction: float = 0.5,
+        max_iterations: int = 5,
+        stop_tolerance: float = 0.01,
+        warm_start: bool = False,
+        mask_batch_size: int = 4,
+        export: str | None = None,
+    ) -> None:
+        self.output_dir, self.detector, self.stage = output_dir, detector, stage
+        self.train_files, self.val_files, self.transform = list(train_files), list(val_files), transform
+        self.device = torch.device(device)
+        self.thresholds = threshold_schedule(resample_threshold, max_iterations, threshold_decay, fixed_threshold)
+        self.downsample_rule, self.downsample_fraction = downsample_rule, downsample_fraction
+        self.max_iterations, self.stop_tolerance, self.warm_start = max_iterations, stop_tolerance, warm_start
+        self.mask_batch_size, self.export = mask_batch_size, export
+        self.grid = latent_shape(detector.vqvae, detector.vqvae.in_channels, image_size)
+
+    def folder(self, k: int) -> str:
+        return os.path.join(self.output_dir, "iltm", f"iter_{k:02d}")
+
+    def run(self) -> dict:
+        state = RunState(self.output_dir)
+        transformer = self.detector.transformer.to(self.device)
+        self.detector.vqvae.to(self.device)
+        initial = self._initial_weights(transformer)
+        sequencer = LatentSequencer(self.grid, transformer.bos_id)
+        tokens = os.path.join(self.output_dir, "tokens")
+        train_seq = sequencer.to_sequence(
+            cached_tokens(self.detector.vqvae, self.train_files, self.transform, self.device, f"{tokens}/train.pt")
+        )
+        val_seq = sequencer.to_sequence(
+            cached_tokens(self.detector.vqvae, self.val_files, self.transform, self.device, f"{tokens}/val.pt")
+        )
+        truth = self._true_tokens()
+
+        suspect = torch.zeros((len(train_seq), *self.grid), dtype=torch.bool)
+        final = 0
+        for k in range(self.max_iterations + 1):
+            if k > 0:
+                suspect = self._masks(state, k, truth)
+                previous = int(state.steps[f"masks_{k - 1:02d}"]["masked_tokens"]) if k > 1 else 0
+                if should_stop(previous, int(suspect.sum()), self.stop_tolerance):
+                    logger.info(f"ILTM: masked tokens changed by < {self.stop_tolerance:.0%}; stopping at {k - 1}")
+                    break
+                if not self.warm_start:
+                    transformer.load_state_dict(initial)
+            keep = torch.cat([torch.ones(len(suspect), 1, dtype=torch.bool), ~sequencer.to_tokens(suspect)], dim=1)
+            self.stage(f"transformer_{k:02d}", transformer, train_seq, keep, val_seq, self.folder(k), self.output_dir)
+            model = os.path.join(self.folder(k), "model.pt")
+            if not os.path.isfile(model):
+                atomic_save(self.detector.state_dict(), model)
+            final = k
+        self._export(final)
+        return write_report(self.output_dir, state, final, self.train_files, self.transform, truth, self.grid)
+
+    def _masks(self, state: RunState, k: int, truth: torch.Tensor | None) -> torch.Tensor:
+        """Token masks for iteration k from Transformer k-1 (computed once; loaded when the step is complete)."""
+        path = os.path.join(self.folder(k), "token_masks.pt")
+        step = f"masks_{k:02d}"
+        if state.done(step):
+            return load_token_masks(path, self.train_files, self.grid)
+        start, threshold = time.time(), self.thresholds[k - 1]
+        loader = DataLoader(Dataset(self.train_files, self.transform), batch_size=self.mask_batch_size)
+        masks = []
+        for batch in tqdm(loader, desc=f"ILTM {k}: masks (t={threshold:.2e})", leave=False):
+            out = self.detector.infer(batch["image"].to(self.device), resample_threshold=threshold)
+            masks.append(
+                tokens_from_map(out["segmentation"], self.grid, self.downsample_rule, self.downsample_fraction)
+            )
+        suspect = torch.cat(masks).cpu()
+        save_token_masks(path, self.train_files, suspect)
+        info = {"threshold": threshold, "masked_tokens": int(suspect.sum()), "total_tokens": suspect.numel()}
+        if truth is not None:
+            info["precision"], info["recall"] = precision_recall(suspect, truth)
+        info["wall_time_s"] = round(time.time() - start, 1)
+        info["seconds_per_image"] = round(info["wall_time_s"] / len(self.train_files), 3)
+        state.complete(step, **info)
+        return suspect
+
+    def _initial_weights(self, transformer: nn.Module) -> dict:
+        """The weights every from-scratch retraining starts from, stored so that a resumed run uses the same ones."""
+        path = os.path.join(self.output_dir, "iltm", "transformer_init.pt")
+        if not os.path.isfile(path):
+            atomic_save(transformer.state_dict(), path)
+        initial = torch.load(path, map_location=self.device, weights_only=True)
+        transformer.load_state_dict(initial)
+        return initial
+
+    def _true_tokens(self) -> torch.Tensor | None:
+        """True anomalous tokens of the training images, for diagnostics only, when every one has a label."""
+        if not all("label" in e for e in self.train_files):
+            return None
+        loader = DataLoader(Dataset(self.train_files, self.transform), batch_size=16)
+        maps = [batch["label"] > 0 for batch in loader]
+        return tokens_from_map(torch.cat(maps), self.grid, self.downsample_rule, self.downsample_fraction)
+
+    def _export(self, final: int) -> None:
+        source = os.path.join(self.folder(final), "model.pt")
+        shutil.copyfile(source, os.path.join(self.output_dir, "model.pt"))
+        if self.export:
+            os.makedirs(os.path.dirname(self.export) or ".", exist_ok=True)
+            shutil.copyfile(source, self.export)
+            logger.info(f"ILTM: final detector (iteration {final}) written to {self.export}")

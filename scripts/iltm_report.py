@@ -1,0 +1,173 @@
+"""What an ILTM run shows its user: a per-iteration table, TensorBoard scalars, a plot and a panel of masks.
+
+Everything is rebuilt from `state.json` and the mask files on disk, so a resumed run reports the same as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from scripts.stages import RunState  # noqa: E402
+from scripts.tokens import load_token_masks  # noqa: E402
+
+COLUMNS = (
+    "iteration",
+    "threshold",
+    "masked_tokens",
+    "masked_pct",
+    "precision",
+    "recall",
+    "mask_s",
+    "train_s",
+    "val_loglik",
+    "trained",
+)
+
+
+def iteration_rows(state: RunState, final: int) -> list[dict]:
+    """One row per iteration: the masks it trained with, their quality, and the Transformer it produced."""
+    rows, k = [], 0
+    while k == 0 or f"masks_{k:02d}" in state.steps:
+        masks = state.steps.get(f"masks_{k:02d}", {})
+        train = state.steps.get(f"transformer_{k:02d}", {})
+        total = masks.get("total_tokens")
+        rows.append(
+            {
+                "iteration": k,
+                "threshold": masks.get("threshold", float("nan")),
+                "masked_tokens": masks.get("masked_tokens", 0),
+                "masked_pct": 100.0 * masks["masked_tokens"] / total if total else 0.0,
+                "precision": masks.get("precision", float("nan")),
+                "recall": masks.get("recall", float("nan")),
+                "mask_s": masks.get("wall_time_s", 0.0),
+                "train_s": train.get("wall_time_s", float("nan")),
+                "val_loglik": train.get("val_loglik", float("nan")),
+                "trained": "final" if k == final else ("yes" if train else "no (converged)"),
+            }
+        )
+        k += 1
+    return rows
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Markdown table; NaN (no ground truth, not trained) shows as '-'."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else (f"{value:.2e}" if 0 < abs(value) < 0.01 else f"{value:.3f}")
+        return str(value)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(
+    output_dir: str,
+    state: RunState,
+    final: int,
+    files: Sequence[dict],
+    transform: Callable,
+    truth: torch.Tensor | None,
+    grid: Sequence[int],
+    panel_images: int = 4,
+) -> dict:
+    """Writes `iltm/summary.{md,csv}`, TensorBoard scalars, `iltm/progress.png`, `iltm/mask_panel.png`; prints it."""
+    folder = os.path.join(output_dir, "iltm")
+    rows = iteration_rows(state, final)
+    table = format_table(rows)
+    print(f"\nILTM iterations (final: {final})\n{table}\n", flush=True)
+    with open(os.path.join(folder, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(folder, "summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with SummaryWriter(os.path.join(folder, "tensorboard")) as board:
+        for row in rows:
+            for name in ("masked_tokens", "masked_pct", "precision", "recall", "threshold", "val_loglik"):
+                if not math.isnan(float(row[name])):
+                    board.add_scalar(f"iltm/{name}", float(row[name]), row["iteration"])
+    _plot_progress(rows, os.path.join(folder, "progress.png"))
+    masks = [
+        load_token_masks(os.path.join(folder, f"iter_{r['iteration']:02d}", "token_masks.pt"), files, grid)
+        for r in rows[1:]
+    ]
+    _plot_panel(files, transform, truth, masks, os.path.join(folder, "mask_panel.png"), panel_images)
+    return {"final_iteration": final, "iterations": rows}
+
+
+def _plot_progress(rows: Sequence[dict], path: str) -> None:
+    iterations = [r["iteration"] for r in rows]
+    fig, left = plt.subplots(figsize=(6, 3.5))
+    left.plot(iterations, [r["masked_pct"] for r in rows], "o-", color="tab:red", label="masked tokens")
+    left.set_xlabel("ILTM iteration")
+    left.set_ylabel("masked tokens (% of all)")
+    left.set_xticks(iterations)
+    if any(not math.isnan(r["precision"]) for r in rows):
+        right = left.twinx()
+        right.plot(iterations, [r["precision"] for r in rows], "s--", color="tab:blue", label="precision")
+        right.plot(iterations, [r["recall"] for r in rows], "^--", color="tab:green", label="recall")
+        right.set_ylabel("token masks vs ground truth")
+        right.set_ylim(0, 1.05)
+        right.legend(loc="center right")
+    left.legend(loc="upper left")
+    left.set_title("ILTM: masked tokens per iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _slice(volume: torch.Tensor, index: int | None) -> torch.Tensor:
+    """2D maps pass through; 3D [X, Y, Z] volumes show the coronal slice `index` (mid by default)."""
+    if volume.ndim == 2:
+        return volume
+    return volume[:, volume.shape[1] // 2 if index is None else index, :]
+
+
+def _plot_panel(files, transform, truth, masks, path: str, n: int) -> None:
+    """A few training images (anomalous ones first when ground truth exists) with each iteration's token mask."""
+    order = list(range(len(files)))
+    if truth is not None:
+        order.sort(key=lambda i: -int(truth[i].any()))
+    chosen = order[:n]
+    cols = 2 + len(masks)
+    fig, axes = plt.subplots(len(chosen), cols, figsize=(2 * cols, 2 * len(chosen)), squeeze=False)
+    for row, i in enumerate(chosen):
+        item = transform(files[i])
+        image = item["image"][0].float()
+        spatial = tuple(image.shape)
+        index = None
+        if image.ndim == 3 and "label" in item and item["label"].any():
+            index = int(item["label"][0].sum(dim=(0, 2)).argmax())
+        label = item["label"][0] if "label" in item else torch.zeros(spatial)
+        panels = [("image", None), ("ground truth", label)]
+        for k, mask in enumerate(masks, start=1):
+            up = F.interpolate(mask[i][None, None].float(), size=spatial, mode="nearest")[0, 0]
+            panels.append((f"masks it. {k}", up))
+        for col, (title, overlay) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(_slice(image, index).T, cmap="gray", origin="lower" if image.ndim == 3 else "upper")
+            if overlay is not None:
+                shown = _slice(overlay, index).T.numpy()
+                ax.imshow(
+                    shown, cmap="autumn", alpha=0.45 * (shown > 0), origin="lower" if image.ndim == 3 else "upper"
+                )
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

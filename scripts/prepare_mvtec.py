@@ -1,0 +1,522 @@
+"""MVTec AD datalists for ILTM's contamination protocol (Patel et al., ICCV Workshops 2023, §3.3).
+
+The paper trains on MVTec AD categories whose training sets contain a chosen fraction of anomalous images. Those
+anomalies can only come from the official test split, so each category's test split is divided once (fixed by the
+seed, shared by every ratio): a test set, a validation set, and the rest - the anomalous training pool. For each
+ratio a training set of the category's usual size (its number of `train/good` images) mixes normal and anomalous
+images to that fraction, under-sampling the normal images and over-sampling the pool when it is too small.
+Toothbrush and transistor are left out by default: too few anomalies to fill a pool.
+
+Nothing is downloaded and, unless ``copy`` is set, no image is copied: datalist paths are relative to the MVTec AD
+root, which is the ``--dataset_dir`` to train with. Normal images have no mask file; one all-zero mask per category
+and image size is written to ``OUT_DIR/zero_masks/`` and referenced by a path relative to the root, so that every
+entry carries a label (the test set needs one; training labels only feed the token-mask diagnostics).
+
+CLI::
+
+    python -m scripts.prepare_mvtec --root MVTEC_DIR --out OUT_DIR [--ratios 0,0.2,0.4,0.6,0.8] [--size 256] [--seed 0]
+
+writes ``OUT_DIR/datalist_<category>_r<ratio, 2 decimals>.json`` (e.g. ``datalist_bottle_r0.40.json``) and
+``OUT_DIR/summary.csv`` / ``summary.md``. The helpers for ratios, sampling, leakage checks and summaries are shared
+with :mod:`scripts.prepare_autopet`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fire
+import numpy as np
+from PIL import Image
+
+T = TypeVar("T")
+
+DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
+EXCLUDED = ("toothbrush", "transistor")  # paper §3.3: too few anomalous images for a contamination pool
+NORMAL = "good"
+MASK_SUFFIX = "_mask.png"
+
+
+class LayoutError(ValueError):
+    """The folder does not have the layout the preparation expects; the message names the missing path."""
+
+
+# ------------------------------------------------------------------------------------ helpers shared with autoPET
+
+
+def parse_ratios(value: Any) -> tuple[float, ...]:
+    """Anomalous fractions from what fire passes ("0,0.2", (0, 0.2), 0.4) or a list; sorted, unique, in [0, 1]."""
+    if isinstance(value, str):
+        value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    ratios = sorted({float(v) for v in value})
+    if not ratios:
+        raise ValueError("no anomalous ratio given (e.g. --ratios 0,0.2,0.4)")
+    bad = [r for r in ratios if not 0.0 <= r <= 1.0]
+    if bad:
+        raise ValueError(f"anomalous ratios must be in [0, 1], got {bad}")
+    return tuple(ratios)
+
+
+def parse_names(value: Any) -> tuple[str, ...]:
+    """Names from "a,b", ("a", "b"), "a" or None/"" (none)."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        value = value.strip("()[] ").split(",")
+    return tuple(str(v).strip().strip("'\"") for v in value if str(v).strip())
+
+
+def ratio_tag(ratio: float) -> str:
+    """File-name tag of a ratio, 2 decimals: 0.4 -> "r0.40", 1 -> "r1.00"."""
+    return f"r{ratio:.2f}"
+
+
+def count_at_ratio(total: int, ratio: float) -> int:
+    """Number of anomalous entries in a set of `total` at `ratio`: nearest integer, halves rounded up."""
+    return int(math.floor(total * ratio + 0.5 + 1e-9))
+
+
+def rng(seed: int, *keys: str) -> np.random.Generator:
+    """An independent stream per (seed, keys); strings hashed with crc32, stable across runs and machines."""
+    return np.random.default_rng([int(seed)] + [zlib.crc32(k.encode()) for k in keys])
+
+
+def draw(pool: Sequence[T], n: int, generator: np.random.Generator, what: str, oversample: bool = True) -> list[T]:
+    """`n` items of `pool`: without replacement when the pool is big enough, else over-sampled evenly.
+
+    Items are taken from a concatenation of random permutations of the pool, so over-sampling repeats every item
+    floor(n / len(pool)) or ceil(n / len(pool)) times (never one item many times and another never), and, because a
+    fresh generator with the same seed gives the same sequence, the draw for a smaller `n` is a prefix of the draw
+    for a larger one: training sets at increasing ratios share their anomalous images.
+    """
+    if n <= 0:
+        return []
+    if not pool:
+        raise LayoutError(f"{what}: {n} needed but none available")
+    if n > len(pool) and not oversample:
+        raise LayoutError(
+            f"{what}: {n} needed but only {len(pool)} available and over-sampling is disabled "
+            f"(allow it, or lower the training size or the ratio)"
+        )
+    order: list[int] = []
+    while len(order) < n:
+        order.extend(generator.permutation(len(pool)).tolist())
+    return [pool[i] for i in order[:n]]
+
+
+def check_no_leakage(datalist: dict, name: str, key: str = "image") -> None:
+    """Raises AssertionError when a validation or test item also appears in training, or in both evaluation sets.
+
+    An explicit raise rather than `assert`, so that `python -O` cannot switch the check off.
+    """
+    sets = {s: {e[key] for e in datalist.get(s, [])} for s in ("training", "validation", "test")}
+    for a, b in (("training", "validation"), ("training", "test"), ("validation", "test")):
+        shared = sets[a] & sets[b]
+        if shared:
+            raise AssertionError(f"{name}: {len(shared)} {key}(s) in both {a} and {b}, e.g. {sorted(shared)[0]}")
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Deterministic JSON (same input and seed, same bytes), written through a temporary file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_summary(out: str, rows: Sequence[dict], title: str) -> str:
+    """Writes `summary.csv` and `summary.md` in `out`; returns the Markdown table (for printing)."""
+    columns = list(rows[0])
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"| {' | '.join(columns)} |", f"|{'|'.join('---' for _ in columns)}|"]
+    lines += [f"| {' | '.join(str(row[c]) for c in columns)} |" for row in rows]
+    table = "\n".join(lines)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(f"# {title}\n\n{table}\n")
+    return table
+
+
+def entry_counts(entries: Iterable[dict]) -> tuple[int, int]:
+    """(normal, anomalous) entries of a section."""
+    flags = [e["anomalous"] for e in entries]
+    return flags.count(0), flags.count(1)
+
+
+# ----------------------------------------------------------------------------------------------------- MVTec AD
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One MVTec image; paths are relative to the MVTec root, with forward slashes."""
+
+    image: str
+    defect: str  # "good" for normal images
+    label: str | None = None  # ground-truth mask of an anomalous image
+
+    @property
+    def anomalous(self) -> int:
+        return int(self.defect != NORMAL)
+
+
+@dataclass
+class Category:
+    """A category's files: the normal training images, and the official test split by defect type."""
+
+    name: str
+    train_good: list[Sample]
+    test_good: list[Sample]
+    test_defects: dict[str, list[Sample]]
+
+
+@dataclass
+class CategorySplit:
+    """The ratio-independent part of the protocol: evaluation sets and the anomalous training pool."""
+
+    validation: list[Sample]
+    test: list[Sample]
+    pool: list[Sample]
+
+
+def _pngs(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(".png") and not f.startswith("."))
+
+
+def _rel(*parts: str) -> str:
+    """A datalist path: relative, forward slashes on every OS."""
+    return "/".join(parts)
+
+
+def scan_category(root: str, name: str) -> Category:
+    """Reads `<name>/train/good`, `<name>/test/<defect>` and `<name>/ground_truth/<defect>/<stem>_mask.png`.
+
+    Every anomalous test image must have its mask, and a mask must have its image's size: a missing or mismatched
+    file is reported here, by path, instead of after hours of training.
+    """
+    cat_dir = os.path.join(root, name)
+    train_dir = os.path.join(cat_dir, "train", NORMAL)
+    test_dir = os.path.join(cat_dir, "test")
+    if not os.path.isdir(train_dir):
+        raise LayoutError(f"{train_dir}: folder not found (expected <category>/train/good/*.png)")
+    if not os.path.isdir(test_dir):
+        raise LayoutError(f"{test_dir}: folder not found (expected <category>/test/<defect or good>/*.png)")
+    train_good = [Sample(_rel(name, "train", NORMAL, f), NORMAL) for f in _pngs(train_dir)]
+    if not train_good:
+        raise LayoutError(f"{train_dir}: no PNG images")
+    test_good: list[Sample] = []
+    test_defects: dict[str, list[Sample]] = {}
+    for defect in sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d))):
+        files = _pngs(os.path.join(test_dir, defect))
+        if defect == NORMAL:
+            test_good = [Sample(_rel(name, "test", NORMAL, f), NORMAL) for f in files]
+            continue
+        samples = []
+        for f in files:
+            image = _rel(name, "test", defect, f)
+            label = _rel(name, "ground_truth", defect, f"{os.path.splitext(f)[0]}{MASK_SUFFIX}")
+            if not os.path.isfile(os.path.join(root, label)):
+                raise LayoutError(f"{os.path.join(root, label)}: mask of anomalous image {image} not found")
+            if image_size(root, image) != image_size(root, label):
+                raise LayoutError(
+                    f"{os.path.join(root, label)}: mask size {image_size(root, label)} differs from its image's "
+                    f"{image_size(root, image)} ({image})"
+                )
+            samples.append(Sample(image, defect, label))
+        if samples:
+            test_defects[defect] = samples
+    if not test_good and not test_defects:
+        raise LayoutError(f"{test_dir}: no test images (expected <category>/test/<defect or good>/*.png)")
+    return Category(name, train_good, test_good, test_defects)
+
+
+def image_size(root: str, rel_path: str) -> tuple[int, int]:
+    """(width, height) from the PNG header, without decoding the pixels."""
+    path = os.path.join(root, rel_path)
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except OSError as e:
+        raise LayoutError(f"{path}: cannot be read as an image ({e})") from e
+
+
+def find_categories(root: str, categories: Sequence[str], exclude: Sequence[str], out: str) -> list[str]:
+    """The requested categories, or every sub-folder of the root (except the output folder) minus `exclude`."""
+    if not os.path.isdir(root):
+        raise LayoutError(f"{root}: MVTec AD folder not found")
+    if categories:
+        missing = [c for c in categories if not os.path.isdir(os.path.join(root, c))]
+        if missing:
+            raise LayoutError(f"{os.path.join(root, missing[0])}: category folder not found")
+        return [c for c in categories if c not in exclude]
+    out_real = os.path.realpath(out)
+    found = sorted(
+        d
+        for d in os.listdir(root)
+        if os.path.isdir(os.path.join(root, d))
+        and not d.startswith(".")
+        and os.path.realpath(os.path.join(root, d)) != out_real
+    )
+    if not found:
+        raise LayoutError(f"{root}: no category folders (expected <root>/<category>/train/good/*.png)")
+    kept = [c for c in found if c not in exclude]
+    if not kept:
+        raise LayoutError(f"{root}: every category found ({', '.join(found)}) is excluded")
+    return kept
+
+
+def _interleave_by_defect(defects: dict[str, list[Sample]], seed: int, category: str) -> list[Sample]:
+    """Anomalous test images in a seeded order that cycles through the defect types.
+
+    Taking a prefix of this order for the test set (then the validation set) gives each defect type its share,
+    so a small test set still shows every kind of defect the category has.
+    """
+    shuffled = {d: [s[i] for i in rng(seed, category, "defect", d).permutation(len(s))] for d, s in defects.items()}
+    names = [sorted(defects)[i] for i in rng(seed, category, "defect order").permutation(len(defects))]
+    ordered = []
+    for k in range(max((len(s) for s in shuffled.values()), default=0)):
+        ordered.extend(shuffled[d][k] for d in names if k < len(shuffled[d]))
+    return ordered
+
+
+def split_category(
+    category: Category, n_val: int, val_anomalous: int, n_test: int, test_anomalous: int, seed: int
+) -> CategorySplit:
+    """Test and validation sets from the official test split; the remaining anomalous images form the pool.
+
+    Normal evaluation images come from `test/good` (never used for training), so they cost the pool nothing.
+    """
+    if not (0 <= val_anomalous <= n_val and 0 <= test_anomalous <= n_test):
+        raise ValueError(
+            f"anomalous counts must be within the set sizes: validation {val_anomalous}/{n_val}, "
+            f"test {test_anomalous}/{n_test}"
+        )
+    anomalous = _interleave_by_defect(category.test_defects, seed, category.name)
+    normal = [category.test_good[i] for i in rng(seed, category.name, "test good").permutation(len(category.test_good))]
+    n_val_normal, n_test_normal = n_val - val_anomalous, n_test - test_anomalous
+    if len(anomalous) < test_anomalous + val_anomalous:
+        raise LayoutError(
+            f"{category.name}: {len(anomalous)} anomalous test images, {test_anomalous} (test) + {val_anomalous} "
+            f"(validation) needed"
+        )
+    if len(normal) < n_test_normal + n_val_normal:
+        raise LayoutError(
+            f"{category.name}: {len(normal)} images in test/good, {n_test_normal} (test) + {n_val_normal} "
+            f"(validation) needed"
+        )
+    test = normal[:n_test_normal] + anomalous[:test_anomalous]
+    validation = normal[n_test_normal : n_test_normal + n_val_normal]
+    validation += anomalous[test_anomalous : test_anomalous + val_anomalous]
+    return CategorySplit(validation, test, pool=anomalous[test_anomalous + val_anomalous :])
+
+
+def training_set(
+    category: Category, pool: Sequence[Sample], ratio: float, seed: int, size: int | None, oversample: bool
+) -> list[Sample]:
+    """`size` images (default: the number in `train/good`), `count_at_ratio(size, ratio)` of them anomalous.
+
+    Normal images are drawn from `train/good`, anomalous ones from the pool, each by :func:`draw` with a stream
+    that does not depend on the ratio, so the sets at increasing ratios are nested.
+    """
+    size = len(category.train_good) if size is None else int(size)
+    n_anomalous = count_at_ratio(size, ratio)
+    normal = draw(
+        category.train_good,
+        size - n_anomalous,
+        rng(seed, category.name, "train normal"),
+        f"{category.name}: normal training images",
+        oversample,
+    )
+    anomalous = draw(
+        pool,
+        n_anomalous,
+        rng(seed, category.name, "train anomalous"),
+        f"{category.name}: anomalous training images (pool of anomalous test images left after validation and test)",
+        oversample,
+    )
+    return normal + anomalous
+
+
+class MaskWriter:
+    """Labels for the datalist: ground-truth masks of anomalous images, shared all-zero masks for normal ones.
+
+    With `copy`, images and masks are also written, resized to `size`, under `out/images/` (same relative layout),
+    and every path is relative to `out`; otherwise paths are relative to `root` and only the zero masks are written
+    (at each image's own size, because the bundle checks that an image and its label have the same size before
+    resizing them).
+    """
+
+    def __init__(self, root: str, out: str, copy: bool, size: int) -> None:
+        self.root, self.out, self.copy, self.size = root, out, copy, size
+        self.base = out if copy else root  # what paths in the datalist are relative to
+        self.written: set[str] = set()
+        self.sizes: dict[str, tuple[int, int]] = {}  # image -> (width, height); each header read once
+
+    def _relative(self, path: str) -> str:
+        return os.path.relpath(path, self.base).replace(os.sep, "/")
+
+    def _copy(self, rel: str, is_mask: bool) -> str:
+        dest = os.path.join(self.out, "images", *rel.split("/"))
+        if dest not in self.written:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with Image.open(os.path.join(self.root, rel)) as img:
+                resample = Image.Resampling.NEAREST if is_mask else Image.Resampling.BOX  # BOX = area averaging
+                img.resize((self.size, self.size), resample).save(dest)
+            self.written.add(dest)
+        return self._relative(dest)
+
+    def _zero_mask(self, category: str, image: str) -> str:
+        if image not in self.sizes:
+            self.sizes[image] = (self.size, self.size) if self.copy else image_size(self.root, image)
+        width, height = self.sizes[image]
+        dest = os.path.join(self.out, "zero_masks", f"{category}_{width}x{height}.png")
+        if dest not in self.written:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            Image.fromarray(np.zeros((height, width), np.uint8)).save(dest)
+            self.written.add(dest)
+        return self._relative(dest)
+
+    def entry(self, category: str, sample: Sample) -> dict:
+        image = self._copy(sample.image, False) if self.copy else sample.image
+        if sample.label is None:
+            label = self._zero_mask(category, sample.image)
+        else:
+            label = self._copy(sample.label, True) if self.copy else sample.label
+        return {
+            "image": image,
+            "label": label,
+            "category": category,
+            "anomalous": sample.anomalous,
+            "defect": sample.defect,
+        }
+
+
+def prepare_category(
+    root: str,
+    out: str,
+    name: str,
+    ratios: Sequence[float],
+    seed: int,
+    splits: dict[str, int],
+    writer: MaskWriter,
+    train_size: int | None,
+    oversample: bool,
+) -> list[dict]:
+    """Writes the category's datalists, one per ratio; returns their summary rows."""
+    category = scan_category(root, name)
+    split = split_category(category, seed=seed, **splits)
+    validation = [writer.entry(name, s) for s in split.validation]
+    test = [writer.entry(name, s) for s in split.test]
+    rows = []
+    for ratio in ratios:
+        train = training_set(category, split.pool, ratio, seed, train_size, oversample)
+        datalist = {
+            "description": (
+                f"MVTec AD {name}, {ratio:.0%} anomalous training images (ILTM contamination protocol, seed {seed}). "
+                f"Paths are relative to the {'output folder' if writer.copy else 'MVTec AD root'}: pass it as "
+                f"--dataset_dir."
+            ),
+            "category": name,
+            "anomalous_ratio": ratio,
+            "seed": seed,
+            "training": [writer.entry(name, s) for s in train],
+            "validation": validation,
+            "test": test,
+        }
+        filename = f"datalist_{name}_{ratio_tag(ratio)}.json"
+        check_no_leakage(datalist, filename)
+        write_json(os.path.join(out, filename), datalist)
+        anomalous = [s.image for s in train if s.anomalous]
+        train_normal, train_anomalous = entry_counts(datalist["training"])
+        rows.append(
+            {
+                "category": name,
+                "ratio": f"{ratio:.2f}",
+                "train": len(train),
+                "train_normal": train_normal,
+                "train_anomalous": train_anomalous,
+                "anomalous_unique": len(set(anomalous)),
+                "anomalous_pool": len(split.pool),
+                "max_repeats": max((anomalous.count(a) for a in set(anomalous)), default=0),
+                "val_normal": entry_counts(validation)[0],
+                "val_anomalous": entry_counts(validation)[1],
+                "test_normal": entry_counts(test)[0],
+                "test_anomalous": entry_counts(test)[1],
+                "datalist": filename,
+            }
+        )
+    return rows
+
+
+def main(
+    root: str,
+    out: str,
+    ratios: Any = DEFAULT_RATIOS,
+    size: int = 256,
+    seed: int = 0,
+    categories: Any = None,
+    exclude: Any = EXCLUDED,
+    n_val: int = 5,
+    val_anomalous: int = 3,
+    n_test: int = 20,
+    test_anomalous: int = 10,
+    train_size: int | None = None,
+    oversample: bool = True,
+    copy: bool = False,
+) -> list[dict]:
+    """Prepares MVTec AD datalists for ILTM; see the module docstring and docs/paper_datasets.md.
+
+    Args:
+        root: the MVTec AD folder (holding `<category>/train`, `test`, `ground_truth`); pass it as `--dataset_dir`.
+        out: output folder for the datalists, summary, zero masks (and copies).
+        ratios: anomalous fractions of the training sets, "0,0.2,0.4" or a list.
+        size: side of the copied images and masks (only with `copy`; otherwise the preset's `image_size`).
+        seed: fixes the validation/test split and the training draws.
+        categories: only these categories (default: every folder in `root`).
+        exclude: categories left out (default: toothbrush, transistor, as in the paper); "" for none.
+        n_val, val_anomalous: validation images per category, of which anomalous (the rest from test/good).
+        n_test, test_anomalous: test images per category, of which anomalous (the rest from test/good).
+        train_size: training images per category (default: the category's number of train/good images).
+        oversample: repeat anomalous images when the pool is smaller than a ratio needs (False: error instead).
+        copy: also write images and masks resized to `size` under `out/images`; paths then relative to `out`.
+    Returns:
+        The summary rows (one per category and ratio).
+    """
+    ratios = parse_ratios(ratios)
+    out = os.path.abspath(out)
+    root = os.path.abspath(root)
+    names = find_categories(root, parse_names(categories), parse_names(exclude), out)
+    os.makedirs(out, exist_ok=True)
+    writer = MaskWriter(root, out, bool(copy), int(size))
+    splits = {
+        "n_val": int(n_val),
+        "val_anomalous": int(val_anomalous),
+        "n_test": int(n_test),
+        "test_anomalous": int(test_anomalous),
+    }
+    rows = []
+    for name in names:
+        rows += prepare_category(root, out, name, ratios, int(seed), splits, writer, train_size, bool(oversample))
+    table = write_summary(out, rows, f"MVTec AD datalists (seed {seed})")
+    print(table)
+    base = "the output folder" if copy else "the MVTec AD root"
+    print(f"\n{len(rows)} datalists in {out}; image paths are relative to {base}: pass it as --dataset_dir.")
+    if not copy and int(size) != 256:
+        print(f'Images are resized by the bundle: add --image_size "[{size}, {size}]" to the training command.')
+    return rows
+
+
+if __name__ == "__main__":
+    fire.Fire(main, serialize=lambda rows: None)  # the summary is printed already

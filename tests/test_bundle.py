@@ -1,0 +1,166 @@
+"""The bundle as users run it: metadata, the VQ-VAE stage (2D and 3D), and the whole ILTM pipeline with resume."""
+
+import json
+import os
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+SCHEMA = os.path.join(ROOT, "..", "shared", "schemas", "meta_schema_20240725.json")
+
+
+def _config(*names):
+    return [os.path.join(CONFIGS, n) for n in names]
+
+
+def test_metadata_validates_against_the_bundle_schema():
+    if not os.path.isfile(SCHEMA):
+        pytest.skip("../shared/schemas/meta_schema_20240725.json is not present beside the checkout")
+    import jsonschema
+
+    with open(SCHEMA) as f:
+        schema = json.load(f)
+    with open(os.path.join(CONFIGS, "metadata.json")) as f:
+        metadata = json.load(f)
+    jsonschema.validate(metadata, schema)
+    assert metadata["schema"].endswith("meta_schema_20240725.json")
+    assert metadata["version"] in metadata["changelog"]
+    for word in ("detection", "deepedit", "deepgrow", "classification"):  # MONAI Label routes such names elsewhere
+        assert word not in metadata["name"].lower()
+
+
+TINY_2D = {
+    "synthetic#n_train": 12,
+    "synthetic#n_val": 4,
+    "synthetic#n_test": 4,
+    "synthetic#image_size": 32,
+    "image_size": [32, 32],
+    "vqvae_def#channels": [16, 32],
+    "vqvae_def#num_res_channels": [16, 32],
+    "vqvae_def#num_embeddings": 32,
+    "vqvae_def#embedding_dim": 8,
+    "vqvae#batch_size": 4,
+    "transformer_def#embed_dim": 16,
+    "transformer_def#num_layers": 1,
+    "transformer_def#num_heads": 2,
+    "transformer#epochs": 2,
+    "transformer#val_interval": 1,
+    "num_samples": 2,
+    "num_decodes": 1,
+}
+
+
+def _untrained_l1(configs, overrides):
+    """Validation L1 of the VQ-VAE as initialised (same seed): the baseline its training must beat."""
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update(overrides)
+    torch.manual_seed(parser["seed"])
+    evaluator = parser.get_parsed_content("vqvae#evaluator")
+    evaluator.run()
+    return evaluator.state.metrics["val_l1"]
+
+
+@pytest.mark.parametrize("preset", ["demo.yaml", "demo3d.yaml"])
+def test_vqvae_stage_trains_through_the_bundle_command(tmp_path, preset):
+    overrides = {"bundle_root": ROOT, "dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")}
+    if preset == "demo.yaml":
+        overrides.update({k: v for k, v in TINY_2D.items() if k.startswith(("synthetic", "image", "vqvae"))})
+    else:
+        overrides.update(
+            {
+                "synthetic#n_train": 6,
+                "synthetic#n_val": 2,
+                "synthetic#n_test": 2,
+                "synthetic#grid": [16, 16, 32],
+                "image_size": [16, 16, 32],
+                "vqvae#batch_size": 2,
+            }
+        )
+    overrides.update({"vqvae#epochs": 2, "vqvae#val_interval": 1})
+    configs = _config("train.yaml", preset)
+    before = _untrained_l1(configs, overrides)
+    run("train_vqvae", config_file=configs, **overrides)
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    assert state["vqvae"]["val_l1"] < before
+    assert state["vqvae"]["val_codes_used"] > 1  # the codebook did not collapse onto one code
+    assert "val_l1_anomaly" in state["vqvae"] and "val_l1_normal" in state["vqvae"]
+    assert (tmp_path / "out" / "vqvae" / "vqvae.pt").is_file()
+
+
+def _pipeline(tmp_path, name, **extra):
+    out = tmp_path / name
+    overrides = {
+        "bundle_root": ROOT,
+        "dataset_dir": str(tmp_path / "data"),
+        "output_dir": str(out),
+        "iltm#export": str(out / "exported.pt"),
+        "vqvae#epochs": 2,
+        "vqvae#val_interval": 2,
+        "iltm_max_iterations": 2,
+        "iltm#stop_tolerance": 0.0,
+        **TINY_2D,
+        **extra,
+    }
+    run("training", config_file=_config("train.yaml", "demo.yaml"), **overrides)
+    return out
+
+
+def _final(out):
+    masks = [torch.load(out / "iltm" / f"iter_{k:02d}" / "token_masks.pt", weights_only=True) for k in (1, 2)]
+    return torch.load(out / "model.pt", weights_only=True), masks
+
+
+def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, monkeypatch):
+    whole = _pipeline(tmp_path, "whole")
+    for path in [
+        "vqvae/vqvae.pt",
+        "model.pt",
+        "exported.pt",
+        "state.json",
+        "iltm/summary.md",
+        "iltm/summary.csv",
+        "iltm/progress.png",
+        "iltm/mask_panel.png",
+        "iltm/transformer_init.pt",
+    ]:
+        assert (whole / path).is_file(), path
+    for k in range(3):
+        for name in ("transformer.pt", "model.pt"):
+            assert (whole / "iltm" / f"iter_{k:02d}" / name).is_file()
+    state = json.loads((whole / "state.json").read_text())
+    assert {"vqvae", "transformer_00", "masks_01", "transformer_01", "masks_02", "transformer_02"} <= set(state)
+    for k in (1, 2):
+        info = state[f"masks_{k:02d}"]
+        assert info["masked_tokens"] >= 0 and "precision" in info and "recall" in info
+        assert info["threshold"] == pytest.approx(0.005 * 0.875 ** (k - 1))
+    assert os.listdir(whole / "iltm" / "tensorboard")
+
+    # Kill the same run in the middle of ILTM iteration 1's mask generation, then rerun the same command.
+    from scripts import iltm
+
+    calls = {"n": 0}
+    original = iltm.AnomalyDetector.infer
+
+    def dying_infer(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(iltm.AnomalyDetector, "infer", dying_infer)
+    with pytest.raises(BaseException, match="killed"):
+        _pipeline(tmp_path, "killed", **{"iltm#mask_batch_size": 4})
+    monkeypatch.setattr(iltm.AnomalyDetector, "infer", original)
+    killed_state = json.loads((tmp_path / "killed" / "state.json").read_text())
+    assert "transformer_00" in killed_state and "masks_01" not in killed_state
+    resumed = _pipeline(tmp_path, "killed", **{"iltm#mask_batch_size": 4})
+
+    (weights_a, masks_a), (weights_b, masks_b) = _final(whole), _final(resumed)
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+    for a, b in zip(masks_a, masks_b):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,177 @@
+"""The detector: decoder-only dropout at inference, shapes for 2D/3D, reproducibility, the ablation, its state_dict."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from scripts.detector import AnomalyDetector, _seeded_rng
+from scripts.kde import kde_log_density
+from scripts.transformer import MaskedTransformer
+from scripts.vqvae import DropoutVQVAE, decoder_dropout_only
+
+CODES = 16
+
+
+def make_detector(spatial_dims: int = 2, seed: int = 0, **kwargs) -> AnomalyDetector:
+    torch.manual_seed(seed)
+    vqvae = DropoutVQVAE(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 8),
+        num_res_channels=(8, 8),
+        num_res_layers=1,
+        downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
+        upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
+        num_embeddings=CODES,
+        embedding_dim=4,
+        decoder_dropout=0.2,
+    )
+    grid = (16 if spatial_dims == 2 else 8) // 4
+    transformer = MaskedTransformer(CODES + 1, grid**spatial_dims, embed_dim=16, num_layers=2, num_heads=2)
+    options = dict(num_samples=4, num_decodes=3, resample_threshold=0.5, decode_batch_size=5)
+    options.update(kwargs)
+    return AnomalyDetector(vqvae, transformer, **options)
+
+
+def image(spatial_dims: int = 2, batch: int = 2) -> torch.Tensor:
+    size = 16 if spatial_dims == 2 else 8
+    return torch.rand((batch, 1, *([size] * spatial_dims)), generator=torch.Generator().manual_seed(7))
+
+
+def test_only_decoder_dropout_is_active_and_modes_are_restored() -> None:
+    detector = make_detector()
+    detector.train()
+    detector.transformer.blocks[0].eval()  # a mixed state must come back as it was
+    before = {name: m.training for name, m in detector.named_modules()}
+    seen: dict[str, set[bool]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, name=name: seen.setdefault(name, set()).add(mod.training))
+        for name, m in detector.named_modules()
+        if name
+    ]
+    detector(image())
+    for h in hooks:
+        h.remove()
+    # the dropout is registered twice (as vqvae.decoder_dropout and inside the decoder's blocks)
+    dropout_name = next(name for name, m in detector.named_modules() if m is detector.vqvae.decoder_dropout)
+    assert seen[dropout_name] == {True}
+    assert seen["vqvae.encoder"] == {False} and seen["vqvae.decoder"] == {False}
+    assert seen["transformer"] == {False}
+    active = {name for name, modes in seen.items() if True in modes}
+    assert active == {dropout_name}
+    assert {name: m.training for name, m in detector.named_modules()} == before
+
+
+def test_dropout_makes_decodes_differ() -> None:
+    """With decoder dropout the M decodes of one latent differ; that spread is what the KDE measures."""
+    detector = make_detector(num_samples=1, num_decodes=4, resample=False)
+    x = image(batch=1)
+    with torch.no_grad(), decoder_dropout_only(detector.vqvae):
+        latents = detector.vqvae.index_quantize(x).expand(4, -1, -1)
+        decodes = detector._decode(latents, tuple(x.shape[1:]))
+    assert decodes.std(0).max() > 0
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_forward_and_infer_shapes(spatial_dims: int) -> None:
+    detector = make_detector(spatial_dims)
+    x = image(spatial_dims)
+    score = detector(x)
+    assert score.shape == (2, 1, *x.shape[2:]) and score.dtype == torch.float32
+    assert torch.isfinite(score).all()
+    out = detector.infer(x)
+    grid = detector.vqvae.index_quantize(x).shape[1:]
+    for key in ("score", "log_density", "segmentation", "token_log_likelihood", "flags"):
+        assert out[key].shape == (2, 1, *x.shape[2:]), key
+    assert out["latent_log_likelihood"].shape == out["latent_flags"].shape == (2, *grid)
+    assert out["segmentation"].dtype == out["flags"].dtype == torch.bool
+    assert torch.equal(out["num_flagged"], out["latent_flags"].flatten(1).sum(1))
+    assert torch.equal(out["segmentation"], out["log_density"] < math.log(detector.density_threshold))
+    assert torch.equal(out["score"], -out["log_density"])
+    assert torch.equal(out["flags"], out["token_log_likelihood"] < math.log(detector.resample_threshold))
+
+
+def test_same_seed_same_map_and_batch_invariance() -> None:
+    detector = make_detector()
+    x = image()
+    state = torch.get_rng_state()
+    a, b = detector(x), detector(x)
+    assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), state)  # callers' random streams are untouched
+    torch.testing.assert_close(detector(x[1:]), a[1:])  # a map does not depend on its batch
+    detector.seed = 1
+    assert not torch.equal(detector(x), a)
+
+
+def test_resample_false_ablation_differs_from_healing() -> None:
+    detector = make_detector(resample=False)
+    x = image(batch=1)
+    out = detector.infer(x)
+    assert out["score"].shape == (1, 1, 16, 16)
+    with_resampling = detector.infer(x, resample=True)["score"]
+    assert out["num_flagged"].item() > 0 and not torch.equal(with_resampling, out["score"])
+
+
+def test_resample_false_equals_manual_dropout_decoding() -> None:
+    detector = make_detector(resample=False, num_samples=2, num_decodes=3, decode_batch_size=100)
+    x = image(batch=1)
+    out = detector.infer(x)
+    with torch.no_grad(), decoder_dropout_only(detector.vqvae), _seeded_rng(x.device, detector.seed):
+        latent = detector.vqvae.index_quantize(x)
+        recons = detector.vqvae.decode_samples(latent.expand(6, -1, -1))
+    expected = kde_log_density(x[0], recons, detector.epsilon)
+    torch.testing.assert_close(out["log_density"][0], expected)
+
+
+def test_no_flags_means_original_latent() -> None:
+    """t tiny -> nothing flagged -> healing returns the original latent: the ablation's map exactly."""
+    detector = make_detector(resample_threshold=1e-30)
+    x = image()
+    out = detector.infer(x)
+    assert out["num_flagged"].sum() == 0
+    torch.testing.assert_close(out["score"], detector.infer(x, resample=False)["score"])
+
+
+def test_state_dict_round_trip() -> None:
+    detector = make_detector()
+    other = make_detector(seed=1)
+    x = image()
+    assert not torch.equal(detector(x), other(x))
+    keys = set(detector.state_dict())
+    assert any(k.startswith("vqvae.") for k in keys) and any(k.startswith("transformer.") for k in keys)
+    other.load_state_dict(detector.state_dict())
+    assert torch.equal(detector(x), other(x))
+
+
+def test_threshold_override_and_segmentation_threshold() -> None:
+    detector = make_detector()
+    x = image()
+    none = detector.infer(x, resample_threshold=1e-30)
+    assert none["num_flagged"].sum() == 0
+    all_flagged = detector.infer(x, resample_threshold=1.0)
+    assert (all_flagged["num_flagged"] == all_flagged["latent_flags"][0].numel()).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_runs_on_the_inputs_device() -> None:
+    detector = make_detector().cuda()
+    x = image().cuda()
+    out = detector.infer(x)
+    assert out["score"].device.type == "cuda" and out["score"].dtype == torch.float32
+    assert torch.isfinite(out["score"]).all()
+    assert torch.equal(detector(x), detector(x))
+    fp32 = make_detector(amp=False).cuda()(x)
+    assert fp32.shape == out["score"].shape and torch.isfinite(fp32).all()
+
+
+def test_rejects_bad_options() -> None:
+    with pytest.raises(ValueError):
+        make_detector(amp_dtype="float8")
+    with pytest.raises(ValueError):
+        make_detector(num_samples=0)
+    assert isinstance(make_detector(), nn.Module)
