@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -62,6 +63,12 @@ def cluster_flags(grid: Sequence[int], fraction: float, clusters: int, generator
     return flags
 
 
+def timed_median(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median wall time over ``repeats`` calls (a shared CPU is noisy) and the last result."""
+    runs = [timed(fn, device) for _ in range(max(1, repeats))]
+    return statistics.median(seconds for seconds, _ in runs), runs[-1][1]
+
+
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
     """Wall time of ``fn()`` (synchronised on CUDA) and its result."""
     if device.type == "cuda":
@@ -78,8 +85,15 @@ def autocast(device: torch.device, amp: bool):
 
 
 def bench_healing(
-    transformer: MaskedTransformer, seq: torch.Tensor, flags: torch.Tensor, num_samples: int, amp: bool, naive: bool
+    transformer: MaskedTransformer,
+    seq: torch.Tensor,
+    flags: torch.Tensor,
+    num_samples: int,
+    amp: bool,
+    naive: bool,
+    repeats: int = 1,
 ) -> dict[str, float]:
+    """Cached and naive healing of the same flags and seed (median of ``repeats`` runs each)."""
     device = seq.device
     positions = torch.nonzero(flags).flatten().tolist()
     first, last = positions[0], positions[-1]
@@ -87,8 +101,10 @@ def bench_healing(
     cached_tokens = first + 1 + num_samples * (last - first)
     with autocast(device, amp):
         heal(transformer, seq, flags, 2)  # warm-up (kernels, allocator)
-        cached_s, cached = timed(
-            lambda: heal(transformer, seq, flags, num_samples, generator=torch.Generator(device).manual_seed(0)), device
+        cached_s, cached = timed_median(
+            lambda: heal(transformer, seq, flags, num_samples, generator=torch.Generator(device).manual_seed(0)),
+            device,
+            repeats,
         )
         result = {
             "flagged": len(positions),
@@ -98,22 +114,23 @@ def bench_healing(
             "token_ratio": naive_tokens / cached_tokens,
         }
         if naive:
-            naive_s, reference = timed(
+            naive_s, reference = timed_median(
                 lambda: heal_naive(
                     transformer, seq, flags, num_samples, generator=torch.Generator(device).manual_seed(0)
                 ),
                 device,
+                repeats,
             )
             result.update(naive_s=naive_s, ratio=naive_s / cached_s, identical=bool(torch.equal(cached, reference)))
     return result
 
 
-def bench_kde(image: torch.Tensor, num_reconstructions: int, max_bytes: int) -> float:
+def bench_kde(image: torch.Tensor, num_reconstructions: int, max_bytes: int, repeats: int = 1) -> float:
     """KDE over R reconstructions of one image [C, *S] (random values: the cost does not depend on them)."""
     g = torch.Generator(image.device).manual_seed(0)
     recons = image + 0.05 * torch.randn((num_reconstructions, *image.shape), generator=g, device=image.device)
     kde_log_density(image, recons[:2], max_bytes=max_bytes)  # warm-up
-    return timed(lambda: kde_log_density(image, recons, max_bytes=max_bytes), image.device)[0]
+    return timed_median(lambda: kde_log_density(image, recons, max_bytes=max_bytes), image.device, repeats)[0]
 
 
 @contextmanager
@@ -177,9 +194,9 @@ def run_case(case: str, device: torch.device, args: argparse.Namespace) -> dict[
     row: dict[str, object] = {"case": case, "device": str(device), "image": [size] * spatial_dims, "latent": grid}
     row["tokens"] = seq_len
     row["N"] = args.num_samples
-    row.update(bench_healing(transformer, seq, flags, args.num_samples, args.amp, not args.skip_naive))
+    row.update(bench_healing(transformer, seq, flags, args.num_samples, args.amp, not args.skip_naive, args.repeats))
     row["kde_R"] = args.kde_reconstructions or args.num_samples * args.num_decodes
-    row["kde_s"] = bench_kde(image[0], row["kde_R"], args.kde_max_bytes)
+    row["kde_s"] = bench_kde(image[0], row["kde_R"], args.kde_max_bytes, args.repeats)
     if not args.skip_map:
         detector = AnomalyDetector(
             vqvae,
@@ -247,6 +264,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-naive", action="store_true", help="the naive path can take minutes at paper scale on CPU")
     p.add_argument("--skip-map", action="store_true", help="skip the whole-map timing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--repeats", type=int, default=1, help="median of this many runs (healing both ways, KDE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows (and the settings) to this JSON file")
     return p.parse_args(argv)

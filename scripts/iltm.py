@@ -47,7 +47,7 @@ def should_stop(previous: int, current: int, tolerance: float = 0.01) -> bool:
     return abs(current - previous) < tolerance * max(previous, 1) if previous else current == 0
 
 
-def tokens_from_map(anomalous: torch.Tensor, grid: Sequence[int], rule: str = "fraction", fraction: float = 0.5):
+def tokens_from_map(anomalous: torch.Tensor, grid: Sequence[int], rule: str = "any", fraction: float = 0.5):
     """Binary voxel map [N, 1, *S] -> suspect tokens [N, *grid].
 
     rule "any": a token is suspect if any voxel under it is anomalous; "fraction": if at least `fraction` of them are.
@@ -98,7 +98,7 @@ class ILTMWorkflow:
         resample_threshold: float = 0.005,
         threshold_decay: float = 0.125,
         fixed_threshold: bool = False,
-        downsample_rule: str = "fraction",
+        downsample_rule: str = "any",
         downsample_fraction: float = 0.5,
         max_iterations: int = 5,
         stop_tolerance: float = 0.01,

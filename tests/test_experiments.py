@@ -1,0 +1,173 @@
+"""scripts/experiments.py: the shared test set, the list of evaluations, the report, resumability, and one tiny
+end-to-end run (one ratio, one epoch per stage, one ILTM iteration, a tiny detector) through the bundle's own
+training and evaluation. The same run through subprocesses (the default) is a slow test (RUN_SLOW=1).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scripts import experiments
+from scripts.synthetic import make_2d, make_3d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+run_slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="slow (minutes on CPU); set RUN_SLOW=1")
+
+TINY = {
+    "synthetic#n_val": 2,
+    "vqvae#epochs": 1,
+    "transformer#epochs": 1,
+    "iltm_max_iterations": 1,
+    "vqvae_def#channels": [8, 8],
+    "vqvae_def#num_res_channels": [8, 8],
+    "vqvae_def#num_embeddings": 16,
+    "vqvae_def#embedding_dim": 4,
+    "transformer_def#embed_dim": 16,
+    "transformer_def#num_layers": 1,
+    "transformer_def#num_heads": 2,
+    "num_samples": 2,
+    "num_decodes": 2,
+    "image_size": [32, 32],
+}
+
+
+def _test_split(folder: str) -> dict[str, bytes]:
+    with open(os.path.join(folder, "datalist.json")) as f:
+        entries = json.load(f)["test"]
+    files = {}
+    for e in entries:
+        for key in ("image", "label"):
+            with open(os.path.join(folder, e[key]), "rb") as f:
+                files[e[key]] = f.read()
+    return files
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+def test_test_split_does_not_depend_on_the_training_set(kind: str, tmp_path) -> None:
+    """Byte-identical test images and masks whatever the training fraction and size (also none: the shared set)."""
+    make = make_2d if kind == "2d" else make_3d
+    sizes = {"image_size": 32} if kind == "2d" else {"grid": (12, 12, 24)}
+    splits = []
+    for i, (n_train, fraction) in enumerate([(3, 0.0), (4, 1.0), (0, 0.4)]):
+        out = str(tmp_path / str(i))
+        make(out, n_train=n_train, n_val=min(n_train, 1), n_test=3, anomalous_fraction=fraction, preview=False, **sizes)
+        splits.append(_test_split(out))
+    assert splits[0] == splits[1] == splits[2]
+
+
+def test_synthetic_params_follow_preset_and_overrides() -> None:
+    params = experiments.synthetic_params("configs/demo3d.yaml", {"synthetic#n_val": 2, "vqvae#epochs": 1}, 8, None)
+    assert params["kind"] == "3d" and params["n_train"] == 8 and params["n_val"] == 2 and params["n_test"] == 16
+    assert "epochs" not in params and params["preview"] is False
+
+
+def _fake_run(run_dir: str, final: int, precision: list[float]) -> None:
+    os.makedirs(os.path.join(run_dir, "iltm"), exist_ok=True)
+    for k in range(final + 1):
+        os.makedirs(os.path.join(run_dir, "iltm", f"iter_{k:02d}"), exist_ok=True)
+        open(os.path.join(run_dir, "iltm", f"iter_{k:02d}", "model.pt"), "w").close()
+    with open(os.path.join(run_dir, "iltm", "summary.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["iteration", "masked_pct", "precision", "recall", "trained"])
+        w.writeheader()
+        for k in range(final + 1):
+            p = "nan" if k == 0 else precision[k - 1]
+            w.writerow(
+                {
+                    "iteration": k,
+                    "masked_pct": 3.0 * k,
+                    "precision": p,
+                    "recall": p,
+                    "trained": "final" if k == final else "yes",
+                }
+            )
+
+
+def _fake_eval(exp_dir: str, tag: str, name: str, checkpoint: str, aupro: float) -> None:
+    out = os.path.join(exp_dir, "eval", tag, name)
+    os.makedirs(out)
+    result = {"aupro": aupro, "best_dice": aupro / 2, "pixel_auroc": 0.9, "image_auroc": None, "n_images": 4,
+              "dice_at_density_threshold": 0.1, "checkpoint": checkpoint}  # fmt: skip
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_evaluations_cover_ablation_baseline_and_final(tmp_path) -> None:
+    base, fixed = str(tmp_path / "r0.40"), str(tmp_path / "r0.40_fixed")
+    _fake_run(base, 2, [0.5, 0.6])
+    _fake_run(fixed, 3, [0.5, 0.55, 0.6])
+    names = {n: (c, o) for n, c, o in experiments.evaluations({"decreasing": base, "fixed": fixed}, True, False)}
+    assert set(names) == {"vqvae_dropout", "iter_00", "iter_02", "fixed_iter_03"}
+    assert names["vqvae_dropout"] == (
+        os.path.join(base, "iltm", "iter_00", "model.pt"),
+        {"network_def#resample": False},
+    )
+    every = [n for n, _, _ in experiments.evaluations({"decreasing": base}, False, True)]
+    assert every == ["iter_00", "iter_01", "iter_02"]
+
+
+def test_report_tables_and_figures(tmp_path) -> None:
+    exp = str(tmp_path)
+    for ratio, final in ((0.0, 1), (0.8, 2)):
+        tag = experiments.ratio_tag(ratio)
+        run_dir = os.path.join(exp, "runs", tag)
+        _fake_run(run_dir, final, [0.3, 0.7])
+        _fake_eval(exp, tag, "vqvae_dropout", os.path.join(run_dir, "iltm/iter_00/model.pt"), 0.5)
+        for k in range(final + 1):
+            _fake_eval(exp, tag, f"iter_{k:02d}", os.path.join(run_dir, f"iltm/iter_{k:02d}/model.pt"), 0.6 + 0.1 * k)
+    rows = experiments.report(exp)
+    assert [(r["ratio"], r["method"], r["iteration"], r["final"]) for r in rows] == [
+        (0.0, "vqvae_dropout", 0, False), (0.0, "transformer", 0, False), (0.0, "iltm", 1, True),
+        (0.8, "vqvae_dropout", 0, False), (0.8, "transformer", 0, False), (0.8, "iltm", 1, False),
+        (0.8, "iltm", 2, True),
+    ]  # fmt: skip
+    assert rows[-1]["token_precision"] == pytest.approx(0.7) and rows[-1]["checkpoint"].startswith("runs/r0.80")
+    table = open(os.path.join(exp, "table1.md")).read()
+    assert "| ILTM (final iteration) | 70.0 / 35.0 | 80.0 / 40.0 |" in table
+    assert "90.0 / -" in table  # image AUROC undefined -> '-'
+    for name in ("results.csv", "figure3.png", "figure4.png"):
+        assert os.path.getsize(os.path.join(exp, name)) > 0
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path) -> None:
+    experiments._record(str(tmp_path), {"preset": "configs/demo.yaml", "n_test": 4})
+    experiments._record(str(tmp_path), {"preset": "configs/demo.yaml", "n_test": 4})
+    with pytest.raises(ValueError, match="n_test"):
+        experiments._record(str(tmp_path), {"preset": "configs/demo.yaml", "n_test": 8})
+
+
+def test_end_to_end_tiny_and_resumable(tmp_path) -> None:
+    """Training (VQ-VAE, iteration 0, one ILTM iteration) and three evaluations; a rerun redoes nothing."""
+    exp = str(tmp_path / "exp")
+    options = dict(exp_dir=exp, ratios=[0.8], n_train=8, n_test=4, overrides=TINY, in_process=True)
+    rows = experiments.run(**options)
+    assert {(r["method"], r["iteration"]) for r in rows} == {("vqvae_dropout", 0), ("transformer", 0), ("iltm", 1)}
+    assert all(r["n_images"] == 4 and r["aupro"] is not None for r in rows)
+    with open(os.path.join(exp, "data", "r0.80", "datalist.json")) as f:
+        training = json.load(f)["training"]
+    assert sum(e["anomalous"] for e in training) == round(0.8 * 8)
+    outputs = (
+        os.path.join(exp, "runs", "r0.80", "model.pt"),
+        os.path.join(exp, "eval", "r0.80", "iter_01", "metrics.json"),
+    )
+    stamps = {p: os.path.getmtime(p) for p in outputs}
+    assert json.dumps(experiments.run(**options)) == json.dumps(rows)  # NaN-safe comparison
+    assert stamps == {p: os.path.getmtime(p) for p in stamps}
+
+
+@pytest.mark.slow
+@run_slow
+def test_command_line_tiny(tmp_path) -> None:
+    """The documented command, with subprocesses per step, the fixed-threshold variant and every iteration."""
+    cmd = [sys.executable, "-m", "scripts.experiments", "run", "--exp_dir", str(tmp_path), "--ratios", "[0.4]",
+           "--n_train", "8", "--n_test", "4", "--fixed_threshold", "True", "--all_iterations", "True",
+           "--overrides", repr(TINY)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    with open(os.path.join(tmp_path, "results.csv")) as f:
+        methods = {r["method"] for r in csv.DictReader(f)}
+    assert methods == {"vqvae_dropout", "transformer", "iltm", "iltm_fixed"}

@@ -1,0 +1,226 @@
+"""configs/inference.yaml and configs/evaluate.yaml: self-contained, the same detector as training, presets layer on
+them, MONAI Label's way of loading works, and the outputs (maps, overlays, metrics.json, per-image CSV) are right.
+
+Everything runs a tiny random detector on a tiny synthetic set (seconds); the exact `verify_net_in_out` command
+with the default sizes takes minutes on CPU and runs only with RUN_SLOW=1.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.bundle import run as bundle_run
+from monai.bundle import verify_net_in_out
+from PIL import Image
+
+from scripts import metrics
+from scripts.inference import relative_stem, summarise
+from scripts.synthetic import make_2d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+INFERENCE = os.path.join(CONFIGS, "inference.yaml")
+EVALUATE = os.path.join(CONFIGS, "evaluate.yaml")
+PRESETS = ("demo", "demo3d", "mvtec", "autopet")
+run_slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="slow (minutes on CPU); set RUN_SLOW=1")
+
+# a detector small enough to run in well under a second per image
+TINY = {
+    "vqvae_def#channels": [8, 8],
+    "vqvae_def#num_res_channels": [8, 8],
+    "vqvae_def#num_res_layers": 1,
+    "vqvae_def#num_embeddings": 16,
+    "vqvae_def#embedding_dim": 4,
+    "transformer_def#embed_dim": 16,
+    "transformer_def#num_layers": 1,
+    "transformer_def#num_heads": 2,
+    "num_samples": 2,
+    "num_decodes": 2,
+    "image_size": [32, 32],
+}
+# ids training and inference must define identically (the detector and everything its input depends on)
+SHARED = (
+    "vqvae_def", "latent_shape", "transformer_def", "network_def", "num_samples", "num_decodes", "resample_threshold",
+    "kde_epsilon", "density_threshold", "spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max",
+    "label_threshold", "resize", "seed", "amp", "device", "bundle_root", "dataset_dir", "synthetic", "output_dir",
+)  # fmt: skip
+
+
+def parser(*files: str, **overrides) -> ConfigParser:
+    p = ConfigParser()
+    p.read_config([f if os.path.isabs(f) else os.path.join(CONFIGS, f) for f in files])
+    for k, v in overrides.items():
+        p[k] = v
+    return p
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    """A tiny labelled set (48 px, so that inverted maps differ in size from the network's 32 px)."""
+    out = str(tmp_path_factory.mktemp("data"))
+    make_2d(out, n_train=2, n_val=1, n_test=4, image_size=48, categories=("brick", "grass"), preview=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A random tiny detector's state_dict, written the way ILTM training writes model.pt."""
+    path = str(tmp_path_factory.mktemp("bundle") / "models" / "model.pt")
+    os.makedirs(os.path.dirname(path))
+    torch.manual_seed(0)
+    torch.save(parser("inference.yaml", **TINY).get_parsed_content("network_def").state_dict(), path)
+    return path
+
+
+def test_detector_is_defined_exactly_as_in_training() -> None:
+    train, infer = parser("train.yaml"), parser("inference.yaml")
+    for key in SHARED:
+        assert infer[key] == train[key], key
+    loading = [t for t in infer["loading"]["transforms"]]
+    trained = [t for t in train["loading"]["transforms"]]
+    assert len(loading) == len(trained)
+    for ours, theirs in zip(loading, trained):
+        if isinstance(ours, dict) and ours.get("_target_") == "EnsureTyped":
+            ours, theirs = {**ours, "track_meta": None}, {**theirs, "track_meta": None}  # writers need metadata
+        assert ours == theirs
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_layer_on_inference_and_evaluation(preset: str) -> None:
+    """Every id a preset sets exists here (training-only sections are empty placeholders); same weights as training."""
+    infer = parser("inference.yaml", f"{preset}.yaml", "evaluate.yaml")
+    train = parser("train.yaml", f"{preset}.yaml")
+    for key in SHARED:
+        assert infer[key] == train[key], key
+    if preset in ("demo", "demo3d"):  # the paper-scale presets are checked by the raw-config equality above
+        ours = infer.get_parsed_content("network_def").state_dict()
+        theirs = train.get_parsed_content("network_def").state_dict()
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    infer.get_parsed_content("preprocessing")
+    infer.get_parsed_content("postprocessing")
+
+
+def test_verify_net_in_out_tiny() -> None:
+    """The bundle's shape check on the metadata's [1, 64, 64] input (tiny sizes; the default one is a slow test)."""
+    sizes = {k: v for k, v in TINY.items() if k != "image_size"}
+    verify_net_in_out(
+        net_id="network_def", meta_file=os.path.join(CONFIGS, "metadata.json"), config_file=INFERENCE, device="cpu",
+        **sizes,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@run_slow
+def test_verify_net_in_out_default_sizes() -> None:
+    cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
+           "configs/metadata.json", "--config_file", "configs/inference.yaml"]  # fmt: skip
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+
+
+def test_monai_label_style_loading(dataset: str, checkpoint: str) -> None:
+    """As MONAI Label's BundleInferTask: inference.yaml alone, bundle_root set, network_def + models/model.pt,
+    preprocessing on one file, inferer on image[None], postprocessing without its writers."""
+    bundle_root = os.path.dirname(os.path.dirname(checkpoint))
+    p = parser("inference.yaml", **TINY)
+    p.config.update({"bundle_root": bundle_root})
+    network = p.get_parsed_content("network_def", instantiate=True)
+    network.load_state_dict(torch.load(os.path.join(bundle_root, "models", "model.pt"), weights_only=True))
+    network.eval()
+    pre = p.get_parsed_content("preprocessing", instantiate=True)
+    data = pre({"image": os.path.join(dataset, "images", "test_0000.png")})
+    assert tuple(data["image"].shape) == (1, 32, 32)
+    with torch.no_grad():
+        pred = p.get_parsed_content("inferer", instantiate=True)(data["image"][None], network)
+    assert tuple(pred.shape) == (1, 1, 32, 32) and torch.isfinite(pred).all()
+    post = [t for t in p.get_parsed_content("postprocessing").transforms if type(t).__name__ != "SaveImaged"]
+    out = {**data, "pred": pred[0]}
+    for t in post:
+        out = t(out)
+    assert tuple(out["score"].shape) == (1, 48, 48)  # back on the input's grid
+    assert set(torch.unique(out["segmentation"]).tolist()) <= {0.0, 1.0}
+
+
+def test_evaluation_writes_metrics_maps_and_overlays(dataset: str, checkpoint: str, tmp_path) -> None:
+    out = str(tmp_path / "eval")
+    bundle_run(
+        "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset,
+        datalist=os.path.join(dataset, "datalist.json"), checkpoint=checkpoint, output_dir=out, **TINY,
+    )  # fmt: skip
+    with open(os.path.join(out, "metrics.json")) as f:
+        result = json.load(f)
+    for key in ("pixel_auroc", "aupro", "best_dice", "best_dice_threshold", "image_auroc", "n_images"):
+        assert key in result
+    assert result["n_images"] == 4 and result["checkpoint"] == checkpoint and result["resample"] is True
+    assert set(result["per_category"]) == {"brick", "grass"}
+    with open(os.path.join(out, "metrics_per_image.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == [f"images/test_{i:04d}" for i in range(4)]
+    maps = os.path.join(out, "evaluation", "images")
+    for name in ("test_0000_score.nii.gz", "test_0000_seg.nii.gz", "test_0003_overlay.png"):
+        assert os.path.isfile(os.path.join(maps, name)), name
+    score = nib.load(os.path.join(maps, "test_0000_score.nii.gz"))
+    seg = np.asarray(nib.load(os.path.join(maps, "test_0000_seg.nii.gz")).dataobj)
+    assert score.shape == (48, 48) and seg.dtype == np.uint8
+    assert np.array_equal(seg > 0, np.asarray(score.dataobj, dtype=np.float32) > np.float32(-math.log(0.005)))
+    assert Image.open(os.path.join(maps, "test_0003_overlay.png")).size[0] > 0
+
+
+def test_evaluation_without_resampling_is_recorded(dataset: str, checkpoint: str, tmp_path) -> None:
+    out = str(tmp_path / "ablation")
+    bundle_run(
+        "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset, save_maps=False, save_overlays=False,
+        datalist=os.path.join(dataset, "datalist.json"), checkpoint=checkpoint, output_dir=out,
+        **{**TINY, "network_def#resample": False},
+    )  # fmt: skip
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["resample"] is False
+    assert not os.path.exists(os.path.join(out, "evaluation"))
+
+
+def test_folder_inference_needs_no_datalist(dataset: str, checkpoint: str, tmp_path) -> None:
+    folder = tmp_path / "in" / "sub"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.open(os.path.join(dataset, "images", f"test_000{i}.png")).save(folder / f"part{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    out, unused = str(tmp_path / "out"), str(tmp_path / "no_data_here")
+    bundle_run(
+        "run", config_file=INFERENCE, folder=str(folder), checkpoint=checkpoint, output_dir=out, dataset_dir=unused,
+        **TINY,
+    )  # fmt: skip
+    written = sorted(os.listdir(os.path.join(out, "inference")))
+    assert written == sorted(
+        f"part{i}_{kind}" for i in range(2) for kind in ("overlay.png", "score.nii.gz", "seg.nii.gz")
+    )
+    assert not os.path.exists(unused)  # the synthetic set was not generated
+
+
+def test_summarise_matches_metrics_and_marks_undefined_as_none() -> None:
+    rng = np.random.default_rng(0)
+    scores = [rng.random((8, 8)).astype(np.float32) for _ in range(3)]
+    labels = [np.zeros((8, 8), bool), rng.random((8, 8)) > 0.7, rng.random((8, 8)) > 0.8]
+    out = summarise(scores, labels, density_threshold=math.exp(-0.5))
+    assert out["aupro"] == pytest.approx(metrics.aupro(scores, labels))
+    assert out["image_auroc"] == pytest.approx(metrics.image_auroc(scores, labels))
+    dice, thr = metrics.best_dice(scores, labels)
+    assert (out["best_dice"], out["best_dice_threshold"]) == pytest.approx((dice, thr))
+    seg, lab = np.stack(scores) > 0.5, np.stack(labels)
+    assert out["dice_at_density_threshold"] == pytest.approx(2 * (seg & lab).sum() / (seg.sum() + lab.sum()))
+    normal_only = summarise(scores[:1], labels[:1], 0.005)
+    assert normal_only["aupro"] is None and normal_only["image_auroc"] is None
+
+
+def test_relative_stem_keeps_folders_below_the_root() -> None:
+    assert relative_stem("/d/bottle/test/good/000.png", "/d") == "bottle/test/good/000"
+    assert relative_stem("/d/a/scan.nii.gz", "/d/a") == "scan"
+    assert relative_stem("/elsewhere/x.nii", "/d") == "x"
