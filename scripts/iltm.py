@@ -79,6 +79,7 @@ class ILTMWorkflow:
         threshold_decay, fixed_threshold: the schedule (paper: 12.5 % decrease per iteration).
         downsample_rule, downsample_fraction: voxel map -> token mask (see `tokens_from_map`).
         max_iterations: ILTM iterations after iteration 0.
+        min_iterations: ILTM iterations trained before the stopping rule may end the loop.
         stop_tolerance: relative change of the masked-token count below which the loop stops (paper: 1 %).
         warm_start: start each retraining from the previous Transformer instead of its initial weights.
         mask_batch_size: training images per inferer call while generating masks.
@@ -101,6 +102,7 @@ class ILTMWorkflow:
         downsample_rule: str = "any",
         downsample_fraction: float = 0.5,
         max_iterations: int = 5,
+        min_iterations: int = 1,
         stop_tolerance: float = 0.01,
         warm_start: bool = False,
         mask_batch_size: int = 4,
@@ -111,7 +113,8 @@ class ILTMWorkflow:
         self.device = torch.device(device)
         self.thresholds = threshold_schedule(resample_threshold, max_iterations, threshold_decay, fixed_threshold)
         self.downsample_rule, self.downsample_fraction = downsample_rule, downsample_fraction
-        self.max_iterations, self.stop_tolerance, self.warm_start = max_iterations, stop_tolerance, warm_start
+        self.max_iterations, self.min_iterations = max_iterations, min_iterations
+        self.stop_tolerance, self.warm_start = stop_tolerance, warm_start
         self.mask_batch_size, self.export = mask_batch_size, export
         self.grid = latent_shape(detector.vqvae, detector.vqvae.in_channels, image_size)
 
@@ -139,7 +142,7 @@ class ILTMWorkflow:
             if k > 0:
                 suspect = self._masks(state, k, truth)
                 previous = int(state.steps[f"masks_{k - 1:02d}"]["masked_tokens"]) if k > 1 else 0
-                if should_stop(previous, int(suspect.sum()), self.stop_tolerance):
+                if k > self.min_iterations and should_stop(previous, int(suspect.sum()), self.stop_tolerance):
                     logger.info(f"ILTM: masked tokens changed by < {self.stop_tolerance:.0%}; stopping at {k - 1}")
                     break
                 if not self.warm_start:

@@ -16,6 +16,9 @@ from scripts.vqvae import DropoutVQVAE, decoder_dropout_only
 CODES = 16
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 def make_detector(spatial_dims: int = 2, seed: int = 0, **kwargs) -> AnomalyDetector:
     torch.manual_seed(seed)
     vqvae = DropoutVQVAE(

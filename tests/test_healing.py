@@ -23,6 +23,9 @@ GRID = (4, 5)
 L = GRID[0] * GRID[1]
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> MaskedTransformer:
     torch.manual_seed(seed)
     model = MaskedTransformer(num_tokens=NUM_CODES + 1, max_seq_len=L, embed_dim=32, num_layers=2, num_heads=4)

@@ -13,6 +13,9 @@ from scripts.kde import kde_chunk_size, kde_log_density, silverman_bandwidth
 EPS = 0.05
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 def reference_log_density(image: np.ndarray, recons: np.ndarray, eps: float) -> np.ndarray:
     """Direct per-voxel formula in float64: h = (4 s^5 / 3R)^(1/5) + eps, L = log(mean_r N(x; x_r, h^2))."""
     r = recons.shape[0]
