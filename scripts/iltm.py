@@ -199,8 +199,9 @@ class ILTMWorkflow:
 
     def _export(self, final: int) -> None:
         source = os.path.join(self.folder(final), "model.pt")
-        shutil.copyfile(source, os.path.join(self.output_dir, "model.pt"))
-        if self.export:
-            os.makedirs(os.path.dirname(self.export) or ".", exist_ok=True)
-            shutil.copyfile(source, self.export)
-            logger.info(f"ILTM: final detector (iteration {final}) written to {self.export}")
+        for target in filter(None, (os.path.join(self.output_dir, "model.pt"), self.export)):
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            if os.path.abspath(target) != os.path.abspath(source):
+                shutil.copyfile(source, f"{target}.tmp")
+                os.replace(f"{target}.tmp", target)
+        logger.info(f"ILTM: final detector (iteration {final}) written to {self.export or self.output_dir}")
