@@ -84,6 +84,8 @@ class ILTMWorkflow:
         warm_start: start each retraining from the previous Transformer instead of its initial weights.
         mask_batch_size: training images per inferer call while generating masks.
         export: where the final detector's state dict is also written (the bundle's `models/model.pt`); None = not.
+        initial_masks: a token mask file (`token_masks.pt` of an earlier run, or one written with
+            `scripts.tokens.save_token_masks`) that iteration 0 trains with; None = all tokens.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class ILTMWorkflow:
         warm_start: bool = False,
         mask_batch_size: int = 4,
         export: str | None = None,
+        initial_masks: str | None = None,
     ) -> None:
         self.output_dir, self.detector, self.stage = output_dir, detector, stage
         self.train_files, self.val_files, self.transform = list(train_files), list(val_files), transform
@@ -115,7 +118,7 @@ class ILTMWorkflow:
         self.downsample_rule, self.downsample_fraction = downsample_rule, downsample_fraction
         self.max_iterations, self.min_iterations = max_iterations, min_iterations
         self.stop_tolerance, self.warm_start = stop_tolerance, warm_start
-        self.mask_batch_size, self.export = mask_batch_size, export
+        self.mask_batch_size, self.export, self.initial_masks = mask_batch_size, export, initial_masks
         self.grid = latent_shape(detector.vqvae, detector.vqvae.in_channels, image_size)
 
     def folder(self, k: int) -> str:
@@ -137,6 +140,8 @@ class ILTMWorkflow:
         truth = self._true_tokens()
 
         suspect = torch.zeros((len(train_seq), *self.grid), dtype=torch.bool)
+        if self.initial_masks:
+            suspect = load_token_masks(self.initial_masks, self.train_files, self.grid)
         final = 0
         for k in range(self.max_iterations + 1):
             if k > 0:

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from monai.losses import JukeboxLoss
 from monai.networks.blocks import Convolution
 from monai.networks.nets import VQVAE
 from torch import nn
@@ -89,21 +90,32 @@ class VQVAELoss(nn.Module):
     """Reconstruction (L1 by default) + quantisation (commitment) loss, for `SupervisedTrainer(loss_function=...)`.
 
     The trainer passes the network output `(reconstruction, quantisation_loss)` as `pred` and the image as target.
+    `frequency_weight` > 0 adds MONAI's `JukeboxLoss` (spectral magnitude), which sharpens textures. A perceptual
+    term is not offered: MONAI's `PerceptualLoss` needs pretrained weights downloaded at run time.
     """
 
-    def __init__(self, reconstruction: str = "l1", quantisation_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        reconstruction: str = "l1",
+        quantisation_weight: float = 1.0,
+        frequency_weight: float = 0.0,
+        spatial_dims: int = 2,
+    ) -> None:
         super().__init__()
         losses = {"l1": nn.L1Loss(), "l2": nn.MSELoss()}
         if reconstruction not in losses:
             raise ValueError(f"reconstruction loss must be one of {sorted(losses)}, got {reconstruction!r}")
         self.reconstruction = losses[reconstruction]
-        self.quantisation_weight = quantisation_weight
+        self.quantisation_weight, self.frequency_weight = quantisation_weight, frequency_weight
+        self.frequency = JukeboxLoss(spatial_dims=spatial_dims) if frequency_weight > 0 else None
 
     def forward(self, pred: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         reconstruction, quantisation_loss = pred
-        return (
-            self.reconstruction(reconstruction.float(), target.float()) + self.quantisation_weight * quantisation_loss
-        )
+        reconstruction, target = reconstruction.float(), target.float()
+        loss = self.reconstruction(reconstruction, target) + self.quantisation_weight * quantisation_loss
+        if self.frequency is not None:
+            loss = loss + self.frequency_weight * self.frequency(reconstruction, target)
+        return loss
 
 
 class ReconstructionInferer:
