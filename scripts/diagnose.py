@@ -81,5 +81,9 @@ def diagnose(
     return results
 
 
+def main(**kwargs) -> None:
+    diagnose(**kwargs)  # not returned: fire would print the results a second time
+
+
 if __name__ == "__main__":
-    fire.Fire(diagnose)
+    fire.Fire(main)

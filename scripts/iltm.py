@@ -169,15 +169,21 @@ class ILTMWorkflow:
             return load_token_masks(path, self.train_files, self.grid)
         start, threshold = time.time(), self.thresholds[k - 1]
         loader = DataLoader(Dataset(self.train_files, self.transform), batch_size=self.mask_batch_size)
-        masks = []
+        masks, flagged = [], 0
         for batch in tqdm(loader, desc=f"ILTM {k}: masks (t={threshold:.2e})", leave=False):
             out = self.detector.infer(batch["image"].to(self.device), resample_threshold=threshold)
+            flagged += int(out["num_flagged"].sum())
             masks.append(
                 tokens_from_map(out["segmentation"], self.grid, self.downsample_rule, self.downsample_fraction)
             )
         suspect = torch.cat(masks).cpu()
         save_token_masks(path, self.train_files, suspect)
-        info = {"threshold": threshold, "masked_tokens": int(suspect.sum()), "total_tokens": suspect.numel()}
+        info = {
+            "threshold": threshold,
+            "masked_tokens": int(suspect.sum()),
+            "total_tokens": suspect.numel(),
+            "resampled_tokens": flagged,
+        }
         if truth is not None:
             info["precision"], info["recall"] = precision_recall(suspect, truth)
         info["wall_time_s"] = round(time.time() - start, 1)
