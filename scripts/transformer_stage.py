@@ -32,7 +32,7 @@ def train_step(engine: SupervisedTrainer, batch) -> dict:
     engine.network.train()
     engine.optimizer.zero_grad(set_to_none=True)
     with _autocast(engine):
-        loss = sequence_loss(engine.network, seq, keep)
+        loss = engine.loss_function(engine.network, seq, keep)  # scripts.transformer.sequence_loss
     if engine.amp and engine.scaler is not None:
         engine.scaler.scale(loss).backward()
         engine.scaler.step(engine.optimizer)
