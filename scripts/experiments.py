@@ -34,6 +34,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from scripts.contamination import ratio_tag
+
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"2d": "configs/demo.yaml", "3d": "configs/demo3d.yaml"}
 RATIOS = {"2d": (0.0, 0.2, 0.4, 0.6, 0.8), "3d": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
@@ -364,10 +366,6 @@ def plot_iterations(rows: Sequence[dict], exp_dir: str, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def ratio_tag(ratio: float) -> str:
-    return f"r{ratio:.2f}"
 
 
 def _iteration_model(run_dir: str, k: int) -> str:

@@ -41,7 +41,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from scripts.prepare_mvtec import (
+from scripts.contamination import (
     LayoutError,
     check_no_leakage,
     count_at_ratio,

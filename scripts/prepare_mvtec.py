@@ -17,143 +17,38 @@ CLI::
     python -m scripts.prepare_mvtec --root MVTEC_DIR --out OUT_DIR [--ratios 0,0.2,0.4,0.6,0.8] [--size 256] [--seed 0]
 
 writes ``OUT_DIR/datalist_<category>_r<ratio, 2 decimals>.json`` (e.g. ``datalist_bottle_r0.40.json``) and
-``OUT_DIR/summary.csv`` / ``summary.md``. The helpers for ratios, sampling, leakage checks and summaries are shared
-with :mod:`scripts.prepare_autopet`.
+``OUT_DIR/summary.csv`` / ``summary.md``. The protocol's shared helpers are in :mod:`scripts.contamination`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
-import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import fire
 import numpy as np
 from PIL import Image
 
-T = TypeVar("T")
+from scripts.contamination import (
+    LayoutError,
+    check_no_leakage,
+    count_at_ratio,
+    draw,
+    entry_counts,
+    parse_names,
+    parse_ratios,
+    ratio_tag,
+    rng,
+    write_json,
+    write_summary,
+)
 
 DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
 EXCLUDED = ("toothbrush", "transistor")  # paper §3.3: too few anomalous images for a contamination pool
 NORMAL = "good"
 MASK_SUFFIX = "_mask.png"
-
-
-class LayoutError(ValueError):
-    """The folder does not have the layout the preparation expects; the message names the missing path."""
-
-
-# ------------------------------------------------------------------------------------ helpers shared with autoPET
-
-
-def parse_ratios(value: Any) -> tuple[float, ...]:
-    """Anomalous fractions from what fire passes ("0,0.2", (0, 0.2), 0.4) or a list; sorted, unique, in [0, 1]."""
-    if isinstance(value, str):
-        value = [v for v in value.strip("()[] ").split(",") if v.strip()]
-    elif not isinstance(value, (list, tuple)):
-        value = [value]
-    ratios = sorted({float(v) for v in value})
-    if not ratios:
-        raise ValueError("no anomalous ratio given (e.g. --ratios 0,0.2,0.4)")
-    bad = [r for r in ratios if not 0.0 <= r <= 1.0]
-    if bad:
-        raise ValueError(f"anomalous ratios must be in [0, 1], got {bad}")
-    return tuple(ratios)
-
-
-def parse_names(value: Any) -> tuple[str, ...]:
-    """Names from "a,b", ("a", "b"), "a" or None/"" (none)."""
-    if value is None or value == "":
-        return ()
-    if isinstance(value, str):
-        value = value.strip("()[] ").split(",")
-    return tuple(str(v).strip().strip("'\"") for v in value if str(v).strip())
-
-
-def ratio_tag(ratio: float) -> str:
-    """File-name tag of a ratio, 2 decimals: 0.4 -> "r0.40", 1 -> "r1.00"."""
-    return f"r{ratio:.2f}"
-
-
-def count_at_ratio(total: int, ratio: float) -> int:
-    """Number of anomalous entries in a set of `total` at `ratio`: nearest integer, halves rounded up."""
-    return int(math.floor(total * ratio + 0.5 + 1e-9))
-
-
-def rng(seed: int, *keys: str) -> np.random.Generator:
-    """An independent stream per (seed, keys); strings hashed with crc32, stable across runs and machines."""
-    return np.random.default_rng([int(seed)] + [zlib.crc32(k.encode()) for k in keys])
-
-
-def draw(pool: Sequence[T], n: int, generator: np.random.Generator, what: str, oversample: bool = True) -> list[T]:
-    """`n` items of `pool`: without replacement when the pool is big enough, else over-sampled evenly.
-
-    Items are taken from a concatenation of random permutations of the pool, so over-sampling repeats every item
-    floor(n / len(pool)) or ceil(n / len(pool)) times (never one item many times and another never), and, because a
-    fresh generator with the same seed gives the same sequence, the draw for a smaller `n` is a prefix of the draw
-    for a larger one: training sets at increasing ratios share their anomalous images.
-    """
-    if n <= 0:
-        return []
-    if not pool:
-        raise LayoutError(f"{what}: {n} needed but none available")
-    if n > len(pool) and not oversample:
-        raise LayoutError(
-            f"{what}: {n} needed but only {len(pool)} available and over-sampling is disabled "
-            f"(allow it, or lower the training size or the ratio)"
-        )
-    order: list[int] = []
-    while len(order) < n:
-        order.extend(generator.permutation(len(pool)).tolist())
-    return [pool[i] for i in order[:n]]
-
-
-def check_no_leakage(datalist: dict, name: str, key: str = "image") -> None:
-    """Raises AssertionError when a validation or test item also appears in training, or in both evaluation sets.
-
-    An explicit raise rather than `assert`, so that `python -O` cannot switch the check off.
-    """
-    sets = {s: {e[key] for e in datalist.get(s, [])} for s in ("training", "validation", "test")}
-    for a, b in (("training", "validation"), ("training", "test"), ("validation", "test")):
-        shared = sets[a] & sets[b]
-        if shared:
-            raise AssertionError(f"{name}: {len(shared)} {key}(s) in both {a} and {b}, e.g. {sorted(shared)[0]}")
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Deterministic JSON (same input and seed, same bytes), written through a temporary file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def write_summary(out: str, rows: Sequence[dict], title: str) -> str:
-    """Writes `summary.csv` and `summary.md` in `out`; returns the Markdown table (for printing)."""
-    columns = list(rows[0])
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"| {' | '.join(columns)} |", f"|{'|'.join('---' for _ in columns)}|"]
-    lines += [f"| {' | '.join(str(row[c]) for c in columns)} |" for row in rows]
-    table = "\n".join(lines)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(f"# {title}\n\n{table}\n")
-    return table
-
-
-def entry_counts(entries: Iterable[dict]) -> tuple[int, int]:
-    """(normal, anomalous) entries of a section."""
-    flags = [e["anomalous"] for e in entries]
-    return flags.count(0), flags.count(1)
 
 
 # ----------------------------------------------------------------------------------------------------- MVTec AD

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+import yaml
+from monai.bundle import ConfigParser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -9,3 +15,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _load_preset(name: str, **overrides):
+    """train.yaml + a preset, merged as `python -m monai.bundle run --config_file "[...]"` merges them."""
+    files = [os.path.join(ROOT, "configs", f) for f in ("train.yaml", name)]
+    parser = ConfigParser(ConfigParser.load_config_files(files))
+    parser.update({"bundle_root": ROOT, **overrides})
+    with open(files[1]) as f:
+        return parser, yaml.safe_load(f)
+
+
+@pytest.fixture
+def load_preset():
+    return _load_preset

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import scripts.prepare_autopet as prep
+from scripts.contamination import LayoutError
 from scripts.prepare_autopet import main, study_order
-from scripts.prepare_mvtec import LayoutError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (6, 7, 10)
@@ -218,19 +218,7 @@ def test_command_line(autopet, tmp_path):
     ]
 
 
-def _preset(name, **overrides):
-    """train.yaml + a preset, merged as `python -m monai.bundle run --config_file "[...]"` merges them."""
-    import yaml
-    from monai.bundle import ConfigParser
-
-    files = [os.path.join(ROOT, "configs", f) for f in ("train.yaml", name)]
-    parser = ConfigParser(ConfigParser.load_config_files(files))
-    parser.update({"bundle_root": ROOT, **overrides})
-    with open(files[1]) as f:
-        return parser, yaml.safe_load(f)
-
-
-def test_preset_preprocesses_prepared_data(autopet, tmp_path):
+def test_preset_preprocesses_prepared_data(autopet, tmp_path, load_preset):
     import torch
 
     from scripts.data import load_datalist
@@ -238,7 +226,7 @@ def test_preset_preprocesses_prepared_data(autopet, tmp_path):
     _run(autopet, tmp_path / "out", ratios=1.0)
     datalist = str(tmp_path / "out" / "datalist_autopet_r1.00.json")
     grid = [8, 8, 16]  # small stand-in for the preset's 128 x 128 x 256
-    parser, preset = _preset("autopet.yaml", dataset_dir=autopet, datalist=datalist, image_size=grid)
+    parser, preset = load_preset("autopet.yaml", dataset_dir=autopet, datalist=datalist, image_size=grid)
     assert (preset["kde_epsilon"], preset["resample_threshold"], preset["density_threshold"]) == (0.05, 0.005, 0.005)
     assert preset["image_size"] == [128, 128, 256] and preset["spatial_dims"] == 3
     loading = parser.get_parsed_content("loading")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.prepare_mvtec import LayoutError, check_no_leakage, count_at_ratio, draw, main, parse_ratios, rng
+from scripts.contamination import LayoutError, check_no_leakage, count_at_ratio, draw, parse_ratios, rng
+from scripts.prepare_mvtec import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN, N_TEST_GOOD = 12, 14
@@ -191,19 +192,7 @@ def test_command_line(mvtec, tmp_path):
     assert (out / "datalist_grid_r0.40.json").is_file() and not (out / "datalist_grid_r0.20.json").exists()
 
 
-def _preset(name, **overrides):
-    """train.yaml + a preset, merged as `python -m monai.bundle run --config_file "[...]"` merges them."""
-    import yaml
-    from monai.bundle import ConfigParser
-
-    files = [os.path.join(ROOT, "configs", f) for f in ("train.yaml", name)]
-    parser = ConfigParser(ConfigParser.load_config_files(files))
-    parser.update({"bundle_root": ROOT, **overrides})
-    with open(files[1]) as f:
-        return parser, yaml.safe_load(f)
-
-
-def test_preset_loads_prepared_data(mvtec, tmp_path):
+def test_preset_loads_prepared_data(mvtec, tmp_path, load_preset):
     import torch
 
     from scripts.data import load_datalist
@@ -211,7 +200,7 @@ def test_preset_loads_prepared_data(mvtec, tmp_path):
     out = tmp_path / "out"
     _run(mvtec, out, ratios=0.4)
     datalist = str(out / "datalist_grid_r0.40.json")
-    parser, preset = _preset("mvtec.yaml", dataset_dir=mvtec, datalist=datalist)
+    parser, preset = load_preset("mvtec.yaml", dataset_dir=mvtec, datalist=datalist)
     assert preset["kde_epsilon"] == pytest.approx(12.75 / 255) and preset["image_size"] == [256, 256]
     assert (preset["num_samples"], preset["num_decodes"], preset["threshold_decay"]) == (60, 5, 0.125)
     loading = parser.get_parsed_content("loading")
