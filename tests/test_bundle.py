@@ -136,6 +136,8 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     for k in (1, 2):
         info = state[f"masks_{k:02d}"]
         assert info["masked_tokens"] >= 0 and "precision" in info and "recall" in info
+        masks = torch.load(whole / "iltm" / f"iter_{k:02d}" / "token_masks.pt", weights_only=True)
+        assert info["masked_tokens"] == sum(int(m.sum()) for m in masks.values())  # the count is of the saved masks
         assert info["threshold"] == pytest.approx(0.005 * 0.875 ** (k - 1))
     assert os.listdir(whole / "iltm" / "tensorboard")
 
