@@ -19,6 +19,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
 from torch import nn
 
 from scripts.healing import LatentSequencer, flag_tokens, heal, token_log_likelihood
@@ -81,6 +82,11 @@ class AnomalyDetector(nn.Module):
         amp_dtype: "float16" or "bfloat16".
         channel_reduction: how per-channel log-densities combine into one map (see :func:`scripts.kde.kde_log_density`).
         ordering_type: token order of MONAI's ``Ordering``; must match the Transformer's training.
+        restrict_to_flags: the prior work's map restriction (Pinaya et al. 2022): only voxels near flagged tokens get
+            a KDE score; elsewhere the voxel is normal (the highest density a voxel can have, ``1 / (eps sqrt(2 pi))``).
+            "Near" = the upsampled flag map, Gaussian-smoothed with ``restrict_sigma`` voxels, above ``restrict_level``
+            times its maximum. The map then shows only what the Transformer resampled, not the VQ-VAE's error.
+        restrict_sigma, restrict_level: see ``restrict_to_flags`` (prior work: 6 px; 0.05 x 0.075 of the maximum).
     """
 
     def __init__(
@@ -102,6 +108,9 @@ class AnomalyDetector(nn.Module):
         amp_dtype: str = "float16",
         channel_reduction: str = "mean",
         ordering_type: str = "raster_scan",
+        restrict_to_flags: bool = False,
+        restrict_sigma: float = 6.0,
+        restrict_level: float = 0.05 * 0.075,
     ) -> None:
         super().__init__()
         if amp_dtype not in _AMP_DTYPES:
@@ -127,6 +136,9 @@ class AnomalyDetector(nn.Module):
         self.amp_dtype = amp_dtype
         self.channel_reduction = channel_reduction
         self.ordering_type = ordering_type
+        self.restrict_to_flags = restrict_to_flags
+        self.restrict_sigma = restrict_sigma
+        self.restrict_level = restrict_level
         self._sequencers: dict[tuple[int, ...], LatentSequencer] = {}
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -142,12 +154,18 @@ class AnomalyDetector(nn.Module):
 
     @torch.no_grad()
     def infer(
-        self, image: torch.Tensor, resample: bool | None = None, resample_threshold: float | None = None
+        self,
+        image: torch.Tensor,
+        resample: bool | None = None,
+        resample_threshold: float | None = None,
+        num_samples: int | None = None,
+        num_decodes: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Anomaly maps of a batch [B, C, *S] (device taken from it).
 
         Args:
-            resample, resample_threshold: per-call overrides (the ablation; ILTM's per-iteration threshold).
+            resample, resample_threshold, num_samples, num_decodes: per-call overrides (the ablation; ILTM's mask
+                passes, which use their own threshold schedule and sample counts).
 
         Returns:
             ``score`` [B,1,*S] float (-log density); ``log_density`` [B,1,*S]; ``segmentation`` [B,1,*S] bool
@@ -156,6 +174,11 @@ class AnomalyDetector(nn.Module):
         """
         resample = self.resample if resample is None else resample
         threshold = self.resample_threshold if resample_threshold is None else resample_threshold
+        counts = tuple(
+            own if n is None else n for n, own in ((num_samples, self.num_samples), (num_decodes, self.num_decodes))
+        )
+        if min(counts) < 1:
+            raise ValueError(f"num_samples and num_decodes must be >= 1, got {counts}.")
         image = image.to(next(self.vqvae.parameters()).dtype)
         with _eval_mode(self.transformer), decoder_dropout_only(self.vqvae):
             indices = self.vqvae.index_quantize(image)  # encoder + quantiser, float32: the latent is exact
@@ -165,34 +188,57 @@ class AnomalyDetector(nn.Module):
                 log_likelihood = token_log_likelihood(self.transformer, seq).float()
             flags = flag_tokens(log_likelihood, threshold)
             log_density = torch.stack(
-                [self._image_log_density(image[b], seq[b], flags[b], sequencer, resample) for b in range(len(image))]
+                [
+                    self._image_log_density(image[b], seq[b], flags[b], sequencer, resample, *counts)
+                    for b in range(len(image))
+                ]
             )
         latent_ll, latent_flags = sequencer.to_grid(log_likelihood), sequencer.to_grid(flags)
         spatial = tuple(image.shape[2:])
+        flag_map = self._upsample(latent_flags, spatial) > 0.5
+        if resample and self.restrict_to_flags:
+            log_density = torch.where(self.near_flags(flag_map), log_density, self.max_log_density)
         return {
             "score": -log_density,
             "log_density": log_density,
             "segmentation": log_density < math.log(self.density_threshold),
             "token_log_likelihood": self._upsample(latent_ll, spatial),
-            "flags": self._upsample(latent_flags, spatial) > 0.5,
+            "flags": flag_map,
             "latent_log_likelihood": latent_ll,
             "latent_flags": latent_flags,
             "num_flagged": flags.sum(dim=1),
         }
 
+    @property
+    def max_log_density(self) -> float:
+        """The highest log-density the KDE can give: every reconstruction equal to the voxel, bandwidth ``eps``."""
+        return -math.log(self.epsilon * math.sqrt(2.0 * math.pi))
+
+    def near_flags(self, flag_map: torch.Tensor) -> torch.Tensor:
+        """[B, 1, *S] bool: voxels within the smoothed reach of a flagged token (``restrict_to_flags``)."""
+        smooth = GaussianFilter(flag_map.dim() - 2, self.restrict_sigma).to(flag_map.device)
+        weight = smooth(flag_map.float())
+        peak = weight.flatten(1).amax(dim=1).view(-1, *[1] * (weight.dim() - 1))
+        return (weight > self.restrict_level * peak) & (peak > 0)
+
     def _image_log_density(
-        self, image: torch.Tensor, seq: torch.Tensor, flags: torch.Tensor, sequencer: LatentSequencer, resample: bool
+        self,
+        image: torch.Tensor,
+        seq: torch.Tensor,
+        flags: torch.Tensor,
+        sequencer: LatentSequencer,
+        resample: bool,
+        num_samples: int,
+        num_decodes: int,
     ) -> torch.Tensor:
         """One image [C, *S] -> KDE log-density [1, *S] (or [C, *S] with ``channel_reduction="none"``)."""
         with _seeded_rng(image.device, self.seed) as generator:
             if resample:
                 with self._autocast(image.device):
-                    tokens = heal(
-                        self.transformer, seq, flags, self.num_samples, self.temperature, self.top_k, generator
-                    )
+                    tokens = heal(self.transformer, seq, flags, num_samples, self.temperature, self.top_k, generator)
             else:
-                tokens = seq[1:].expand(self.num_samples, -1)
-            latents = sequencer.to_grid(tokens).repeat_interleave(self.num_decodes, dim=0)  # [R, *grid]
+                tokens = seq[1:].expand(num_samples, -1)
+            latents = sequencer.to_grid(tokens).repeat_interleave(num_decodes, dim=0)  # [R, *grid]
             reconstructions = self._decode(latents, tuple(image.shape))
         return kde_log_density(
             image, reconstructions, self.epsilon, self.kde_max_bytes, self.channel_reduction, torch.float32

@@ -1,31 +1,34 @@
-"""The paper's experiments (Patel et al. 2023, §4, Figures 3-4, Table 1) on the embedded synthetic data.
+"""The paper's contamination sweep (Patel et al. 2023, §4, Figures 3-4, Table 1) on the embedded synthetic data.
 
-For each training-set contamination ratio: generate the training set (scripts.synthetic, that anomalous fraction),
-run the bundle's ILTM training, and evaluate on one shared test set (its random streams are keyed by the test
-split alone, so it is the same set whatever the training fraction):
+For each seed and each training-set contamination ratio: generate the training set (scripts.synthetic, that
+anomalous fraction, that seed), run the bundle's ILTM training with that seed, and evaluate on the seed's shared test
+set (its random streams are keyed by the test split alone, so every ratio of a seed sees the same test images).
+Seeds change both the data draws and the models' initialisation; the report gives mean +- sd over seeds.
 
-- ``vqvae_dropout``: the ablation without resampling (original latent, decoder dropout only). It shows what the
-  VQ-VAE's reconstruction error finds on its own; ILTM can only improve on what the Transformer's healing adds.
-- ``transformer``: ILTM iteration 0, the plain VQ-VAE + Transformer baseline (``iltm/iter_00/model.pt``).
-- ``iltm``: the final ILTM iteration (``model.pt``); with ``all_iterations`` every iteration (Figure 3).
-- ``iltm_fixed`` (with ``fixed_threshold``): ILTM with a fixed resampling threshold, sharing the VQ-VAE and iteration 0.
+Evaluated per seed and ratio (:data:`scripts.experiments_report.LABELS`):
 
-Writes under ``exp_dir``: ``results.csv`` (one row per evaluated model), ``figure4.png`` (metrics vs contamination),
-``figure3.png`` (metrics and token-mask precision/recall vs ILTM iteration), ``table1.md``. Everything is resumable:
-a finished training (``model.pt``) or evaluation (``metrics.json``) is skipped, an interrupted training resumes.
+- ``vqvae_dropout``: the ablation without resampling (original latent, decoder dropout only): what the VQ-VAE's
+  reconstruction error finds on its own; ILTM can only improve on what the Transformer's healing adds.
+- ``transformer``: ILTM iteration 0, the plain VQ-VAE + Transformer (``iltm/iter_00/model.pt``).
+- ``iltm``: the final ILTM iteration; with ``all_iterations`` every iteration (Figure 3).
+- variants (``variants``), each sharing the VQ-VAE and iteration 0 of the seed and ratio, so that a comparison
+  isolates the one setting: ``fixed`` (a fixed resampling threshold, paper Fig. 3) and ``unrestricted`` (the anomaly
+  map without the prior work's restriction to flagged tokens, in training's masks and in evaluation).
 
-    python -m scripts.experiments run                                   # 2D demo preset, ratios 0-0.8
-    python -m scripts.experiments run --kind 3d                         # 3D PET-like demo preset, ratios 0-1
-    python -m scripts.experiments run --ratios "[0.0,0.8]" --n_test 20 --fixed_threshold True --all_iterations True
+Writes under ``exp_dir``: ``seed_S/{data,runs,eval}/...``, ``results.csv`` (one row per evaluated model),
+``table1.md`` (mean +- sd), ``figure4.png``, ``figure3.png``. Resumable: a finished training (``model.pt``) or
+evaluation (``metrics.json``) is skipped, an interrupted training resumes; more seeds or ratios can be added later.
+
+    python -m scripts.experiments run --seeds "[0,1]"                         # 2D demo preset, ratios 0-0.8
+    python -m scripts.experiments run --kind 3d --seeds "[0,1]"               # 3D demo preset, ratios 0, 0.5, 1
+    python -m scripts.experiments run --ratios "[0.0,0.8]" --variants "fixed,unrestricted" --all_iterations True
     python -m scripts.experiments run --overrides "{'vqvae#epochs': 10, 'transformer#epochs': 5}"
-    python -m scripts.experiments report --exp_dir runs/experiments     # tables and figures only
+    python -m scripts.experiments report --exp_dir runs/experiments           # tables and figures only
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -34,17 +37,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from scripts.contamination import ratio_tag
+from scripts.contamination import parse_names, ratio_tag
+from scripts.experiments_report import final_iteration, report
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"2d": "configs/demo.yaml", "3d": "configs/demo3d.yaml"}
-RATIOS = {"2d": (0.0, 0.2, 0.4, 0.6, 0.8), "3d": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
-METRICS = ("aupro", "best_dice", "pixel_auroc", "image_auroc", "dice_at_density_threshold")
-LABELS = {
-    "vqvae_dropout": "VQ-VAE, dropout only (no resampling)",
-    "transformer": "VQ-VAE + Transformer (ILTM iteration 0)",
-    "iltm": "ILTM (final iteration)",
-    "iltm_fixed": "ILTM, fixed threshold (final iteration)",
+RATIOS = {"2d": (0.0, 0.2, 0.4, 0.6, 0.8), "3d": (0.0, 0.5, 1.0)}
+# variant -> (training overrides, evaluation overrides); each shares the VQ-VAE and iteration 0 with the base run
+VARIANTS = {
+    "fixed": ({"fixed_threshold": True}, {}),
+    "unrestricted": ({"restrict_to_flags": False}, {"restrict_to_flags": False}),
 }
 # what determines results: a rerun with other values would mix incompatible outputs in one folder
 RECORDED = ("preset", "n_train", "n_test", "overrides", "eval_overrides")
@@ -54,9 +56,11 @@ def run(
     exp_dir: str = "runs/experiments",
     kind: str = "2d",
     ratios: Sequence[float] | None = None,
+    seeds: Sequence[int] | int = (0,),
     preset: str | None = None,
     n_train: int | None = None,
     n_test: int | None = None,
+    variants: Sequence[str] | str = (),
     fixed_threshold: bool = False,
     ablation: bool = True,
     all_iterations: bool = False,
@@ -64,15 +68,17 @@ def run(
     eval_overrides: dict[str, Any] | None = None,
     in_process: bool = False,
 ) -> list[dict]:
-    """Train and evaluate every ratio, then write the report; returns the result rows.
+    """Train and evaluate every seed and ratio, then write the report; returns the result rows.
 
     Args:
-        exp_dir: everything goes here (data/, runs/, eval/, logs/, results.csv, figures, table1.md).
+        exp_dir: everything goes here (seed_S/data, seed_S/runs, seed_S/eval, logs/, results.csv, figures, table1.md).
         kind: "2d" (inspection textures) or "3d" (PET-like phantoms): picks the default preset and ratios.
-        ratios: training-set anomalous fractions (default 0-0.8 in 2D, 0-1 in 3D).
+        ratios: training-set anomalous fractions (default 0-0.8 in 2D; 0, 0.5, 1 in 3D).
+        seeds: data and model seeds (``synthetic#seed`` and ``seed``); the report averages over them.
         preset: config layered on train/inference (default configs/demo.yaml or configs/demo3d.yaml).
         n_train, n_test: override the preset's synthetic set sizes (a smaller test set is faster to evaluate).
-        fixed_threshold: also train ILTM with a fixed resampling threshold.
+        variants: names from :data:`VARIANTS` ("fixed", "unrestricted"), comma-separated or a list.
+        fixed_threshold: shorthand for the "fixed" variant.
         ablation: also evaluate the no-resampling ablation (``network_def#resample: false``).
         all_iterations: evaluate every ILTM iteration, not only iteration 0 and the final one.
         overrides: config overrides for training and evaluation, e.g. ``{'vqvae#epochs': 5}``; keys
@@ -82,31 +88,42 @@ def run(
     """
     preset = preset or PRESETS[kind]
     ratios = [float(r) for r in (RATIOS[kind] if ratios is None else _as_list(ratios))]
+    seeds = [int(s) for s in _as_list(seeds)]
+    chosen = list(parse_names(variants))
+    chosen += ["fixed"] if fixed_threshold and "fixed" not in chosen else []
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(VARIANTS)}")
     overrides, eval_overrides = dict(overrides or {}), dict(eval_overrides or {})
     exp_dir = os.path.abspath(exp_dir)
     _record(
         exp_dir, dict(preset=preset, n_train=n_train, n_test=n_test, overrides=overrides, eval_overrides=eval_overrides)
     )
     synthetic = synthetic_params(preset, overrides, n_train, n_test)
-    overrides = {k: v for k, v in overrides.items() if not k.startswith("synthetic#")}
-    test_datalist = shared_test_set(os.path.join(exp_dir, "data", "test"), synthetic)
-    for ratio in ratios:
-        tag = ratio_tag(ratio)
-        base = os.path.join(exp_dir, "runs", tag)
-        data = dict(synthetic, anomalous_fraction=ratio, n_test=0)
-        train(base, os.path.join(exp_dir, "data", tag), data, preset, overrides, exp_dir, in_process)
-        runs = {"decreasing": base}
-        if fixed_threshold:
-            fixed = base + "_fixed"
-            share_first_stage(base, fixed)
-            train(fixed, os.path.join(exp_dir, "data", tag), data, preset, {**overrides, "fixed_threshold": True},
-                  exp_dir, in_process)  # fmt: skip
-            runs["fixed"] = fixed
-        for name, checkpoint, extra in evaluations(runs, ablation, all_iterations):
-            out = os.path.join(exp_dir, "eval", tag, name)
-            evaluate(
-                checkpoint, out, test_datalist, preset, {**overrides, **eval_overrides, **extra}, exp_dir, in_process
-            )
+    model_overrides = {k: v for k, v in overrides.items() if not k.startswith("synthetic#")}
+    for seed in seeds:
+        root = os.path.join(exp_dir, f"seed_{seed}")
+        data = dict(synthetic, seed=seed)
+        test_datalist = shared_test_set(os.path.join(root, "data", "test"), data)
+        for ratio in ratios:
+            tag = ratio_tag(ratio)
+            base = os.path.join(root, "runs", tag)
+            train_data = dict(data, anomalous_fraction=ratio, n_test=0)
+            common = {**model_overrides, "seed": seed}
+            train(base, os.path.join(root, "data", tag), train_data, preset, common, exp_dir, in_process)
+            runs = {"": (base, {})}
+            for name in chosen:
+                train_over, eval_over = VARIANTS[name]
+                folder = f"{base}_{name}"
+                share_first_stage(base, folder)
+                train(folder, os.path.join(root, "data", tag), train_data, preset, {**common, **train_over}, exp_dir,
+                      in_process)  # fmt: skip
+                runs[name] = (folder, eval_over)
+            for name, checkpoint, extra in evaluations(runs, ablation, all_iterations):
+                out = os.path.join(root, "eval", tag, name)
+                evaluate(
+                    checkpoint, out, test_datalist, preset, {**common, **eval_overrides, **extra}, exp_dir, in_process
+                )
     return report(exp_dir)
 
 
@@ -127,7 +144,7 @@ def synthetic_params(preset: str, overrides: dict, n_train: int | None, n_test: 
 
 
 def shared_test_set(folder: str, synthetic: dict) -> str:
-    """One test set for every ratio: the preset's test split alone (no training images), generated once."""
+    """One test set for every ratio of a seed: the preset's test split alone (no training images), generated once."""
     from scripts.synthetic import ensure_dataset
 
     params = {k: v for k, v in synthetic.items() if k != "kind"}
@@ -151,10 +168,10 @@ def train(
 
 
 def share_first_stage(source: str, target: str) -> None:
-    """Seed a variant's run with the source run's VQ-VAE and iteration 0, which do not depend on the ILTM threshold.
+    """Seed a variant's run with the source run's VQ-VAE and iteration 0, which the variant does not change.
 
-    The training resumes from them (state.json steps ``vqvae`` and ``transformer_00``), so both variants start from
-    the same iteration 0 and the comparison isolates the threshold schedule.
+    The training resumes from them (state.json steps ``vqvae`` and ``transformer_00``), so both runs start from
+    the same iteration 0 and the comparison isolates the variant's setting.
     """
     if os.path.exists(os.path.join(target, "state.json")):
         return
@@ -169,15 +186,20 @@ def share_first_stage(source: str, target: str) -> None:
         json.dump({k: v for k, v in steps.items() if k in ("vqvae", "transformer_00")}, f, indent=2)
 
 
-def evaluations(runs: dict[str, str], ablation: bool, all_iterations: bool) -> list[tuple[str, str, dict]]:
-    """(name, checkpoint, config overrides) of every model to evaluate; names are eval/<ratio>/ folder names."""
-    base = runs["decreasing"]
+def evaluations(runs: dict[str, tuple[str, dict]], ablation: bool, all_iterations: bool) -> list[tuple[str, str, dict]]:
+    """(name, checkpoint, config overrides) of every model to evaluate; names are eval/<ratio>/ folder names.
+
+    ``runs`` maps a variant ("" = the base run) to its folder and evaluation overrides. A variant's iteration 0 is
+    the base run's model; it is evaluated again only when the variant changes evaluation.
+    """
+    base = runs[""][0]
     out = [("vqvae_dropout", _iteration_model(base, 0), {"network_def#resample": False})] if ablation else []
-    for variant, folder in runs.items():
+    for variant, (folder, extra) in runs.items():
         final = final_iteration(folder)
         chosen = range(final + 1) if all_iterations else sorted({0, final})
-        prefix = "" if variant == "decreasing" else f"{variant}_"
-        out += [(f"{prefix}iter_{k:02d}", _iteration_model(folder, k), {}) for k in chosen if prefix == "" or k > 0]
+        prefix = f"{variant}_" if variant else ""
+        out += [(f"{prefix}iter_{k:02d}", _iteration_model(folder, k), dict(extra))
+                for k in chosen if not variant or k > 0 or extra]  # fmt: skip
     return out
 
 
@@ -216,168 +238,11 @@ def bundle(run_id: str, configs: Sequence[str], overrides: dict, log: str, in_pr
     print(f"[experiments] {run_id} done in {time.time() - start:.0f} s", flush=True)
 
 
-# ---------------------------------------------------------------------------------------------- results
-
-
-def final_iteration(run_dir: str) -> int:
-    """The iteration whose Transformer is the run's final model (from iltm/summary.csv, else the last one saved)."""
-    for row in _summary(run_dir):
-        if row.get("trained") == "final":
-            return int(row["iteration"])
-    done = [k for k in range(100) if os.path.isfile(_iteration_model(run_dir, k))]
-    if not done:
-        raise FileNotFoundError(f"{run_dir}: no iltm/iter_KK/model.pt; has the training finished?")
-    return max(done)
-
-
-def collect(exp_dir: str) -> list[dict]:
-    """One row per evaluated model: its ratio, method, ILTM iteration, metrics and the masks it was trained with."""
-    rows = []
-    eval_root = os.path.join(exp_dir, "eval")
-    for tag in sorted(os.listdir(eval_root)) if os.path.isdir(eval_root) else []:
-        ratio = float(tag[1:])
-        runs = {
-            "decreasing": os.path.join(exp_dir, "runs", tag),
-            "fixed": os.path.join(exp_dir, "runs", tag + "_fixed"),
-        }
-        for name in sorted(os.listdir(os.path.join(eval_root, tag))):
-            path = os.path.join(eval_root, tag, name, "metrics.json")
-            if not os.path.isfile(path):
-                continue
-            with open(path) as f:
-                result = json.load(f)
-            variant = "fixed" if name.startswith("fixed_") else "decreasing"
-            iteration = 0 if name == "vqvae_dropout" else int(name.rsplit("_", 1)[1])
-            final = iteration == final_iteration(runs[variant]) if name != "vqvae_dropout" else False
-            masks = {int(r["iteration"]): r for r in _summary(runs[variant])}.get(iteration, {})
-            if name == "vqvae_dropout":  # no Transformer, no masks
-                masks = {}
-            method = "vqvae_dropout" if name == "vqvae_dropout" else ("transformer" if iteration == 0 else "iltm")
-            if method == "iltm" and variant == "fixed":
-                method = "iltm_fixed"
-            rows.append({
-                "ratio": ratio, "method": method, "variant": variant, "iteration": iteration, "final": final,
-                **{m: result.get(m) for m in METRICS},
-                "masked_pct": _float(masks.get("masked_pct")), "token_precision": _float(masks.get("precision")),
-                "token_recall": _float(masks.get("recall")), "n_images": result.get("n_images"),
-                "checkpoint": os.path.relpath(result.get("checkpoint", ""), exp_dir),
-            })  # fmt: skip
-    order = list(LABELS)
-    return sorted(rows, key=lambda r: (r["ratio"], order.index(r["method"]), r["iteration"]))
-
-
-def report(exp_dir: str = "runs/experiments") -> list[dict]:
-    """results.csv, figure4.png, figure3.png and table1.md from whatever evaluations exist under exp_dir."""
-    exp_dir = os.path.abspath(exp_dir)
-    rows = collect(exp_dir)
-    if not rows:
-        raise FileNotFoundError(f"{exp_dir}: no evaluations yet (eval/<ratio>/<model>/metrics.json)")
-    with open(os.path.join(exp_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_contamination(rows, os.path.join(exp_dir, "figure4.png"))
-    plot_iterations(rows, exp_dir, os.path.join(exp_dir, "figure3.png"))
-    table = markdown_table(rows)
-    with open(os.path.join(exp_dir, "table1.md"), "w") as f:
-        f.write(table + "\n")
-    print(table, flush=True)
-    return rows
-
-
-def headline(rows: Sequence[dict]) -> list[dict]:
-    """The rows of Figure 4 and Table 1: the ablation, iteration 0 and each variant's final iteration."""
-    return [r for r in rows if r["method"] in ("vqvae_dropout", "transformer") or r["final"]]
-
-
-def markdown_table(rows: Sequence[dict]) -> str:
-    """Table 1 style: methods x contamination ratios, cells "AUPRO / best Dice" and "pixel / image AUROC" in %."""
-    rows = headline(rows)
-    ratios = sorted({r["ratio"] for r in rows})
-    methods = [m for m in LABELS if any(r["method"] == m for r in rows)]
-    by = {(r["method"], r["ratio"]): r for r in rows}
-    lines = []
-    for title, (a, b) in (("AUPRO / best Dice (%)", ("aupro", "best_dice")),
-                          ("pixel AUROC / image AUROC (%)", ("pixel_auroc", "image_auroc"))):  # fmt: skip
-        lines += [f"**{title}** by training-set contamination", ""]
-        lines += ["| method | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-        for m in methods:
-            cells = [f"{_pct(by.get((m, r), {}).get(a))} / {_pct(by.get((m, r), {}).get(b))}" for r in ratios]
-            lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines).rstrip()
-
-
-def plot_contamination(rows: Sequence[dict], path: str) -> None:
-    """Figure 4: each metric against the training-set contamination, one line per method."""
-    rows = headline(rows)
-    fig, axes = _figure(1, 4, (14, 3.4))
-    for ax, metric in zip(axes[0], ("aupro", "best_dice", "pixel_auroc", "image_auroc")):
-        for method in LABELS:
-            pts = sorted((r["ratio"], r[metric]) for r in rows if r["method"] == method and r[metric] is not None)
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=LABELS[method])
-        ax.set_xlabel("anomalous training images")
-        ax.set_xticks(sorted({r["ratio"] for r in rows}))
-        ax.set_ylim(0, 1.02)
-        ax.set_title(metric, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def plot_iterations(rows: Sequence[dict], exp_dir: str, path: str) -> None:
-    """Figure 3: AUPRO and best Dice of each evaluated iteration, and the token masks' precision / recall against
-    the true anomalous tokens (every iteration, from iltm/summary.csv), one line per ratio and threshold variant."""
-    fig, axes = _figure(1, 4, (14, 3.4))
-    models = [r for r in rows if r["method"] != "vqvae_dropout"]
-    for ratio in sorted({r["ratio"] for r in models}):
-        for variant, style in (("decreasing", "o-"), ("fixed", "s--")):
-            pts = sorted(
-                (r["iteration"], r)
-                for r in models
-                if r["ratio"] == ratio and (r["variant"] == variant or r["iteration"] == 0)
-            )
-            name = f"{ratio:.0%}" + (" fixed t" if variant == "fixed" else "")
-            if variant == "fixed" and not any(r["variant"] == "fixed" for _, r in pts):
-                continue
-            for ax, metric in zip(axes[0][:2], ("aupro", "best_dice")):
-                xy = [(k, r[metric]) for k, r in pts if r[metric] is not None]
-                if xy:
-                    ax.plot(*zip(*xy), style, label=name)
-            run_dir = os.path.join(exp_dir, "runs", ratio_tag(ratio) + ("_fixed" if variant == "fixed" else ""))
-            masks = [r for r in _summary(run_dir) if int(r["iteration"]) > 0]
-            for ax, key in zip(axes[0][2:], ("precision", "recall")):
-                xy = [(int(r["iteration"]), _float(r[key])) for r in masks if not math.isnan(_float(r[key]))]
-                if xy:
-                    ax.plot(*zip(*xy), style, label=name)
-    titles = ("test AUPRO", "test best Dice", "token-mask precision", "token-mask recall")
-    for ax, title in zip(axes[0], titles):
-        ax.set_xlabel("ILTM iteration")
-        ax.set_xticks(range(max((r["iteration"] for r in models), default=0) + 1))
-        ax.set_ylim(0, 1.02)
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, title="contamination", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 
 
 def _iteration_model(run_dir: str, k: int) -> str:
     return os.path.join(run_dir, "iltm", f"iter_{k:02d}", "model.pt")
-
-
-def _summary(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "iltm", "summary.csv")
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _record(exp_dir: str, params: dict) -> None:
@@ -418,26 +283,6 @@ def _as_list(value: Any) -> list:
 
 def _quote(arg: str) -> str:
     return arg if all(c.isalnum() or c in "-_./=#:" for c in arg) else '"' + arg.replace('"', '\\"') + '"'
-
-
-def _float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _pct(value: Any) -> str:
-    return "-" if value is None or math.isnan(_float(value)) else f"{100 * float(value):.1f}"
-
-
-def _figure(rows: int, cols: int, size: tuple[float, float]):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: leaves the process's backend alone
-
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 if __name__ == "__main__":

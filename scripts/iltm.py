@@ -14,6 +14,7 @@ steps and continues at the first incomplete one (a Transformer mid-training resu
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -83,6 +84,10 @@ class ILTMWorkflow:
         stop_tolerance: relative change of the masked-token count below which the loop stops (paper: 1 %).
         warm_start: start each retraining from the previous Transformer instead of its initial weights.
         mask_batch_size: training images per inferer call while generating masks.
+        mask_num_samples, mask_num_decodes: N and M of the mask-generating passes (None: the detector's). Inference
+            may run cheaper than the paper's N = 60, M = 5; masks that decide what the Transformer learns should not.
+        mask_density_threshold: KDE density below which a training voxel is anomalous for the masks (None: the
+            detector's ``density_threshold``), on the bundle's [0, 1] intensity scale.
         export: where the final detector's state dict is also written (the bundle's `models/model.pt`); None = not.
         initial_masks: a token mask file (`token_masks.pt` of an earlier run, or one written with
             `scripts.tokens.save_token_masks`) that iteration 0 trains with; None = all tokens.
@@ -108,6 +113,9 @@ class ILTMWorkflow:
         stop_tolerance: float = 0.01,
         warm_start: bool = False,
         mask_batch_size: int = 4,
+        mask_num_samples: int | None = None,
+        mask_num_decodes: int | None = None,
+        mask_density_threshold: float | None = None,
         export: str | None = None,
         initial_masks: str | None = None,
     ) -> None:
@@ -119,6 +127,10 @@ class ILTMWorkflow:
         self.max_iterations, self.min_iterations = max_iterations, min_iterations
         self.stop_tolerance, self.warm_start = stop_tolerance, warm_start
         self.mask_batch_size, self.export, self.initial_masks = mask_batch_size, export, initial_masks
+        self.mask_counts = {"num_samples": mask_num_samples, "num_decodes": mask_num_decodes}
+        self.mask_density_threshold = mask_density_threshold or detector.density_threshold
+        if self.mask_density_threshold <= 0:
+            raise ValueError(f"mask_density_threshold must be > 0, got {self.mask_density_threshold}")
         self.grid = latent_shape(detector.vqvae, detector.vqvae.in_channels, image_size)
 
     def folder(self, k: int) -> str:
@@ -169,23 +181,26 @@ class ILTMWorkflow:
             return load_token_masks(path, self.train_files, self.grid)
         start, threshold = time.time(), self.thresholds[k - 1]
         loader = DataLoader(Dataset(self.train_files, self.transform), batch_size=self.mask_batch_size)
-        masks, flagged = [], 0
+        cut = math.log(self.mask_density_threshold)
+        masks, flags = [], []
         for batch in tqdm(loader, desc=f"ILTM {k}: masks (t={threshold:.2e})", leave=False):
-            out = self.detector.infer(batch["image"].to(self.device), resample_threshold=threshold)
-            flagged += int(out["num_flagged"].sum())
+            out = self.detector.infer(batch["image"].to(self.device), resample_threshold=threshold, **self.mask_counts)
+            flags.append(out["latent_flags"].cpu())
             masks.append(
-                tokens_from_map(out["segmentation"], self.grid, self.downsample_rule, self.downsample_fraction)
+                tokens_from_map(out["log_density"] < cut, self.grid, self.downsample_rule, self.downsample_fraction)
             )
-        suspect = torch.cat(masks).cpu()
+        suspect, flags = torch.cat(masks).cpu(), torch.cat(flags)
         save_token_masks(path, self.train_files, suspect)
         info = {
             "threshold": threshold,
+            "density_threshold": self.mask_density_threshold,
             "masked_tokens": int(suspect.sum()),
             "total_tokens": suspect.numel(),
-            "resampled_tokens": flagged,
+            "resampled_tokens": int(flags.sum()),
         }
         if truth is not None:
             info["precision"], info["recall"] = precision_recall(suspect, truth)
+            info["flag_precision"], info["flag_recall"] = precision_recall(flags, truth)
         info["wall_time_s"] = round(time.time() - start, 1)
         info["seconds_per_image"] = round(info["wall_time_s"] / len(self.train_files), 3)
         state.complete(step, **info)

@@ -29,6 +29,8 @@ COLUMNS = (
     "masked_pct",
     "precision",
     "recall",
+    "flag_precision",
+    "flag_recall",
     "mask_s",
     "train_s",
     "val_loglik",
@@ -51,6 +53,8 @@ def iteration_rows(state: RunState, final: int) -> list[dict]:
                 "masked_pct": 100.0 * masks["masked_tokens"] / total if total else 0.0,
                 "precision": masks.get("precision", float("nan")),
                 "recall": masks.get("recall", float("nan")),
+                "flag_precision": masks.get("flag_precision", float("nan")),
+                "flag_recall": masks.get("flag_recall", float("nan")),
                 "mask_s": masks.get("wall_time_s", 0.0),
                 "train_s": train.get("wall_time_s", float("nan")),
                 "val_loglik": train.get("val_loglik", float("nan")),
@@ -97,7 +101,8 @@ def write_report(
         writer.writerows(rows)
     with SummaryWriter(os.path.join(folder, "tensorboard")) as board:
         for row in rows:
-            for name in ("masked_tokens", "masked_pct", "precision", "recall", "threshold", "val_loglik"):
+            for name in ("masked_tokens", "masked_pct", "precision", "recall", "flag_precision", "flag_recall",
+                         "threshold", "val_loglik"):  # fmt: skip
                 if not math.isnan(float(row[name])):
                     board.add_scalar(f"iltm/{name}", float(row[name]), row["iteration"])
     _plot_progress(rows, os.path.join(folder, "progress.png"))
@@ -120,6 +125,8 @@ def _plot_progress(rows: Sequence[dict], path: str) -> None:
         right = left.twinx()
         right.plot(iterations, [r["precision"] for r in rows], "s--", color="tab:blue", label="precision")
         right.plot(iterations, [r["recall"] for r in rows], "^--", color="tab:green", label="recall")
+        right.plot(iterations, [r["flag_precision"] for r in rows], "s:", color="tab:purple", label="flag precision")
+        right.plot(iterations, [r["flag_recall"] for r in rows], "^:", color="tab:olive", label="flag recall")
         right.set_ylabel("token masks vs ground truth")
         right.set_ylim(0, 1.05)
         right.legend(loc="center right")

@@ -161,10 +161,12 @@ def _foreign(category: str) -> str:
     return TEXTURES[(TEXTURES.index(category) + 2) % len(TEXTURES)]
 
 
-def _jitter(rng: np.random.Generator, proto: Defect, image_size: int) -> Defect:
-    """A re-use of a prototype: same kind, look and orientation; small shifts in position, scale, angle, level."""
+def _jitter(rng: np.random.Generator, proto: Defect, image_size: int, position_jitter: float = 0.1) -> Defect:
+    """A re-use of a prototype: same kind, look and orientation; small shifts in scale, angle and level, and a shift
+    in position of up to `position_jitter` of the image size (0.5 and above: anywhere in the image)."""
     margin = min(proto.size / 2, image_size / 4)
-    center = np.clip(np.array(proto.center) + rng.uniform(-0.1, 0.1, 2) * image_size, margin, image_size - margin)
+    shift = rng.uniform(-position_jitter, position_jitter, 2) * image_size
+    center = _reflect(np.array(proto.center) + shift, margin, image_size - margin)
     level = proto.level * rng.uniform(0.9, 1.1) if proto.kind == "shift" else proto.level + rng.uniform(-8, 8)
     return replace(
         proto,
@@ -176,6 +178,13 @@ def _jitter(rng: np.random.Generator, proto: Defect, image_size: int) -> Defect:
         width=proto.width * rng.uniform(0.9, 1.1),
         source=tuple(int(v) for v in np.array(proto.source) + rng.integers(-3, 4, 2)),
     )
+
+
+def _reflect(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Fold values into [lo, hi] by reflection at the bounds, so large shifts stay uniform instead of piling up."""
+    span = max(hi - lo, 1e-9)
+    folded = np.mod(x - lo, 2 * span)
+    return lo + np.where(folded > span, 2 * span - folded, folded)
 
 
 def _alpha(d: Defect, image_size: int) -> tuple[np.ndarray, tuple[slice, slice]]:
@@ -247,6 +256,7 @@ def sample_2d(
     recurrence: float = 0.8,
     bank: Sequence[Defect] | None = None,
     zoom: float | None = None,
+    position_jitter: float = 0.1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Defect]]:
     """(normal, image, mask, defects) for one entry; image equals normal exactly outside mask.
 
@@ -262,7 +272,7 @@ def sample_2d(
     unused = list(bank)  # one image does not repeat a prototype
     for _ in range(1 if rng.random() < 0.75 else 2):
         if unused and rng.random() < recurrence:
-            d = _jitter(rng, unused.pop(int(rng.integers(len(unused)))), image_size)
+            d = _jitter(rng, unused.pop(int(rng.integers(len(unused)))), image_size, position_jitter)
         else:
             d = _random_defect(rng, DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))], image_size, foreign)
         img, support = apply_defect(img, d, category)
@@ -290,6 +300,7 @@ def make_2d(
     recurrence: float = 0.8,
     n_prototypes: int = 4,
     texture_zoom: float | None = None,
+    position_jitter: float = 0.1,
     seed: int = 0,
     preview: bool = True,
     progress: bool | None = None,
@@ -298,7 +309,9 @@ def make_2d(
 
     Validation has the training contamination (users have no clean data); test has `test_anomalous_fraction`.
     Categories alternate over the entries; each has its own prototype bank. `texture_zoom` rescales the source
-    textures (None: TEXTURE_ZOOM per category). `progress=None`: bar only on a TTY.
+    textures (None: TEXTURE_ZOOM per category). `position_jitter`: how far (fraction of the image size) a recurring
+    defect moves from its prototype's position; 0.1 keeps it near one site, 0.5 lets it recur anywhere, as the same
+    kind of defect does on a production line. `progress=None`: bar only on a TTY.
     """
     categories = _as_tuple(categories, str)
     for c in categories:
@@ -311,7 +324,7 @@ def make_2d(
         kind="2d", n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
         anomalous_fraction=anomalous_fraction, test_anomalous_fraction=test_anomalous_fraction,
         categories=list(categories), recurrence=recurrence, n_prototypes=n_prototypes, texture_zoom=texture_zoom,
-        seed=seed, preview=preview,
+        position_jitter=position_jitter, seed=seed, preview=preview,
     )  # fmt: skip
     banks = {c: prototype_bank_2d(seed, c, image_size, n_prototypes) for c in categories}
     counts = {"training": n_train, "validation": n_val, "test": n_test}
@@ -320,7 +333,16 @@ def make_2d(
     def sample(split: str, idx: int, anomalous: bool) -> tuple[np.ndarray, np.ndarray, dict]:
         category = categories[idx % len(categories)]
         _, image, mask, defects = sample_2d(
-            seed, split, idx, anomalous, category, image_size, recurrence, banks[category], texture_zoom
+            seed,
+            split,
+            idx,
+            anomalous,
+            category,
+            image_size,
+            recurrence,
+            banks[category],
+            texture_zoom,
+            position_jitter,
         )
         return image, mask.astype(np.uint8) * 255, {"category": category, "defects": [asdict(d) for d in defects]}
 

@@ -140,6 +140,35 @@ def test_no_flags_means_original_latent() -> None:
     torch.testing.assert_close(out["score"], detector.infer(x, resample=False)["score"])
 
 
+def test_restrict_to_flags_scores_only_near_flagged_tokens() -> None:
+    """Prior work's map restriction: far from every flag a voxel is as normal as the KDE allows; near flags the map
+    is the unrestricted one; without flags the whole map is normal; the ablation ignores the option."""
+    plain, restricted = make_detector(), make_detector(restrict_to_flags=True, restrict_sigma=1.0)
+    x = image(batch=1)
+    log_lik = plain.infer(x)["latent_log_likelihood"][0]
+    threshold = float(log_lik.flatten().sort().values[0].exp()) * 1.0001  # exactly one flagged token
+    a, b = plain.infer(x, resample_threshold=threshold), restricted.infer(x, resample_threshold=threshold)
+    assert int(b["num_flagged"]) == 1
+    near = restricted.near_flags(b["flags"])
+    assert near.any() and not near.all() and near[b["flags"]].all()
+    torch.testing.assert_close(b["log_density"][near], a["log_density"][near])
+    assert (b["log_density"][~near] == restricted.max_log_density).all()
+    assert (b["log_density"] <= restricted.max_log_density + 1e-5).all()  # nothing is more normal than "far"
+    none = restricted.infer(x, resample_threshold=1e-30)
+    assert (none["log_density"] == restricted.max_log_density).all() and not none["segmentation"].any()
+    ablation = restricted.infer(x, resample=False, resample_threshold=threshold)["log_density"]
+    torch.testing.assert_close(ablation, plain.infer(x, resample=False, resample_threshold=threshold)["log_density"])
+
+
+def test_per_call_sample_counts() -> None:
+    """ILTM's mask passes override N and M per call; the result equals a detector built with those counts."""
+    detector, other = make_detector(), make_detector(num_samples=2, num_decodes=5)
+    x = image(batch=1)
+    torch.testing.assert_close(detector.infer(x, num_samples=2, num_decodes=5)["score"], other(x))
+    with pytest.raises(ValueError):
+        detector.infer(x, num_samples=0)
+
+
 def test_state_dict_round_trip() -> None:
     detector = make_detector()
     other = make_detector(seed=1)

@@ -51,7 +51,8 @@ TINY = {
 # ids training and inference must define identically (the detector and everything its input depends on)
 SHARED = (
     "vqvae_def", "latent_shape", "transformer_def", "network_def", "num_samples", "num_decodes", "resample_threshold",
-    "kde_epsilon", "density_threshold", "spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max",
+    "kde_units", "kde_epsilon", "density_threshold", "restrict_to_flags", "spatial_dims", "in_channels", "image_size",
+    "intensity_min", "intensity_max",
     "label_threshold", "resize", "seed", "amp", "device", "bundle_root", "dataset_dir", "synthetic", "output_dir",
 )  # fmt: skip
 

@@ -227,7 +227,8 @@ def test_preset_preprocesses_prepared_data(autopet, tmp_path, load_preset):
     datalist = str(tmp_path / "out" / "datalist_autopet_r1.00.json")
     grid = [8, 8, 16]  # small stand-in for the preset's 128 x 128 x 256
     parser, preset = load_preset("autopet.yaml", dataset_dir=autopet, datalist=datalist, image_size=grid)
-    assert (preset["kde_epsilon"], preset["resample_threshold"], preset["density_threshold"]) == (0.05, 0.005, 0.005)
+    assert preset["kde_units"] == {"intensity_scale": 1.0, "epsilon": 0.05, "density_threshold": 0.005}
+    assert parser.get_parsed_content("density_threshold") == 0.005 and preset["resample_threshold"] == 0.005
     assert preset["image_size"] == [128, 128, 256] and preset["spatial_dims"] == 3
     loading = parser.get_parsed_content("loading")
     entry = load_datalist(datalist, autopet, "test", labels="require")[-1]  # a diseased subject

@@ -1,0 +1,235 @@
+"""Tables and figures of the contamination sweep (:mod:`scripts.experiments`), rebuilt from what is on disk.
+
+Rows come from ``seed_S/eval/<ratio>/<model>/metrics.json`` and each run's ``iltm/summary.csv``; the tables give
+mean +- sd over seeds (sd of one seed is shown as "-"), and "ILTM gain" pairs each seed's final iteration with its
+own iteration 0, so that seed-to-seed differences in difficulty do not hide the effect.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+METRICS = ("aupro", "best_dice", "pixel_auroc", "image_auroc", "dice_at_density_threshold")
+MASK_COLUMNS = ("masked_pct", "precision", "recall", "flag_precision", "flag_recall")
+# (method, variant) -> label, in table order; variant "" is the base run
+LABELS = {
+    ("vqvae_dropout", ""): "VQ-VAE, dropout only (no resampling)",
+    ("transformer", ""): "VQ-VAE + Transformer (ILTM iteration 0)",
+    ("iltm", ""): "ILTM (final iteration)",
+    ("iltm", "fixed"): "ILTM, fixed threshold (final iteration)",
+    ("transformer", "unrestricted"): "VQ-VAE + Transformer, map not restricted to flags",
+    ("iltm", "unrestricted"): "ILTM, map not restricted to flags (final iteration)",
+}
+TITLES = {"aupro": "AUPRO", "best_dice": "best Dice", "pixel_auroc": "pixel AUROC", "image_auroc": "image AUROC"}
+
+
+def final_iteration(run_dir: str) -> int:
+    """The iteration whose Transformer is the run's final model (from iltm/summary.csv, else the last one saved)."""
+    for row in _summary(run_dir):
+        if row.get("trained") == "final":
+            return int(row["iteration"])
+    done = [k for k in range(100) if os.path.isfile(os.path.join(run_dir, "iltm", f"iter_{k:02d}", "model.pt"))]
+    if not done:
+        raise FileNotFoundError(f"{run_dir}: no iltm/iter_KK/model.pt; has the training finished?")
+    return max(done)
+
+
+def collect(exp_dir: str) -> list[dict]:
+    """One row per evaluated model: seed, ratio, method, variant, iteration, metrics and its training masks' quality."""
+    rows = []
+    for seed_dir in sorted(d for d in os.listdir(exp_dir) if d.startswith("seed_")) if os.path.isdir(exp_dir) else []:
+        eval_root = os.path.join(exp_dir, seed_dir, "eval")
+        for tag in sorted(os.listdir(eval_root)) if os.path.isdir(eval_root) else []:
+            for name in sorted(os.listdir(os.path.join(eval_root, tag))):
+                path = os.path.join(eval_root, tag, name, "metrics.json")
+                if os.path.isfile(path):
+                    rows.append(_row(exp_dir, seed_dir, tag, name, path))
+    order = list(LABELS)
+    return sorted(rows, key=lambda r: (r["seed"], r["ratio"], order.index((r["method"], r["variant"])), r["iteration"]))
+
+
+def _row(exp_dir: str, seed_dir: str, tag: str, name: str, path: str) -> dict:
+    with open(path) as f:
+        result = json.load(f)
+    if name == "vqvae_dropout":
+        variant, iteration = "", 0
+    else:
+        variant, _, number = name.rpartition("iter_")
+        variant, iteration = variant.rstrip("_"), int(number)
+    run_dir = os.path.join(exp_dir, seed_dir, "runs", tag + (f"_{variant}" if variant else ""))
+    method = "vqvae_dropout" if name == "vqvae_dropout" else ("transformer" if iteration == 0 else "iltm")
+    masks = {} if method == "vqvae_dropout" else {int(r["iteration"]): r for r in _summary(run_dir)}.get(iteration, {})
+    return {
+        "seed": int(seed_dir.split("_", 1)[1]), "ratio": float(tag[1:]), "method": method, "variant": variant,
+        "iteration": iteration, "final": method != "vqvae_dropout" and iteration == final_iteration(run_dir),
+        **{m: result.get(m) for m in METRICS}, **{c: _float(masks.get(c)) for c in MASK_COLUMNS},
+        "n_images": result.get("n_images"), "checkpoint": os.path.relpath(result.get("checkpoint", ""), exp_dir),
+    }  # fmt: skip
+
+
+def headline(rows: Sequence[dict]) -> list[dict]:
+    """The rows of Figure 4 and Table 1: the ablation, each variant's iteration 0 and final iteration."""
+    return [r for r in rows if r["method"] in ("vqvae_dropout", "transformer") or r["final"]]
+
+
+def summarise(rows: Sequence[dict], metric: str) -> dict[tuple, tuple[float, float, int]]:
+    """(method, variant, ratio) -> (mean, sd, n) of a metric over seeds; sd is NaN for one seed."""
+    groups: dict[tuple, list[float]] = {}
+    for r in headline(rows):
+        if r[metric] is not None and not math.isnan(float(r[metric])):
+            groups.setdefault((r["method"], r["variant"], r["ratio"]), []).append(float(r[metric]))
+    return {
+        k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else math.nan, len(v)) for k, v in groups.items()
+    }
+
+
+def gains(rows: Sequence[dict], metric: str, variant: str = "") -> dict[float, tuple[float, float, int]]:
+    """ratio -> mean, sd, n over seeds of (final ILTM - the same seed's iteration 0) for one variant."""
+    final = {(r["seed"], r["ratio"]): r[metric] for r in rows if r["method"] == "iltm" and r["variant"] == variant
+             and r["final"]}  # fmt: skip
+    own_start = any(r["method"] == "transformer" and r["variant"] == variant for r in rows)
+    start = {(r["seed"], r["ratio"]): r[metric] for r in rows if r["method"] == "transformer"
+             and r["variant"] == (variant if own_start else "")}  # fmt: skip
+    by_ratio: dict[float, list[float]] = {}
+    for key, value in final.items():
+        if value is not None and start.get(key) is not None:
+            by_ratio.setdefault(key[1], []).append(float(value) - float(start[key]))
+    return {
+        ratio: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else math.nan, len(v))
+        for ratio, v in sorted(by_ratio.items())
+    }
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Table 1 style: one table per metric, methods x contamination ratios, cells "mean +- sd" in %."""
+    ratios = sorted({r["ratio"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"Mean ± sd over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), in %.", ""]
+    for metric, title in TITLES.items():
+        stats = summarise(rows, metric)
+        lines += [f"**{title}** by training-set contamination", ""]
+        lines += ["| method | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for (method, variant), label in LABELS.items():
+            if any(k[:2] == (method, variant) for k in stats):
+                cells = [_cell(stats.get((method, variant, r))) for r in ratios]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for variant in sorted({r["variant"] for r in rows if r["method"] == "iltm"}):
+        name = f" ({variant})" if variant else ""
+        lines += [f"**ILTM gain{name}**: final iteration − the same seed's iteration 0, in points", ""]
+        lines += ["| metric | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for metric in ("aupro", "best_dice", "pixel_auroc"):
+            stats = gains(rows, metric, variant)
+            lines.append(f"| {TITLES[metric]} | " + " | ".join(_cell(stats.get(r), sign=True) for r in ratios) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def report(exp_dir: str = "runs/experiments") -> list[dict]:
+    """results.csv, table1.md, figure4.png and figure3.png from whatever evaluations exist under exp_dir."""
+    exp_dir = os.path.abspath(exp_dir)
+    rows = collect(exp_dir)
+    if not rows:
+        raise FileNotFoundError(f"{exp_dir}: no evaluations yet (seed_S/eval/<ratio>/<model>/metrics.json)")
+    with open(os.path.join(exp_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_contamination(rows, os.path.join(exp_dir, "figure4.png"))
+    plot_iterations(rows, os.path.join(exp_dir, "figure3.png"))
+    table = markdown_table(rows)
+    with open(os.path.join(exp_dir, "table1.md"), "w") as f:
+        f.write(table + "\n")
+    print(table, flush=True)
+    return rows
+
+
+def plot_contamination(rows: Sequence[dict], path: str) -> None:
+    """Figure 4: each metric against the training-set contamination, one line per method, sd over seeds as bars."""
+    fig, axes = _figure(1, 4, (15, 3.6))
+    ratios = sorted({r["ratio"] for r in rows})
+    for ax, metric in zip(axes[0], TITLES):
+        stats = summarise(rows, metric)
+        for (method, variant), label in LABELS.items():
+            pts = sorted((k[2], *v[:2]) for k, v in stats.items() if k[:2] == (method, variant))
+            if pts:
+                x, mean, sd = zip(*pts)
+                ax.errorbar(x, mean, yerr=[0 if math.isnan(s) else s for s in sd], marker="o", capsize=3, label=label)
+        ax.set_xlabel("anomalous training images")
+        ax.set_xticks(ratios)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(TITLES[metric], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_iterations(rows: Sequence[dict], path: str) -> None:
+    """Figure 3: test AUPRO per ILTM iteration, and the training masks' and flags' precision / recall against the
+    true anomalous tokens, mean over seeds, one line per ratio and threshold variant (dashed: fixed threshold)."""
+    fig, axes = _figure(1, 4, (15, 3.6))
+    panels = (("aupro", "test AUPRO"), ("precision", "token-mask precision"), ("recall", "token-mask recall"),
+              ("flag_recall", "flag recall (resampled tokens)"))  # fmt: skip
+    models = [r for r in rows if r["method"] != "vqvae_dropout"]
+    for ratio in sorted({r["ratio"] for r in models}):
+        for variant, style in (("", "o-"), ("fixed", "s--")):
+            chosen = [r for r in models if r["ratio"] == ratio and r["variant"] in (variant, "")
+                      and (r["variant"] == variant or r["iteration"] == 0)]  # fmt: skip
+            if variant and not any(r["variant"] == variant for r in chosen):
+                continue
+            for ax, (key, _) in zip(axes[0], panels):
+                by_k: dict[int, list[float]] = {}
+                for r in chosen:
+                    if r[key] is not None and not math.isnan(float(r[key])):
+                        by_k.setdefault(r["iteration"], []).append(float(r[key]))
+                if by_k:
+                    xs = sorted(by_k)
+                    ax.plot(xs, [statistics.fmean(by_k[k]) for k in xs], style, label=f"{ratio:.0%} {variant}".strip())
+    for ax, (_, title) in zip(axes[0], panels):
+        ax.set_xlabel("ILTM iteration")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, title="contamination", title_fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _summary(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "iltm", "summary.csv")
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cell(stat: tuple[float, float, int] | None, sign: bool = False) -> str:
+    if stat is None:
+        return "-"
+    mean, sd, _ = stat
+    text = f"{100 * mean:+.1f}" if sign else f"{100 * mean:.1f}"
+    return text + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}")
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: leaves the process's backend alone
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
