@@ -26,8 +26,9 @@ from monai.data import DataLoader, Dataset
 from torch import nn
 from tqdm import tqdm
 
+from scripts import iltm_checks, metrics
 from scripts.detector import AnomalyDetector
-from scripts.healing import LatentSequencer
+from scripts.healing import LatentSequencer, token_log_likelihood
 from scripts.iltm_report import write_report
 from scripts.stages import RunState, atomic_save
 from scripts.tokens import cached_tokens, latent_shape, load_token_masks, save_token_masks
@@ -132,6 +133,7 @@ class ILTMWorkflow:
         if self.mask_density_threshold <= 0:
             raise ValueError(f"mask_density_threshold must be > 0, got {self.mask_density_threshold}")
         self.grid = latent_shape(detector.vqvae, detector.vqvae.in_channels, image_size)
+        self.codebook_size = detector.vqvae.num_embeddings
 
     def folder(self, k: int) -> str:
         return os.path.join(self.output_dir, "iltm", f"iter_{k:02d}")
@@ -171,25 +173,23 @@ class ILTMWorkflow:
                 atomic_save(self.detector.state_dict(), model)
             final = k
         self._export(final)
-        return write_report(self.output_dir, state, final, self.train_files, self.transform, truth, self.grid)
+        checks = self._checks(state, final, truth, val_seq)
+        return write_report(self.output_dir, state, final, self.train_files, self.transform, truth, self.grid, checks)
 
     def _masks(self, state: RunState, k: int, truth: torch.Tensor | None) -> torch.Tensor:
-        """Token masks for iteration k from Transformer k-1 (computed once; loaded when the step is complete)."""
+        """Token masks for iteration k from Transformer k-1 (computed once; loaded when the step is complete).
+
+        The validation images get masks too (``val_token_masks.pt``), never used in training: they let the run
+        check, without labels, whether the retrained Transformer unlearns what was masked (:mod:`scripts.iltm_checks`).
+        """
         path = os.path.join(self.folder(k), "token_masks.pt")
         step = f"masks_{k:02d}"
         if state.done(step):
             return load_token_masks(path, self.train_files, self.grid)
         start, threshold = time.time(), self.thresholds[k - 1]
-        loader = DataLoader(Dataset(self.train_files, self.transform), batch_size=self.mask_batch_size)
-        cut = math.log(self.mask_density_threshold)
-        masks, flags = [], []
-        for batch in tqdm(loader, desc=f"ILTM {k}: masks (t={threshold:.2e})", leave=False):
-            out = self.detector.infer(batch["image"].to(self.device), resample_threshold=threshold, **self.mask_counts)
-            flags.append(out["latent_flags"].cpu())
-            masks.append(
-                tokens_from_map(out["log_density"] < cut, self.grid, self.downsample_rule, self.downsample_fraction)
-            )
-        suspect, flags = torch.cat(masks).cpu(), torch.cat(flags)
+        suspect, flags = self._mask_pass(self.train_files, threshold, f"ILTM {k}: masks (t={threshold:.2e})")
+        val_suspect, _ = self._mask_pass(self.val_files, threshold, f"ILTM {k}: validation masks")
+        save_token_masks(os.path.join(self.folder(k), "val_token_masks.pt"), self.val_files, val_suspect)
         save_token_masks(path, self.train_files, suspect)
         info = {
             "threshold": threshold,
@@ -197,6 +197,7 @@ class ILTMWorkflow:
             "masked_tokens": int(suspect.sum()),
             "total_tokens": suspect.numel(),
             "resampled_tokens": int(flags.sum()),
+            "val_masked_tokens": int(val_suspect.sum()),
         }
         if truth is not None:
             info["precision"], info["recall"] = precision_recall(suspect, truth)
@@ -205,6 +206,97 @@ class ILTMWorkflow:
         info["seconds_per_image"] = round(info["wall_time_s"] / len(self.train_files), 3)
         state.complete(step, **info)
         return suspect
+
+    def _mask_pass(self, files: Sequence[dict], threshold: float, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Suspect tokens and resampling flags [N, *grid] of `files` under the current Transformer."""
+        cut = math.log(self.mask_density_threshold)
+        masks, flags = [torch.zeros((0, *self.grid), dtype=torch.bool)], [
+            torch.zeros((0, *self.grid), dtype=torch.bool)
+        ]
+        loader = DataLoader(Dataset(list(files), self.transform), batch_size=self.mask_batch_size)
+        for batch in tqdm(loader, desc=desc, leave=False):
+            out = self.detector.infer(batch["image"].to(self.device), resample_threshold=threshold, **self.mask_counts)
+            flags.append(out["latent_flags"].cpu())
+            masks.append(tokens_from_map(out["log_density"] < cut, self.grid, self.downsample_rule,
+                                         self.downsample_fraction).cpu())  # fmt: skip
+        return torch.cat(masks), torch.cat(flags)
+
+    def _checks(self, state: RunState, final: int, truth: torch.Tensor | None, val_seq: torch.Tensor) -> dict:
+        """The evidence of :mod:`scripts.iltm_checks`, computed once per run (``state.json`` step ``checks``)."""
+        if state.done("checks"):
+            return state.steps["checks"]
+        start = time.time()
+        checks: dict = {"first_stage": iltm_checks.first_stage(state.steps.get("vqvae", {}), self.codebook_size)}
+        if truth is not None and final >= 1 and truth.any():
+            first, rate = state.steps["masks_01"], float(truth.float().mean())
+            checks["iteration_0"] = {
+                "flag_lift": iltm_checks.lift(first.get("flag_precision"), rate),
+                "mask_lift": iltm_checks.lift(first.get("precision"), rate),
+            }
+        if final >= 1 and len(val_seq):
+            checks["masks"] = self._mask_signals(state, final, val_seq)
+        if self.val_files:
+            checks.update(self._map_checks(final))
+        self._load_transformer(final)
+        state.complete("checks", wall_time_s=round(time.time() - start, 1), **checks)
+        return checks
+
+    def _mask_signals(self, state: RunState, final: int, val_seq: torch.Tensor) -> dict:
+        """Validation log-likelihoods of masked and kept tokens before and after each retraining (no labels)."""
+        sequencer = LatentSequencer(self.grid, self.detector.transformer.bos_id)
+        log_lik = {}
+        for k in range(final + 1):
+            self._load_transformer(k)
+            with torch.no_grad():
+                log_lik[k] = token_log_likelihood(self.detector.transformer.eval(), val_seq.to(self.device)).cpu()
+
+        def means(k: int, masks: torch.Tensor) -> dict[str, float]:
+            values = {"masked": log_lik[k][masks], "kept": log_lik[k][~masks]}
+            return {name: float(v.mean()) if v.numel() else float("nan") for name, v in values.items()}
+
+        per_iteration = []
+        for k in range(1, final + 1):
+            masks = load_token_masks(os.path.join(self.folder(k), "val_token_masks.pt"), self.val_files, self.grid)
+            masks = sequencer.to_tokens(masks)
+            per_iteration.append(iltm_checks.unlearning(means(k - 1, masks), means(k, masks)))
+        last = sequencer.to_tokens(
+            load_token_masks(os.path.join(self.folder(final), "val_token_masks.pt"), self.val_files, self.grid)
+        )
+        counts = [state.steps[f"masks_{k:02d}"]["masked_tokens"] for k in range(1, final + 1)]
+        return {
+            "unlearning": per_iteration[0],
+            "unlearning_per_iteration": per_iteration,
+            "kept_drop": means(0, last)["kept"] - means(final, last)["kept"],
+            "mask_growth": counts[-1] / max(counts[0], 1) - 1.0,
+        }
+
+    def _map_checks(self, final: int) -> dict:
+        """Iteration 0 with and without resampling, and the final iteration, on the validation images."""
+        loader = DataLoader(Dataset(self.val_files, self.transform), batch_size=self.mask_batch_size)
+        batches = list(loader)
+        labels = torch.cat([b["label"] for b in batches]) > 0 if all("label" in b for b in batches) else None
+
+        def maps(k: int, resample: bool) -> dict[str, torch.Tensor]:
+            self._load_transformer(k)
+            outs = [self.detector.infer(b["image"].to(self.device), resample=resample) for b in batches]
+            return {key: torch.cat([o[key].cpu() for o in outs]) for key in ("score", "segmentation")}
+
+        full, ablation = maps(0, True), maps(0, False)
+        if labels is not None and labels.any() and not labels.all():
+            scores = {"full": full["score"], "ablation": ablation["score"], "final": maps(final, True)["score"]}
+            aupro = {k: metrics.aupro(v[:, 0].numpy(), labels[:, 0].numpy()) for k, v in scores.items()}
+            return {
+                "map_source": {"aupro_full": aupro["full"], "aupro_ablation": aupro["ablation"],
+                               "aupro_gap": aupro["full"] - aupro["ablation"]},
+                "outcome": {"aupro_iteration_0": aupro["full"], "aupro_final": aupro["final"]},
+            }  # fmt: skip
+        marked = int(full["segmentation"].sum())
+        overlap = int((full["segmentation"] & ablation["segmentation"]).sum()) / marked if marked else None
+        return {"map_source": {"overlap": overlap, "marked_voxels": marked}}
+
+    def _load_transformer(self, k: int) -> None:
+        path = os.path.join(self.folder(k), "transformer.pt")
+        self.detector.transformer.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
     def _initial_weights(self, transformer: nn.Module) -> dict:
         """The weights every from-scratch retraining starts from, stored so that a resumed run uses the same ones."""

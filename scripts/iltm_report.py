@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from scripts import iltm_checks  # noqa: E402
 from scripts.stages import RunState  # noqa: E402
 from scripts.tokens import load_token_masks  # noqa: E402
 
@@ -86,15 +87,20 @@ def write_report(
     transform: Callable,
     truth: torch.Tensor | None,
     grid: Sequence[int],
+    checks: dict | None = None,
     panel_images: int = 4,
 ) -> dict:
-    """Writes `iltm/summary.{md,csv}`, TensorBoard scalars, `iltm/progress.png`, `iltm/mask_panel.png`; prints it."""
+    """Writes `iltm/summary.{md,csv}`, TensorBoard scalars, `iltm/progress.png`, `iltm/mask_panel.png`; prints it.
+
+    `checks` (:mod:`scripts.iltm_checks`) adds the section "Can ILTM help here?" with its warnings.
+    """
     folder = os.path.join(output_dir, "iltm")
     rows = iteration_rows(state, final)
     table = format_table(rows)
-    print(f"\nILTM iterations (final: {final})\n{table}\n", flush=True)
+    section = iltm_checks.render(checks) if checks is not None else ""
+    print(f"\nILTM iterations (final: {final})\n{table}\n\n{section}\n", flush=True)
     with open(os.path.join(folder, "summary.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(f"# ILTM iterations (final: {final})\n\n{table}\n" + (f"\n{section}\n" if section else ""))
     with open(os.path.join(folder, "summary.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -111,7 +117,8 @@ def write_report(
         for r in rows[1:]
     ]
     _plot_panel(files, transform, truth, masks, os.path.join(folder, "mask_panel.png"), panel_images)
-    return {"final_iteration": final, "iterations": rows}
+    return {"final_iteration": final, "iterations": rows, "checks": checks,
+            "warnings": iltm_checks.warnings(checks) if checks is not None else []}  # fmt: skip
 
 
 def _plot_progress(rows: Sequence[dict], path: str) -> None:

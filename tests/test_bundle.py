@@ -136,10 +136,18 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     for k in (1, 2):
         info = state[f"masks_{k:02d}"]
         assert info["masked_tokens"] >= 0 and "precision" in info and "recall" in info
+        assert {"flag_precision", "flag_recall", "val_masked_tokens", "density_threshold"} <= set(info)
+        val_masks = torch.load(whole / "iltm" / f"iter_{k:02d}" / "val_token_masks.pt", weights_only=True)
+        assert len(val_masks) == 4 and info["val_masked_tokens"] == sum(int(m.sum()) for m in val_masks.values())
         masks = torch.load(whole / "iltm" / f"iter_{k:02d}" / "token_masks.pt", weights_only=True)
         assert info["masked_tokens"] == sum(int(m.sum()) for m in masks.values())  # the count is of the saved masks
         assert info["threshold"] == pytest.approx(0.005 * 0.875 ** (k - 1))
     assert os.listdir(whole / "iltm" / "tensorboard")
+    checks = state["checks"]  # "Can ILTM help here?": computed once, rendered into the summary
+    assert {"first_stage", "masks", "map_source"} <= set(checks)
+    assert len(checks["masks"]["unlearning_per_iteration"]) == 2
+    summary = (whole / "iltm" / "summary.md").read_text()
+    assert "## Can ILTM help here?" in summary and "flag_precision" in summary
 
     # Kill the same run in the middle of ILTM iteration 1's mask generation, then rerun the same command.
     from scripts import iltm

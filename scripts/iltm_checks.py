@@ -1,0 +1,163 @@
+"""Can ILTM help on this data? The evidence every run reports, and the plain warnings it gives.
+
+ILTM only retrains the Transformer (Patel et al. 2023, §3.2), so it can change a detector only where the anomaly map
+comes from the Transformer's healing, and only if its first masks catch anomalies ("this approach relies on an
+adequate anomaly detection performance in the first iteration"). Each check below reads numbers the run already
+has; the thresholds are rules of thumb, stated here and in the model card, not guarantees:
+
+- first stage: the VQ-VAE's validation L1 inside labelled anomalies vs outside. Above :data:`FIDELITY_RATIO` the
+  reconstruction error alone marks the anomalies; a collapsed codebook cannot be faithful either.
+- map source: the full detector against the ablation without resampling on the validation images. With labels,
+  the AUPRO gap; without, the share of the full map's anomalous voxels that the ablation marks too.
+- iteration 0: with training labels, how much more often than chance its flags and first masks hit anomalous tokens.
+- the masks, unsupervised: when masks hold anomalies, the retrained Transformer "unlearns" them, so on held-out
+  images its likelihood of masked tokens drops more than that of kept ones. Masks of ordinary tokens show no such
+  drop (its other instances are still learned). Also: the kept tokens' likelihood must not fall, and masks grow as
+  later passes find what earlier models had learned as normal.
+- outcome: with validation labels, final iteration against iteration 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+FIDELITY_RATIO = 3.0  # L1 inside / outside labelled anomalies above which reconstruction error explains the map
+CODEBOOK_USE = 0.25  # share of codes used below which the codebook has collapsed
+ABLATION_GAP = 0.01  # AUPRO the Transformer's healing must add over the ablation
+FIRST_STAGE_OVERLAP = 0.8  # without labels: share of the map's anomalous voxels the ablation also marks
+LIFT = 2.0  # flags / masks must hit anomalous tokens this many times more often than chance
+UNLEARNING = 0.1  # nats: masked-token likelihood drop beyond the kept tokens' after retraining
+KEPT_DROP = 0.1  # nats: fall of the kept validation tokens' likelihood from iteration 0 to the final one
+WORSE = 0.01  # AUPRO on labelled validation images by which the final iteration may trail iteration 0
+
+
+def first_stage(step: dict, codebook_size: int) -> dict:
+    """Fidelity of the VQ-VAE from its validation metrics (``state.json`` step ``vqvae``)."""
+    out = {k: step.get(k) for k in ("val_l1", "val_l1_anomaly", "val_l1_normal", "val_codes_used", "val_perplexity")}
+    out["codebook_size"] = codebook_size
+    if step.get("val_l1_anomaly") is not None and step.get("val_l1_normal"):
+        out["l1_ratio"] = step["val_l1_anomaly"] / step["val_l1_normal"]
+    return out
+
+
+def lift(precision: float | None, base_rate: float | None) -> float | None:
+    """How many times more often than chance a set of tokens hits anomalous ones."""
+    if precision is None or not base_rate or math.isnan(precision):
+        return None
+    return precision / base_rate
+
+
+def unlearning(before: dict, after: dict) -> float:
+    """Drop of the masked tokens' mean log-likelihood beyond the kept tokens' drop, from one model to the next."""
+    return (before["masked"] - after["masked"]) - (before["kept"] - after["kept"])
+
+
+def warnings(checks: dict) -> list[str]:
+    """Plain sentences for everything in ``checks`` that says ILTM may not help, or did not."""
+    out = []
+    stage = checks.get("first_stage", {})
+    if stage.get("l1_ratio") is not None and stage["l1_ratio"] > FIDELITY_RATIO:
+        out.append(
+            f"The first stage alone explains the map: the VQ-VAE's error inside labelled anomalies is "
+            f"{stage['l1_ratio']:.1f}x its error elsewhere (above {FIDELITY_RATIO:.0f}x), so reconstruction error, not "
+            "the Transformer, marks them, and ILTM, which only retrains the Transformer, has little to change. A "
+            "wider VQ-VAE, more codes, less downsampling or longer training make it more faithful."
+        )
+    if stage.get("val_codes_used") is not None and stage["val_codes_used"] < CODEBOOK_USE * stage["codebook_size"]:
+        out.append(
+            f"The codebook has collapsed: {stage['val_codes_used']:.0f} of {stage['codebook_size']} codes in use."
+        )
+    source = checks.get("map_source", {})
+    if source.get("aupro_gap") is not None and source["aupro_gap"] < ABLATION_GAP:
+        out.append(
+            f"The Transformer adds nothing over the reconstruction error on the labelled validation images: AUPRO "
+            f"{source['aupro_full']:.3f} with healing vs {source['aupro_ablation']:.3f} without (iteration 0)."
+        )
+    if source.get("overlap") is not None and source["overlap"] > FIRST_STAGE_OVERLAP:
+        out.append(
+            f"The first stage alone explains the map: {source['overlap']:.0%} of the voxels the detector marks on the "
+            "validation images are marked without any resampling too."
+        )
+    start = checks.get("iteration_0", {})
+    for name, what in (("flag_lift", "its resampling flags"), ("mask_lift", "the first token masks")):
+        if start.get(name) is not None and start[name] < LIFT:
+            out.append(
+                f"Iteration 0 is too weak for its masks to mean much: {what} hit labelled anomalous training tokens "
+                f"only {start[name]:.1f}x as often as chance (below {LIFT:.0f}x)."
+            )
+    masks = checks.get("masks", {})
+    if masks.get("unlearning") is not None and masks["unlearning"] < UNLEARNING:
+        out.append(
+            f"The masks do not look like anomalies: retrained without them, the Transformer finds the masked "
+            f"validation tokens only {masks['unlearning']:.2f} nats less likely relative to the kept ones (below "
+            f"{UNLEARNING}); masks of ordinary tokens behave like this. ILTM is unlikely to help here."
+        )
+    if masks.get("kept_drop") is not None and masks["kept_drop"] > KEPT_DROP:
+        out.append(
+            f"ILTM hurts the modelling of normal tokens: the kept validation tokens' log-likelihood fell by "
+            f"{masks['kept_drop']:.2f} nats from iteration 0 to the final iteration."
+        )
+    outcome = checks.get("outcome", {})
+    if outcome.get("aupro_final") is not None and outcome["aupro_final"] < outcome["aupro_iteration_0"] - WORSE:
+        out.append(
+            f"ILTM made the detector worse on the labelled validation images: AUPRO {outcome['aupro_final']:.3f} at "
+            f"the final iteration vs {outcome['aupro_iteration_0']:.3f} at iteration 0. Iteration 0's detector is "
+            "iltm/iter_00/model.pt."
+        )
+    return out
+
+
+def render(checks: dict) -> str:
+    """Markdown section for summary.md: the numbers, then the warnings (or that none applies)."""
+    lines = ["## Can ILTM help here?", ""]
+    stage = checks.get("first_stage", {})
+    if stage.get("l1_ratio") is not None:
+        lines.append(
+            f"- First stage: validation L1 {stage['val_l1_anomaly']:.4f} inside labelled anomalies, "
+            f"{stage['val_l1_normal']:.4f} outside ({stage['l1_ratio']:.1f}x)" + _codes(stage)
+        )
+    elif stage.get("val_l1") is not None:
+        lines.append(f"- First stage: validation L1 {stage['val_l1']:.4f} (no labelled anomalies)" + _codes(stage))
+    source = checks.get("map_source", {})
+    if source.get("aupro_gap") is not None:
+        lines.append(
+            f"- Map source (iteration 0, validation): AUPRO {source['aupro_full']:.3f} with healing, "
+            f"{source['aupro_ablation']:.3f} without resampling (gap {source['aupro_gap']:+.3f})"
+        )
+    if source.get("overlap") is not None:
+        lines.append(
+            f"- Map source (iteration 0, validation): {source['overlap']:.0%} of the marked voxels are marked "
+            "without resampling too"
+        )
+    start = checks.get("iteration_0", {})
+    if start.get("flag_lift") is not None:
+        lines.append(
+            f"- Iteration 0 on the training images: flags {start['flag_lift']:.1f}x and first masks "
+            f"{start['mask_lift']:.1f}x as likely as chance to hit a labelled anomalous token"
+        )
+    masks = checks.get("masks", {})
+    if masks.get("unlearning") is not None:
+        lines.append(
+            f"- Masks (unsupervised, validation): after retraining, masked tokens {masks['unlearning']:+.2f} nats "
+            f"less likely relative to kept ones; kept tokens {-masks['kept_drop']:+.2f} nats from iteration 0 to "
+            f"the final one; masked tokens {masks['mask_growth']:+.0%} from the first pass to the last"
+        )
+    outcome = checks.get("outcome", {})
+    if outcome.get("aupro_final") is not None:
+        lines.append(
+            f"- Outcome (labelled validation images): AUPRO {outcome['aupro_iteration_0']:.3f} at iteration 0, "
+            f"{outcome['aupro_final']:.3f} at the final iteration"
+        )
+    found = warnings(checks)
+    lines += (
+        ["", *(f"**Warning.** {w}" for w in found)]
+        if found
+        else ["", "No warning: nothing here says ILTM cannot help."]
+    )
+    return "\n".join(lines)
+
+
+def _codes(stage: dict) -> str:
+    if stage.get("val_codes_used") is None:
+        return ""
+    return f"; {stage['val_codes_used']:.0f} of {stage['codebook_size']} codes used"

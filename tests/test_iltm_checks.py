@@ -1,0 +1,61 @@
+"""The "Can ILTM help here?" checks: each warning fires on the evidence it names, and only then."""
+
+from __future__ import annotations
+
+import pytest
+
+from scripts import iltm_checks
+
+HEALTHY = {
+    "first_stage": {"val_l1": 0.02, "val_l1_anomaly": 0.04, "val_l1_normal": 0.02, "l1_ratio": 2.0,
+                    "val_codes_used": 120, "codebook_size": 128},
+    "map_source": {"aupro_full": 0.55, "aupro_ablation": 0.40, "aupro_gap": 0.15},
+    "iteration_0": {"flag_lift": 4.0, "mask_lift": 5.0},
+    "masks": {"unlearning": 0.25, "unlearning_per_iteration": [0.25, 0.1], "kept_drop": 0.02, "mask_growth": 0.1},
+    "outcome": {"aupro_iteration_0": 0.55, "aupro_final": 0.60},
+}  # fmt: skip
+
+
+def _with(section: str, **values) -> dict:
+    return {**HEALTHY, section: {**HEALTHY[section], **values}}
+
+
+def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
+    assert iltm_checks.warnings(HEALTHY) == []
+    text = iltm_checks.render(HEALTHY)
+    assert text.startswith("## Can ILTM help here?") and "No warning" in text
+    assert "0.0400 inside labelled anomalies" in text and "+0.150" in text and "+0.25 nats" in text
+
+
+@pytest.mark.parametrize(
+    "checks, phrase",
+    [
+        (_with("first_stage", l1_ratio=45.0), "first stage alone explains the map"),
+        (_with("first_stage", val_codes_used=3), "codebook has collapsed"),
+        (_with("map_source", aupro_gap=0.0, aupro_ablation=0.55), "Transformer adds nothing"),
+        (_with("iteration_0", flag_lift=1.2), "too weak for its masks"),
+        (_with("masks", unlearning=0.02), "do not look like anomalies"),
+        (_with("masks", kept_drop=0.3), "hurts the modelling of normal tokens"),
+        (_with("outcome", aupro_final=0.50), "made the detector worse"),
+        ({**HEALTHY, "map_source": {"overlap": 0.95, "marked_voxels": 100}}, "marked without any resampling"),
+    ],
+)  # fmt: skip
+def test_each_warning_fires_on_its_evidence(checks: dict, phrase: str) -> None:
+    found = iltm_checks.warnings(checks)
+    assert len(found) == 1 and phrase in found[0]
+    assert phrase in iltm_checks.render(checks)
+
+
+def test_missing_evidence_is_not_a_warning() -> None:
+    """Without labels there is no fidelity ratio, no lift and no outcome: nothing is claimed about them."""
+    checks = {"first_stage": {"val_l1": 0.02, "val_codes_used": 100, "codebook_size": 128},
+              "map_source": {"overlap": None, "marked_voxels": 0}}  # fmt: skip
+    assert iltm_checks.warnings(checks) == []
+    assert "no labelled anomalies" in iltm_checks.render(checks)
+
+
+def test_lift_and_unlearning() -> None:
+    assert iltm_checks.lift(0.2, 0.04) == pytest.approx(5.0)
+    assert iltm_checks.lift(float("nan"), 0.04) is None and iltm_checks.lift(0.2, 0.0) is None
+    before, after = {"masked": -3.0, "kept": -2.0}, {"masked": -3.5, "kept": -2.1}
+    assert iltm_checks.unlearning(before, after) == pytest.approx(0.4)
