@@ -11,9 +11,11 @@ Evaluated per seed and ratio (:data:`scripts.experiments_report.LABELS`):
   reconstruction error finds on its own; ILTM can only improve on what the Transformer's healing adds.
 - ``transformer``: ILTM iteration 0, the plain VQ-VAE + Transformer (``iltm/iter_00/model.pt``).
 - ``iltm``: the final ILTM iteration; with ``all_iterations`` every iteration (Figure 3).
-- variants (``variants``), each sharing the VQ-VAE and iteration 0 of the seed and ratio, so that a comparison
-  isolates the one setting: ``fixed`` (a fixed resampling threshold, paper Fig. 3) and ``unrestricted`` (the anomaly
-  map without the prior work's restriction to flagged tokens, in training's masks and in evaluation).
+- variants (``variants``), each sharing the VQ-VAE (and iteration 0, where the variant does not change it) of the
+  seed and ratio, so that a comparison isolates the one setting: ``fixed`` (a fixed resampling threshold, paper
+  Fig. 3), ``unrestricted`` (the anomaly map without the prior work's restriction to flagged tokens, in training's
+  masks and in evaluation) and ``oracle`` (one Transformer trained with the labelled anomalous tokens masked: the
+  upper bound of what ILTM's masks can give).
 
 Writes under ``exp_dir``: ``seed_S/{data,runs,eval}/...``, ``results.csv`` (one row per evaluated model),
 ``table1.md`` (mean +- sd), ``figure4.png``, ``figure3.png``. Resumable: a finished training (``model.pt``) or
@@ -21,13 +23,14 @@ evaluation (``metrics.json``) is skipped, an interrupted training resumes; more 
 
     python -m scripts.experiments run --seeds "[0,1]"                         # 2D demo preset, ratios 0-0.8
     python -m scripts.experiments run --kind 3d --seeds "[0,1]"               # 3D demo preset, ratios 0, 0.5, 1
-    python -m scripts.experiments run --ratios "[0.0,0.8]" --variants "fixed,unrestricted" --all_iterations True
+    python -m scripts.experiments run --ratios "[0.0,0.8]" --variants "fixed,unrestricted,oracle" --all_iterations True
     python -m scripts.experiments run --overrides "{'vqvae#epochs': 10, 'transformer#epochs': 5}"
     python -m scripts.experiments report --exp_dir runs/experiments           # tables and figures only
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -43,10 +46,11 @@ from scripts.experiments_report import final_iteration, report
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"2d": "configs/demo.yaml", "3d": "configs/demo3d.yaml"}
 RATIOS = {"2d": (0.0, 0.2, 0.4, 0.6, 0.8), "3d": (0.0, 0.5, 1.0)}
-# variant -> (training overrides, evaluation overrides); each shares the VQ-VAE and iteration 0 with the base run
+# variant -> (training overrides, evaluation overrides, shares iteration 0); the VQ-VAE is always the base run's
 VARIANTS = {
-    "fixed": ({"fixed_threshold": True}, {}),
-    "unrestricted": ({"restrict_to_flags": False}, {"restrict_to_flags": False}),
+    "fixed": ({"fixed_threshold": True}, {}, True),
+    "unrestricted": ({"restrict_to_flags": False}, {"restrict_to_flags": False}, True),
+    "oracle": ({"iltm#initial_masks": "labels", "iltm_max_iterations": 0}, {}, False),
 }
 # what determines results: a rerun with other values would mix incompatible outputs in one folder
 RECORDED = ("preset", "n_train", "n_test", "overrides", "eval_overrides")
@@ -77,7 +81,7 @@ def run(
         seeds: data and model seeds (``synthetic#seed`` and ``seed``); the report averages over them.
         preset: config layered on train/inference (default configs/demo.yaml or configs/demo3d.yaml).
         n_train, n_test: override the preset's synthetic set sizes (a smaller test set is faster to evaluate).
-        variants: names from :data:`VARIANTS` ("fixed", "unrestricted"), comma-separated or a list.
+        variants: names from :data:`VARIANTS` ("fixed", "unrestricted", "oracle"), comma-separated or a list.
         fixed_threshold: shorthand for the "fixed" variant.
         ablation: also evaluate the no-resampling ablation (``network_def#resample: false``).
         all_iterations: evaluate every ILTM iteration, not only iteration 0 and the final one.
@@ -113,9 +117,9 @@ def run(
             train(base, os.path.join(root, "data", tag), train_data, preset, common, exp_dir, in_process)
             runs = {"": (base, {})}
             for name in chosen:
-                train_over, eval_over = VARIANTS[name]
+                train_over, eval_over, share_iteration_0 = VARIANTS[name]
                 folder = f"{base}_{name}"
-                share_first_stage(base, folder)
+                share_first_stage(base, folder, share_iteration_0)
                 train(folder, os.path.join(root, "data", tag), train_data, preset, {**common, **train_over}, exp_dir,
                       in_process)  # fmt: skip
                 runs[name] = (folder, eval_over)
@@ -167,30 +171,33 @@ def train(
     bundle("training", ["configs/train.yaml", preset], args, _log(exp_dir, output_dir), in_process)
 
 
-def share_first_stage(source: str, target: str) -> None:
-    """Seed a variant's run with the source run's VQ-VAE and iteration 0, which the variant does not change.
+def share_first_stage(source: str, target: str, iteration_0: bool = True) -> None:
+    """Seed a variant's run with the source run's VQ-VAE and, if the variant does not change it, iteration 0.
 
     The training resumes from them (state.json steps ``vqvae`` and ``transformer_00``), so both runs start from
-    the same iteration 0 and the comparison isolates the variant's setting.
+    the same models and initial weights, and the comparison isolates the variant's setting.
     """
     if os.path.exists(os.path.join(target, "state.json")):
         return
     with open(os.path.join(source, "state.json")) as f:
         steps = json.load(f)
-    for sub in ("vqvae", "tokens", os.path.join("iltm", "iter_00")):
+    shared = ("vqvae", "tokens", os.path.join("iltm", "iter_00")) if iteration_0 else ("vqvae", "tokens")
+    for sub in shared:
         shutil.copytree(os.path.join(source, sub), os.path.join(target, sub), dirs_exist_ok=True)
+    os.makedirs(os.path.join(target, "iltm"), exist_ok=True)
     shutil.copy2(
         os.path.join(source, "iltm", "transformer_init.pt"), os.path.join(target, "iltm", "transformer_init.pt")
     )
+    done = ("vqvae", "transformer_00") if iteration_0 else ("vqvae",)
     with open(os.path.join(target, "state.json"), "w") as f:
-        json.dump({k: v for k, v in steps.items() if k in ("vqvae", "transformer_00")}, f, indent=2)
+        json.dump({k: v for k, v in steps.items() if k in done}, f, indent=2)
 
 
 def evaluations(runs: dict[str, tuple[str, dict]], ablation: bool, all_iterations: bool) -> list[tuple[str, str, dict]]:
     """(name, checkpoint, config overrides) of every model to evaluate; names are eval/<ratio>/ folder names.
 
     ``runs`` maps a variant ("" = the base run) to its folder and evaluation overrides. A variant's iteration 0 is
-    the base run's model; it is evaluated again only when the variant changes evaluation.
+    evaluated when it is its own model (the oracle) or the variant changes evaluation; otherwise it is the base's.
     """
     base = runs[""][0]
     out = [("vqvae_dropout", _iteration_model(base, 0), {"network_def#resample": False})] if ablation else []
@@ -198,8 +205,9 @@ def evaluations(runs: dict[str, tuple[str, dict]], ablation: bool, all_iteration
         final = final_iteration(folder)
         chosen = range(final + 1) if all_iterations else sorted({0, final})
         prefix = f"{variant}_" if variant else ""
+        own_start = variant and not filecmp.cmp(_iteration_model(folder, 0), _iteration_model(base, 0), shallow=False)
         out += [(f"{prefix}iter_{k:02d}", _iteration_model(folder, k), dict(extra))
-                for k in chosen if not variant or k > 0 or extra]  # fmt: skip
+                for k in chosen if not variant or k > 0 or extra or own_start]  # fmt: skip
     return out
 
 
@@ -285,7 +293,12 @@ def _quote(arg: str) -> str:
     return arg if all(c.isalnum() or c in "-_./=#:" for c in arg) else '"' + arg.replace('"', '\\"') + '"'
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Command line: results are written and the tables printed; the rows are not echoed again."""
     import fire
 
-    fire.Fire({"run": run, "report": report})
+    fire.Fire({"run": lambda **kw: run(**kw) and None, "report": lambda **kw: report(**kw) and None})
+
+
+if __name__ == "__main__":
+    main()

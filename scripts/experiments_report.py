@@ -25,6 +25,7 @@ LABELS = {
     ("iltm", "fixed"): "ILTM, fixed threshold (final iteration)",
     ("transformer", "unrestricted"): "VQ-VAE + Transformer, map not restricted to flags",
     ("iltm", "unrestricted"): "ILTM, map not restricted to flags (final iteration)",
+    ("transformer", "oracle"): "Oracle: Transformer trained with the labelled anomalous tokens masked",
 }
 TITLES = {"aupro": "AUPRO", "best_dice": "best Dice", "pixel_auroc": "pixel AUROC", "image_auroc": "image AUROC"}
 

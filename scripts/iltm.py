@@ -91,7 +91,8 @@ class ILTMWorkflow:
             detector's ``density_threshold``), on the bundle's [0, 1] intensity scale.
         export: where the final detector's state dict is also written (the bundle's `models/model.pt`); None = not.
         initial_masks: a token mask file (`token_masks.pt` of an earlier run, or one written with
-            `scripts.tokens.save_token_masks`) that iteration 0 trains with; None = all tokens.
+            `scripts.tokens.save_token_masks`) that iteration 0 trains with; None = all tokens; "labels" = the
+            training labels' anomalous tokens, the oracle that bounds what any mask can achieve (a diagnostic).
     """
 
     def __init__(
@@ -154,7 +155,11 @@ class ILTMWorkflow:
         truth = self._true_tokens()
 
         suspect = torch.zeros((len(train_seq), *self.grid), dtype=torch.bool)
-        if self.initial_masks:
+        if self.initial_masks == "labels":
+            if truth is None:
+                raise ValueError("iltm#initial_masks 'labels' needs a label for every training image")
+            suspect = truth
+        elif self.initial_masks:
             suspect = load_token_masks(self.initial_masks, self.train_files, self.grid)
         final = 0
         for k in range(self.max_iterations + 1):

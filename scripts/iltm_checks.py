@@ -88,9 +88,9 @@ def warnings(checks: dict) -> list[str]:
     masks = checks.get("masks", {})
     if masks.get("unlearning") is not None and masks["unlearning"] < UNLEARNING:
         out.append(
-            f"The masks do not look like anomalies: retrained without them, the Transformer finds the masked "
-            f"validation tokens only {masks['unlearning']:.2f} nats less likely relative to the kept ones (below "
-            f"{UNLEARNING}); masks of ordinary tokens behave like this. ILTM is unlikely to help here."
+            f"The masks do not look like anomalies: retrained without them, the Transformer lowered the masked "
+            f"validation tokens' log-likelihood by only {masks['unlearning']:.2f} nats more than the kept tokens' "
+            f"(below {UNLEARNING}), as it does for masks of ordinary tokens. ILTM is unlikely to help here."
         )
     if masks.get("kept_drop") is not None and masks["kept_drop"] > KEPT_DROP:
         out.append(
@@ -138,9 +138,10 @@ def render(checks: dict) -> str:
     masks = checks.get("masks", {})
     if masks.get("unlearning") is not None:
         lines.append(
-            f"- Masks (unsupervised, validation): after retraining, masked tokens {masks['unlearning']:+.2f} nats "
-            f"less likely relative to kept ones; kept tokens {-masks['kept_drop']:+.2f} nats from iteration 0 to "
-            f"the final one; masked tokens {masks['mask_growth']:+.0%} from the first pass to the last"
+            f"- Masks (unsupervised, validation): retraining without the masked tokens lowered their log-likelihood "
+            f"by {masks['unlearning']:.2f} nats more than the kept tokens'; kept tokens {-masks['kept_drop']:+.2f} "
+            f"nats from iteration 0 to the final one; masked tokens {masks['mask_growth']:+.0%} from the first pass "
+            "to the last"
         )
     outcome = checks.get("outcome", {})
     if outcome.get("aupro_final") is not None:

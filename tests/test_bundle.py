@@ -174,3 +174,13 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
         assert torch.equal(weights_a[key], weights_b[key]), key
     for a, b in zip(masks_a, masks_b):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_small_cpu_preset_for_user_data(load_preset):
+    """128 px images -> 16 x 16 tokens of 8 x 8 pixels; a 256-code book; mask passes at the inference's R."""
+    parser, preset = load_preset("small.yaml")
+    assert parser.get_parsed_content("latent_shape") == (16, 16)
+    assert parser.get_parsed_content("transformer_def").max_seq_len == 256
+    assert parser.get_parsed_content("vqvae_def").num_embeddings == 256
+    assert parser.get_parsed_content("density_threshold") == pytest.approx(1.275)  # 8-bit data, MVTec's units
+    assert parser.get_parsed_content("iltm#mask_num_samples") == preset["iltm#mask_num_samples"] == 16

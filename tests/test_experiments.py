@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from scripts import experiments
 from scripts.synthetic import make_2d, make_3d
@@ -98,15 +99,18 @@ def _fake_eval(exp_dir: str, seed: int, tag: str, name: str, checkpoint: str, au
 
 
 def test_evaluations_cover_ablation_baseline_final_and_variants(tmp_path) -> None:
-    base, fixed, free = (str(tmp_path / f"r0.40{s}") for s in ("", "_fixed", "_unrestricted"))
+    base, fixed, free, oracle = (str(tmp_path / f"r0.40{s}") for s in ("", "_fixed", "_unrestricted", "_oracle"))
     _fake_run(base, 2, [0.5, 0.6])
     _fake_run(fixed, 3, [0.5, 0.55, 0.6])
     _fake_run(free, 1, [0.5])
+    _fake_run(oracle, 0, [])
+    with open(os.path.join(oracle, "iltm", "iter_00", "model.pt"), "w") as f:
+        f.write("its own iteration 0")
     off = {"restrict_to_flags": False}
-    runs = {"": (base, {}), "fixed": (fixed, {}), "unrestricted": (free, off)}
+    runs = {"": (base, {}), "fixed": (fixed, {}), "unrestricted": (free, off), "oracle": (oracle, {})}
     names = {n: (c, o) for n, c, o in experiments.evaluations(runs, True, False)}
     assert set(names) == {"vqvae_dropout", "iter_00", "iter_02", "fixed_iter_03", "unrestricted_iter_00",
-                          "unrestricted_iter_01"}  # fmt: skip
+                          "unrestricted_iter_01", "oracle_iter_00"}  # fmt: skip
     assert names["vqvae_dropout"] == (
         os.path.join(base, "iltm", "iter_00", "model.pt"),
         {"network_def#resample": False},
@@ -155,9 +159,14 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path) -> None:
 def test_end_to_end_tiny_and_resumable(tmp_path) -> None:
     """Training (VQ-VAE, iteration 0, one ILTM iteration) and three evaluations; a rerun redoes nothing."""
     exp = str(tmp_path / "exp")
-    options = dict(exp_dir=exp, ratios=[0.8], n_train=8, n_test=4, overrides=TINY, in_process=True)
+    options = dict(exp_dir=exp, ratios=[0.8], n_train=8, n_test=4, overrides=TINY, variants="oracle", in_process=True)
     rows = experiments.run(**options)
-    assert {(r["method"], r["iteration"]) for r in rows} == {("vqvae_dropout", 0), ("transformer", 0), ("iltm", 1)}
+    assert {(r["method"], r["iteration"], r["variant"]) for r in rows} == {
+        ("vqvae_dropout", 0, ""), ("transformer", 0, ""), ("iltm", 1, ""), ("transformer", 0, "oracle")}  # fmt: skip
+    oracle = torch.load(os.path.join(exp, "seed_0", "runs", "r0.80_oracle", "model.pt"), weights_only=True)
+    base = torch.load(os.path.join(exp, "seed_0", "runs", "r0.80", "iltm", "iter_00", "model.pt"), weights_only=True)
+    assert torch.equal(oracle["vqvae.decoder.blocks.0.conv.weight"], base["vqvae.decoder.blocks.0.conv.weight"])
+    assert not all(torch.equal(oracle[k], base[k]) for k in base if k.startswith("transformer."))  # masked training
     assert all(r["n_images"] == 4 and r["aupro"] is not None and r["seed"] == 0 for r in rows)
     with open(os.path.join(exp, "seed_0", "data", "r0.80", "datalist.json")) as f:
         training = json.load(f)["training"]
@@ -176,11 +185,11 @@ def test_end_to_end_tiny_and_resumable(tmp_path) -> None:
 def test_command_line_tiny(tmp_path) -> None:
     """The documented command, with subprocesses per step, two seeds, both variants and every iteration."""
     cmd = [sys.executable, "-m", "scripts.experiments", "run", "--exp_dir", str(tmp_path), "--ratios", "[0.4]",
-           "--seeds", "[0,1]", "--n_train", "8", "--n_test", "4", "--variants", "fixed,unrestricted",
+           "--seeds", "[0,1]", "--n_train", "8", "--n_test", "4", "--variants", "fixed,unrestricted,oracle",
            "--all_iterations", "True", "--overrides", repr(TINY)]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     with open(os.path.join(tmp_path, "results.csv")) as f:
         found = {(r["seed"], r["method"], r["variant"]) for r in csv.DictReader(f)}
     expected = {("vqvae_dropout", ""), ("transformer", ""), ("iltm", ""), ("iltm", "fixed"),
-                ("transformer", "unrestricted"), ("iltm", "unrestricted")}  # fmt: skip
+                ("transformer", "unrestricted"), ("iltm", "unrestricted"), ("transformer", "oracle")}  # fmt: skip
     assert found == {(str(seed), *m) for seed in (0, 1) for m in expected}

@@ -24,7 +24,7 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
     assert iltm_checks.warnings(HEALTHY) == []
     text = iltm_checks.render(HEALTHY)
     assert text.startswith("## Can ILTM help here?") and "No warning" in text
-    assert "0.0400 inside labelled anomalies" in text and "+0.150" in text and "+0.25 nats" in text
+    assert "0.0400 inside labelled anomalies" in text and "+0.150" in text and "by 0.25 nats more" in text
 
 
 @pytest.mark.parametrize(
