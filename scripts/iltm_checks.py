@@ -151,7 +151,7 @@ def render(checks: dict) -> str:
         )
     found = warnings(checks)
     lines += (
-        ["", *(f"**Warning.** {w}" for w in found)]
+        ["", *(f"- **Warning.** {w}" for w in found)]
         if found
         else ["", "No warning: nothing here says ILTM cannot help."]
     )
