@@ -119,6 +119,9 @@ class AnomalyDetector(nn.Module):
             raise ValueError("num_samples, num_decodes and decode_batch_size must be >= 1.")
         if density_threshold <= 0:
             raise ValueError(f"density_threshold must be > 0, got {density_threshold}.")
+        for name, flag in (("resample", resample), ("amp", amp), ("restrict_to_flags", restrict_to_flags)):
+            if not isinstance(flag, bool):  # `--restrict_to_flags false` arrives as the (true) string "false"
+                raise TypeError(f"{name} must be True or False (capitalised on the command line), got {flag!r}.")
         self.vqvae = vqvae
         self.transformer = transformer
         self.num_samples = num_samples

@@ -160,6 +160,13 @@ def test_restrict_to_flags_scores_only_near_flagged_tokens() -> None:
     torch.testing.assert_close(ablation, plain.infer(x, resample=False, resample_threshold=threshold)["log_density"])
 
 
+@pytest.mark.parametrize("name", ["resample", "amp", "restrict_to_flags"])
+def test_switches_refuse_strings(name: str) -> None:
+    """`--restrict_to_flags false` on the command line is the string "false", which is true: refused, named."""
+    with pytest.raises(TypeError, match=name):
+        make_detector(**{name: "false"})
+
+
 def test_per_call_sample_counts() -> None:
     """ILTM's mask passes override N and M per call; the result equals a detector built with those counts."""
     detector, other = make_detector(), make_detector(num_samples=2, num_decodes=5)
