@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
@@ -29,6 +30,12 @@ from scripts.vqvae import DropoutVQVAE, decoder_dropout_only
 __all__ = ["AnomalyDetector"]
 
 _AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def segment(score: torch.Tensor | np.ndarray, density_threshold: float) -> torch.Tensor | np.ndarray:
+    """The detector's segmentation, the one place it is written: density below ``density_threshold``, i.e. the
+    score ``-log density`` above ``-log(density_threshold)``. Tensors and numpy arrays alike."""
+    return score > -math.log(density_threshold)
 
 
 @contextmanager
@@ -204,7 +211,7 @@ class AnomalyDetector(nn.Module):
         return {
             "score": -log_density,
             "log_density": log_density,
-            "segmentation": log_density < math.log(self.density_threshold),
+            "segmentation": segment(-log_density, self.density_threshold),
             "token_log_likelihood": self._upsample(latent_ll, spatial),
             "flags": flag_map,
             "latent_log_likelihood": latent_ll,

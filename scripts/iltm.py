@@ -14,7 +14,6 @@ steps and continues at the first incomplete one (a Transformer mid-training resu
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -27,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from scripts import iltm_checks, metrics
-from scripts.detector import AnomalyDetector
+from scripts.detector import AnomalyDetector, segment
 from scripts.healing import LatentSequencer, token_log_likelihood
 from scripts.iltm_report import write_report
 from scripts.stages import RunState, atomic_save
@@ -214,7 +213,6 @@ class ILTMWorkflow:
 
     def _mask_pass(self, files: Sequence[dict], threshold: float, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Suspect tokens and resampling flags [N, *grid] of `files` under the current Transformer."""
-        cut = math.log(self.mask_density_threshold)
         masks, flags = [torch.zeros((0, *self.grid), dtype=torch.bool)], [
             torch.zeros((0, *self.grid), dtype=torch.bool)
         ]
@@ -222,8 +220,8 @@ class ILTMWorkflow:
         for batch in tqdm(loader, desc=desc, leave=False):
             out = self.detector.infer(batch["image"].to(self.device), resample_threshold=threshold, **self.mask_counts)
             flags.append(out["latent_flags"].cpu())
-            masks.append(tokens_from_map(out["log_density"] < cut, self.grid, self.downsample_rule,
-                                         self.downsample_fraction).cpu())  # fmt: skip
+            suspect = segment(out["score"], self.mask_density_threshold)
+            masks.append(tokens_from_map(suspect, self.grid, self.downsample_rule, self.downsample_fraction).cpu())
         return torch.cat(masks), torch.cat(flags)
 
     def _checks(self, state: RunState, final: int, truth: torch.Tensor | None, val_seq: torch.Tensor) -> dict:

@@ -24,6 +24,7 @@ from monai.inferers import Inferer
 
 from scripts import metrics
 from scripts.data import DataError, load_datalist
+from scripts.detector import segment
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class SaveOverlays:
     """
 
     def __init__(self, output_dir: str, density_threshold: float, root: str | None = None, dpi: int = 80) -> None:
-        self.output_dir, self.threshold, self.root, self.dpi = output_dir, -math.log(density_threshold), root, dpi
+        self.output_dir, self.density_threshold, self.root, self.dpi = output_dir, density_threshold, root, dpi
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -103,7 +104,7 @@ class SaveOverlays:
         for item in engine.state.output:
             path = os.path.join(self.output_dir, relative_stem(_filename(item), self.root) + "_overlay.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_overlay(path, item["image"], item["pred"], self.threshold, item.get("label"), self.dpi)
+            save_overlay(path, item["image"], item["pred"], self.density_threshold, item.get("label"), self.dpi)
 
 
 def _view(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -119,11 +120,11 @@ def save_overlay(
     path: str,
     image: torch.Tensor,
     score: torch.Tensor,
-    threshold: float,
+    density_threshold: float,
     label: torch.Tensor | None = None,
     dpi: int = 80,
 ) -> None:
-    """Image | score map | segmentation (score > threshold, red) with the true mask's outline (green) if given."""
+    """Image | score map | segmentation (red) with the true mask's outline (green) if given."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -139,7 +140,10 @@ def save_overlay(
     axes[1].set_title("score (-log density)", fontsize=8)
     axes[2].imshow(shown, cmap="gray", vmin=0, vmax=1, origin=origin)
     axes[2].imshow(
-        np.ma.masked_where(scores <= threshold, np.ones_like(scores)), cmap="autumn", alpha=0.5, origin=origin
+        np.ma.masked_where(~segment(scores, density_threshold), np.ones_like(scores)),
+        cmap="autumn",
+        alpha=0.5,
+        origin=origin,
     )
     if label is not None and isinstance(label, torch.Tensor) and label.ndim == image.ndim and label.any():
         axes[2].contour(_view(label > 0).astype(float), levels=[0.5], colors="lime", linewidths=0.8, origin=origin)
@@ -168,10 +172,9 @@ def summarise(
     except ValueError as e:
         logger.warning(f"image AUROC undefined: {e}")
         out["image_auroc"] = None
-    cut = -math.log(density_threshold)
     tp = fp = fn = 0
     for s, lab in zip(scores, labels):
-        seg, lab = s > cut, lab.astype(bool)
+        seg, lab = segment(s, density_threshold), lab.astype(bool)
         tp, fp, fn = tp + int(np.sum(seg & lab)), fp + int(np.sum(seg & ~lab)), fn + int(np.sum(~seg & lab))
     out["dice_at_density_threshold"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
     return out
@@ -215,7 +218,6 @@ class AnomalyMetrics:
 
     def _collect(self, engine: Engine) -> None:
         batches = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(engine.state.output)
-        cut = -math.log(self.density_threshold)
         for entry, item in zip(batches, engine.state.output):
             if item.get("label") is None:
                 raise DataError(f"{_filename(item)}: evaluation needs a label for every image")
@@ -225,7 +227,7 @@ class AnomalyMetrics:
             self.scores.append(score)
             self.labels.append(label)
             self.categories.append(None if category is None else str(category))
-            seg = score > cut
+            seg = segment(score, self.density_threshold)
             inter, total = int(np.sum(seg & label)), int(seg.sum() + label.sum())
             self.rows.append({
                 "image": relative_stem(_filename(item), self.root),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.detector import AnomalyDetector, _seeded_rng
+from scripts.detector import AnomalyDetector, _seeded_rng, segment
 from scripts.kde import kde_log_density
 from scripts.transformer import MaskedTransformer
 from scripts.vqvae import DropoutVQVAE, decoder_dropout_only
@@ -158,6 +158,15 @@ def test_restrict_to_flags_scores_only_near_flagged_tokens() -> None:
     assert (none["log_density"] == restricted.max_log_density).all() and not none["segmentation"].any()
     ablation = restricted.infer(x, resample=False, resample_threshold=threshold)["log_density"]
     torch.testing.assert_close(ablation, plain.infer(x, resample=False, resample_threshold=threshold)["log_density"])
+
+
+def test_segment_is_one_rule_for_tensors_and_arrays() -> None:
+    """Inference, evaluation, overlays and ILTM's masks all call ``segment``: density < threshold, either type."""
+    log_density = torch.linspace(-8.0, 2.0, 101)
+    for threshold in (0.005, 1.275):
+        seg = segment(-log_density, threshold)
+        assert torch.equal(seg, log_density < math.log(threshold)) and seg.any() and not seg.all()
+        assert (segment((-log_density).numpy(), threshold) == seg.numpy()).all()
 
 
 @pytest.mark.parametrize("name", ["resample", "amp", "restrict_to_flags"])
