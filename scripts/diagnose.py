@@ -7,7 +7,7 @@ For one trained detector and one labelled datalist section it prints:
    masks each downsampling rule would give (the evidence behind `iltm#downsample_rule`).
 
 python -m scripts.diagnose --config_file "['configs/train.yaml','configs/demo.yaml']" \
-    --checkpoint runs/demo/iltm/iter_00/model.pt [--section training] [--json out.json]
+    --checkpoint runs/demo/iltm/iter_00/model.pt [--section training] [--json_path out.json]
 """
 
 from __future__ import annotations
