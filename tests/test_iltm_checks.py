@@ -30,7 +30,7 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
 @pytest.mark.parametrize(
     "checks, phrase",
     [
-        (_with("first_stage", l1_ratio=45.0), "first stage alone explains the map"),
+        (_with("first_stage", l1_ratio=45.0), "first stage does not reproduce the anomalies"),
         (_with("first_stage", val_codes_used=3), "codebook has collapsed"),
         (_with("map_source", aupro_gap=0.0, aupro_ablation=0.55), "Transformer adds nothing"),
         (_with("iteration_0", flag_lift=1.2), "too weak for its masks"),
