@@ -38,6 +38,18 @@ def segment(score: torch.Tensor | np.ndarray, density_threshold: float) -> torch
     return score > -math.log(density_threshold)
 
 
+def check_density_threshold(name: str, threshold: float, epsilon: float) -> None:
+    """A KDE density never exceeds 1 / (epsilon * sqrt(2 pi)); a threshold at or above it marks every voxel anomalous,
+    silently (ILTM would then mask every token). The usual cause: a threshold not converted to [0, 1] intensities."""
+    ceiling = 1.0 / (epsilon * math.sqrt(2.0 * math.pi))
+    if threshold >= ceiling:
+        raise ValueError(
+            f"{name} {threshold:g} is at or above the largest density the KDE can give, 1 / (epsilon * sqrt(2 pi)) = "
+            f"{ceiling:.4g} for epsilon {epsilon:g}: every voxel would be anomalous. Densities are per unit of the "
+            "[0, 1] intensities; state the paper's values in kde_units with their intensity_scale."
+        )
+
+
 @contextmanager
 def _seeded_rng(device: torch.device, seed: int) -> Iterator[torch.Generator]:
     """Sampling generator plus a seeded global RNG for dropout, restored afterwards so callers' streams are untouched.
@@ -126,6 +138,7 @@ class AnomalyDetector(nn.Module):
             raise ValueError("num_samples, num_decodes and decode_batch_size must be >= 1.")
         if density_threshold <= 0:
             raise ValueError(f"density_threshold must be > 0, got {density_threshold}.")
+        check_density_threshold("density_threshold", density_threshold, epsilon)
         for name, flag in (("resample", resample), ("amp", amp), ("restrict_to_flags", restrict_to_flags)):
             if not isinstance(flag, bool):  # `--restrict_to_flags false` arrives as the (true) string "false"
                 raise TypeError(f"{name} must be True or False (capitalised on the command line), got {flag!r}.")

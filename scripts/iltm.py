@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from scripts import iltm_checks, metrics
-from scripts.detector import AnomalyDetector, segment
+from scripts.detector import AnomalyDetector, check_density_threshold, segment
 from scripts.healing import LatentSequencer, token_log_likelihood
 from scripts.iltm_report import write_report
 from scripts.stages import RunState, atomic_save
@@ -132,6 +132,7 @@ class ILTMWorkflow:
         self.mask_density_threshold = mask_density_threshold or detector.density_threshold
         if self.mask_density_threshold <= 0:
             raise ValueError(f"mask_density_threshold must be > 0, got {self.mask_density_threshold}")
+        check_density_threshold("mask_density_threshold", self.mask_density_threshold, detector.epsilon)
         self.grid = latent_shape(detector.vqvae, detector.vqvae.in_channels, image_size)
         self.codebook_size = detector.vqvae.num_embeddings
 

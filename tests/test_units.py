@@ -13,6 +13,7 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
+from scripts.detector import check_density_threshold
 from scripts.iltm import tokens_from_map
 from scripts.kde import kde_log_density
 
@@ -87,3 +88,16 @@ def test_same_image_at_two_intensity_scales_gives_the_same_segmentation_and_mask
         torch.testing.assert_close(image, results[0][0], rtol=0, atol=1e-6)
         assert torch.equal(segmentation, results[0][1]) and torch.equal(masks, results[0][2])
     assert results[0][1].any()
+
+
+def test_a_threshold_no_density_can_reach_below_is_refused() -> None:
+    """Above 1 / (epsilon sqrt(2 pi)) every voxel is anomalous and ILTM masks every token: refused before any work,
+    e.g. a 0-255 threshold given without its scale, or one made 10x looser by hand (12.75 with epsilon 0.05)."""
+    parser = ConfigParser(ConfigParser.load_config_files([os.path.join(ROOT, "configs", "train.yaml")]))
+    parser.update({"bundle_root": ROOT, "kde_units#density_threshold": 0.05})  # x 255 = 12.75 > 7.98
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps a component's error; ours is the cause
+        parser.get_parsed_content("network_def")
+    assert "density_threshold 12.75 is at or above the largest density" in str(caught.value.__cause__)
+    check_density_threshold("mask_density_threshold", 7.9, 0.05)  # just below the ceiling: allowed
+    with pytest.raises(ValueError, match="mask_density_threshold"):
+        check_density_threshold("mask_density_threshold", 8.0, 0.05)
