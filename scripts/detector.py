@@ -6,7 +6,7 @@ times with only the decoder's dropout active -> per-voxel KDE over the R = N*M r
 
 ``forward`` returns the score map ``-log density`` [B, 1, *S] (higher = more anomalous), for MONAI Label and
 ``verify_net_in_out``; :meth:`AnomalyDetector.infer` also returns the segmentation and the token-level maps the
-ILTM iterations and the diagnostics (DESIGN.md, "What makes ILTM work") need. ``resample=False`` is the ablation
+ILTM iterations and the diagnostics (docs/README.md, "What makes ILTM work") need. ``resample=False`` is the ablation
 "original latent, dropout decoding only": if the full method is no better, the Transformer is not what finds the
 anomalies.
 """

@@ -5,7 +5,7 @@ teacher-forced pass gives every token's log-likelihood ``log p(s_i | s_<i)``; to
 and the flags stay fixed from that pass, as in the paper. Each healed sample re-draws the flagged tokens left to
 right, each conditioned on the already healed prefix; unflagged tokens keep their value.
 
-:func:`heal` makes the sequential work follow the flagged tokens, not the sequence (DESIGN.md): the N samplings of
+:func:`heal` makes the sequential work follow the flagged tokens, not the sequence (docs/README.md, "Benchmark"): the N samplings of
 an image form one batch, the prefix before the first flagged token is computed once and its KV cache expanded to N,
 each flagged token costs one cached step that also teacher-forces the unflagged run before it, and nothing after the
 last flagged token touches the Transformer. :func:`heal_naive` is the prior implementations' path (the whole prefix
@@ -145,7 +145,7 @@ def heal(
     Token ``j`` is predicted by the logits at sequence position ``j`` (input ``seq[:, :j+1]``). Flagged token
     ``f_k`` is drawn after one cached step that feeds ``seq[f_{k-1}+1 : f_k+1]``: the token just drawn at
     ``f_{k-1}`` followed by the unflagged run up to ``f_k``. Total work: ``f_1 + 1`` tokens once, then
-    ``N * (f_K - f_1)`` tokens, the floor stated in DESIGN.md.
+    ``N * (f_K - f_1)`` tokens, the floor of the cost model in docs/README.md.
 
     Args:
         transformer: a :class:`~scripts.transformer.MaskedTransformer` (``num_codes``, ``new_cache``).

@@ -1,8 +1,8 @@
 """First stage: MONAI's VQ-VAE with explicit decoder dropout, its loss, and the pieces the ignite engines need.
 
-ILTM only works when the VQ-VAE reconstructs what it is shown, anomalies included (DESIGN.md, "What makes ILTM
-work"): the KDE inferer decodes every healed latent several times with the decoder's dropout on, so that dropout is
-part of the trained model, channel-wise and right before the last decoder layer (Patel et al. 2023, §3.1).
+ILTM only works when the VQ-VAE reconstructs what it is shown, anomalies included (docs/README.md, "What makes
+ILTM work"): the KDE inferer decodes every healed latent several times with the decoder's dropout on, so that
+dropout is part of the trained model, channel-wise and right before the last decoder layer (Patel et al. 2023, §3.1).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class ReconstructionStats:
     """Validation handler: L1 error inside and outside the ground-truth anomalies (when masks exist), codebook use.
 
     The error inside anomalies is what ILTM depends on: a VQ-VAE that cannot reproduce anomalies makes the anomaly
-    map its own reconstruction error, and the Transformer (and so ILTM) then changes nothing (DESIGN.md).
+    map its own reconstruction error, and the Transformer (and so ILTM) then changes nothing (docs/README.md).
     Attach before `StatsHandler` so the numbers are in `engine.state.metrics` when it prints.
     """
 
