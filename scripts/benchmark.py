@@ -3,12 +3,12 @@
     python -m scripts.benchmark                       # CPU (and CUDA when present), paper-sized defaults
     python -m scripts.benchmark --device cpu --num-samples 8 --cases 2d --json bench.json
 
-Healing is timed at ~5 % flagged tokens placed as a few compact clusters in the latent grid (lesions and defects
-are blobs, not salt-and-pepper). The cost model (docs/README.md, "Benchmark") predicts the cached/naive ratio from token counts
-alone: naive feeds ``N * sum_k (f_k + 1)`` tokens, cached ``f_1 + 1 + N * (f_K - f_1)``; both are printed next to
+Healing is timed at ~5 % flagged tokens placed as a few compact clusters in the latent grid (lesions and defects are
+blobs, not salt-and-pepper). The cost model (docs/README.md, "Benchmark") predicts the cached/naive ratio from token
+counts alone: naive feeds ``N * sum_k (f_k + 1)`` tokens, cached ``f_1 + 1 + N * (f_K - f_1)``; both are printed next to
 the measured times. Random weights are enough: the cost depends on shapes and flag positions, not on values. The
-whole-map timing uses the detector's own flags, with the resampling threshold set to the 5 % quantile of the
-token probabilities of that image (a random Transformer has no meaningful default threshold).
+whole-map timing uses the detector's own flags, with the resampling threshold set to the 5 % quantile of the token
+probabilities of that image (a random Transformer has no meaningful default threshold).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Is the Transformer, not the VQ-VAE's reconstruction error, finding the anomalies? (docs/README.md, "What makes ILTM work")
+"""Is the Transformer, not the VQ-VAE's reconstruction error, finding the anomalies?
+
+See docs/README.md, "What makes ILTM work".
 
 For one trained detector and one labelled datalist section it prints:
 1. pixel metrics of the full method against the ablation without resampling (original latent, dropout decoding

@@ -5,13 +5,13 @@ teacher-forced pass gives every token's log-likelihood ``log p(s_i | s_<i)``; to
 and the flags stay fixed from that pass, as in the paper. Each healed sample re-draws the flagged tokens left to
 right, each conditioned on the already healed prefix; unflagged tokens keep their value.
 
-:func:`heal` makes the sequential work follow the flagged tokens, not the sequence (docs/README.md, "Benchmark"): the N samplings of
-an image form one batch, the prefix before the first flagged token is computed once and its KV cache expanded to N,
-each flagged token costs one cached step that also teacher-forces the unflagged run before it, and nothing after the
-last flagged token touches the Transformer. :func:`heal_naive` is the prior implementations' path (the whole prefix
-re-run for every flagged token), kept only as the reference for tests and the benchmark. Both draw their random
-numbers in the same order (one ``multinomial`` call over ``[N, codes]`` per flagged token, left to right), so with
-the same generator they give the same latents.
+:func:`heal` makes the sequential work follow the flagged tokens, not the sequence (docs/README.md, "Benchmark"): the N
+samplings of an image form one batch, the prefix before the first flagged token is computed once and its KV cache
+expanded to N, each flagged token costs one cached step that also teacher-forces the unflagged run before it, and
+nothing after the last flagged token touches the Transformer. :func:`heal_naive` is the prior implementations' path (the
+whole prefix re-run for every flagged token), kept only as the reference for tests and the benchmark. Both draw their
+random numbers in the same order (one ``multinomial`` call over ``[N, codes]`` per flagged token, left to right), so
+with the same generator they give the same latents.
 """
 
 from __future__ import annotations

@@ -59,9 +59,9 @@ def warnings(checks: dict) -> list[str]:
     if stage.get("l1_ratio") is not None and stage["l1_ratio"] > FIDELITY_RATIO:
         out.append(
             f"The first stage does not reproduce the anomalies: the VQ-VAE's error inside labelled anomalies is "
-            f"{stage['l1_ratio']:.1f}x its error elsewhere (above {FIDELITY_RATIO:.0f}x), so reconstruction error marks "
-            "them whatever the Transformer learns, and ILTM, which only retrains the Transformer, has less to change. "
-            "A wider VQ-VAE, more codes, less downsampling or longer training make it more faithful."
+            f"{stage['l1_ratio']:.1f}x its error elsewhere (above {FIDELITY_RATIO:.0f}x), so reconstruction error "
+            "marks them whatever the Transformer learns, and ILTM, which only retrains the Transformer, has less to "
+            "change. A wider VQ-VAE, more codes, less downsampling or longer training make it more faithful."
         )
     if stage.get("val_codes_used") is not None and stage["val_codes_used"] < CODEBOOK_USE * stage["codebook_size"]:
         out.append(
