@@ -31,13 +31,14 @@ evaluation (``metrics.json``) is skipped, an interrupted training resumes; more 
 from __future__ import annotations
 
 import filecmp
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from scripts.contamination import parse_names, ratio_tag
@@ -293,11 +294,20 @@ def _quote(arg: str) -> str:
     return arg if all(c.isalnum() or c in "-_./=#:" for c in arg) else '"' + arg.replace('"', '\\"') + '"'
 
 
+def _quiet(fn: Callable) -> Callable:
+    """The command without its return value, which fire would echo after the printed tables; same signature and help."""
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs) -> None:
+        fn(*args, **kwargs)
+
+    return command
+
+
 def main() -> None:
-    """Command line: results are written and the tables printed; the rows are not echoed again."""
     import fire
 
-    fire.Fire({"run": lambda **kw: run(**kw) and None, "report": lambda **kw: report(**kw) and None})
+    fire.Fire({"run": _quiet(run), "report": _quiet(report)})
 
 
 if __name__ == "__main__":

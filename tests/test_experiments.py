@@ -193,3 +193,11 @@ def test_command_line_tiny(tmp_path) -> None:
     expected = {("vqvae_dropout", ""), ("transformer", ""), ("iltm", ""), ("iltm", "fixed"),
                 ("transformer", "unrestricted"), ("iltm", "unrestricted"), ("transformer", "oracle")}  # fmt: skip
     assert found == {(str(seed), *m) for seed in (0, 1) for m in expected}
+
+
+def test_command_line_help_shows_the_options() -> None:
+    """`run --help` documents the real options (the command wraps `run` so that fire does not echo its rows)."""
+    for command, option in (("run", "--seeds"), ("report", "--exp_dir")):
+        out = subprocess.run([sys.executable, "-m", "scripts.experiments", command, "--help"], cwd=ROOT,
+                             capture_output=True, text=True, env={**os.environ, "PAGER": "cat"})  # fmt: skip
+        assert out.returncode == 0 and option in out.stdout + out.stderr  # fire writes help to stderr off a tty
