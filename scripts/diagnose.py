@@ -21,6 +21,7 @@ import torch
 from monai.bundle import ConfigParser
 from tqdm import tqdm
 
+from scripts.checkpoint import load_detector
 from scripts.data import load_datalist
 from scripts.iltm import precision_recall, tokens_from_map
 from scripts.metrics import image_auroc, pixel_metrics
@@ -49,7 +50,7 @@ def diagnose(
     parser.read_config(config_file)
     parser.update(overrides)
     detector = parser.get_parsed_content("network_def").to(parser.get_parsed_content("device"))
-    detector.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    load_detector(detector, checkpoint)
     files = load_datalist(
         parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), section, labels="require"
     )

@@ -17,7 +17,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from scripts import iltm_checks, metrics
+from scripts.checkpoint import detector_record, save_detector
 from scripts.detector import AnomalyDetector, check_density_threshold, segment
 from scripts.healing import LatentSequencer, token_log_likelihood
 from scripts.iltm_report import write_report
@@ -74,6 +76,8 @@ class ILTMWorkflow:
     Args:
         output_dir: where every iteration's checkpoint, masks and counts go (`iltm/iter_KK/`).
         detector: the whole detector (`network_def`) around the trained VQ-VAE and the Transformer to train.
+        detector_settings: the data settings every detector checkpoint records beside the networks' own
+            (`scripts.checkpoint.detector_record`); None records the networks' only.
         stage: trains one Transformer (hyperparameters from the config).
         train_files, val_files, transform: training / validation entries and their deterministic preprocessing.
         resample_threshold: t_1, the first mask-generating pass's threshold (paper: 0.005).
@@ -119,8 +123,10 @@ class ILTMWorkflow:
         mask_density_threshold: float | None = None,
         export: str | None = None,
         initial_masks: str | None = None,
+        detector_settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_dir, self.detector, self.stage = output_dir, detector, stage
+        self.detector_settings = dict(detector_settings or {})
         self.train_files, self.val_files, self.transform = list(train_files), list(val_files), transform
         self.device = torch.device(device)
         self.thresholds = threshold_schedule(resample_threshold, max_iterations, threshold_decay, fixed_threshold)
@@ -175,7 +181,7 @@ class ILTMWorkflow:
             self.stage(f"transformer_{k:02d}", transformer, train_seq, keep, val_seq, self.folder(k), self.output_dir)
             model = os.path.join(self.folder(k), "model.pt")
             if not os.path.isfile(model):
-                atomic_save(self.detector.state_dict(), model)
+                save_detector(self.detector, detector_record(self.detector, self.detector_settings), model)
             final = k
         self._export(final)
         checks = self._checks(state, final, truth, val_seq)

@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.transforms import MapTransform
 
 from scripts import metrics
 from scripts.data import DataError, load_datalist
@@ -87,6 +89,40 @@ class AnomalyInferer(Inferer):
         return out
 
 
+class AnomalyOutputd(MapTransform):
+    """The score map on the input's grid becomes `score_map`, its label map `segmentation` (uint8, 1 = anomaly), and
+    `pred` one of them: MONAI Label and viewers write `pred` with the input's format (a PNG cannot hold floats) and
+    read its values as labels. The request key `anomaly_output` ("segmentation" or "score") chooses; `result`
+    (MONAI Label's JSON answer) gets the image score and the anomalous fraction.
+    """
+
+    OUTPUTS = ("segmentation", "score")
+
+    def __init__(self, keys: KeysCollection, density_threshold: float, default: str = "segmentation") -> None:
+        super().__init__(keys)
+        if default not in self.OUTPUTS:
+            raise ValueError(f"anomaly_output must be one of {self.OUTPUTS}, got {default!r}")
+        self.density_threshold, self.default = density_threshold, default
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        choice = d.get("anomaly_output") or self.default
+        if choice not in self.OUTPUTS:
+            raise ValueError(f"anomaly_output must be one of {self.OUTPUTS}, got {choice!r}")
+        for key in self.key_iterator(d):
+            score = d[key].float()
+            seg = segment(score, self.density_threshold).to(torch.uint8)
+            d["score_map"], d["segmentation"] = score, seg
+            d[key] = seg if choice == "segmentation" else score
+            d["result"] = {
+                **(d.get("result") or {}),
+                "image_score": float(score.max()),
+                "anomalous_fraction": float(seg.float().mean()),
+                "density_threshold": self.density_threshold,
+            }
+        return d
+
+
 class SaveOverlays:
     """Handler: one PNG per image with the image, its score map, the segmentation and (if known) the true mask.
 
@@ -104,7 +140,7 @@ class SaveOverlays:
         for item in engine.state.output:
             path = os.path.join(self.output_dir, relative_stem(_filename(item), self.root) + "_overlay.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_overlay(path, item["image"], item["pred"], self.density_threshold, item.get("label"), self.dpi)
+            save_overlay(path, item["image"], item["score"], self.density_threshold, item.get("label"), self.dpi)
 
 
 def _view(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -221,7 +257,7 @@ class AnomalyMetrics:
         for entry, item in zip(batches, engine.state.output):
             if item.get("label") is None:
                 raise DataError(f"{_filename(item)}: evaluation needs a label for every image")
-            score = item["pred"][0].detach().cpu().float().numpy()
+            score = item["score"][0].detach().cpu().float().numpy()
             label = item["label"][0].detach().cpu().numpy() > 0
             category = entry.get("category")
             self.scores.append(score)

@@ -188,6 +188,11 @@ class MaskedTransformer(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        self.settings = dict(  # what a checkpoint records to rebuild this network (scripts/checkpoint.py)
+            num_tokens=num_tokens, max_seq_len=max_seq_len, embed_dim=embed_dim, num_layers=num_layers,
+            num_heads=num_heads, attn_dropout=attn_dropout, resid_dropout=resid_dropout, embed_dropout=embed_dropout,
+            use_mask_token=use_mask_token, bias=bias,
+        )  # fmt: skip
         if num_tokens < 2:
             raise ValueError(f"num_tokens must be codebook size + 1 >= 2, got {num_tokens}.")
         self.num_tokens = num_tokens

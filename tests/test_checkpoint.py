@@ -1,0 +1,97 @@
+"""scripts/checkpoint.py: a detector checkpoint records its settings, inference.yaml rebuilds the detector from them,
+and every way a checkpoint can be unusable ends in one message naming the file and the cause."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from scripts.checkpoint import CheckpointError, TrainedSettings, detector_record, load_detector, save_detector
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {
+    "vqvae_def#channels": [8, 8],
+    "vqvae_def#num_res_channels": [8, 8],
+    "vqvae_def#num_res_layers": 1,
+    "vqvae_def#num_embeddings": 16,
+    "vqvae_def#embedding_dim": 4,
+    "transformer_def#embed_dim": 16,
+    "transformer_def#num_layers": 1,
+    "transformer_def#num_heads": 2,
+    "num_samples": 3,
+    "image_size": [32, 32],
+}
+
+
+def parsed(files: list[str], **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, "configs", f) for f in files])
+    parser.update({"bundle_root": ROOT, **overrides})
+    return parser
+
+
+@pytest.fixture
+def trained(tmp_path) -> str:
+    parser = parsed(["train.yaml"], **TINY)
+    detector = parser.get_parsed_content("network_def")
+    path = str(tmp_path / "model.pt")
+    save_detector(detector, detector_record(detector, parser.get_parsed_content("detector_settings")), path)
+    return path
+
+
+def test_inference_config_alone_rebuilds_the_trained_detector(trained: str) -> None:
+    parser = parsed(["inference.yaml"], checkpoint=trained)
+    assert parser.get_parsed_content("image_size") == [32, 32]
+    assert parser.get_parsed_content("num_samples") == 3  # inference choices are adopted too, unless overridden
+    detector = parser.get_parsed_content("network_def")
+    record = load_detector(detector, trained, parser.get_parsed_content("detector_settings"))
+    assert record["vqvae_def#channels"] == [8, 8]
+    assert parsed(["inference.yaml"], checkpoint=trained, num_samples=7).get_parsed_content("num_samples") == 7
+
+
+def test_a_contradicting_preset_names_the_settings(trained: str) -> None:
+    parser = parsed(["inference.yaml", "demo.yaml"], checkpoint=trained)
+    detector = parser.get_parsed_content("network_def")
+    with pytest.raises(CheckpointError) as err:
+        load_detector(detector, trained, parser.get_parsed_content("detector_settings"))
+    message = str(err.value)
+    assert trained in message and "vqvae_def#channels: trained with [8, 8], this config has [32, 64]" in message
+    assert "spatial_dims" not in message and "num_samples" not in message  # the same; an inference choice
+
+
+def test_data_settings_are_checked_too(trained: str) -> None:
+    parser = parsed(["inference.yaml"], checkpoint=trained, intensity_max=1.0)
+    detector = parser.get_parsed_content("network_def")
+    with pytest.raises(CheckpointError, match="intensity_max: trained with 255.0, this config has 1.0"):
+        load_detector(detector, trained, parser.get_parsed_content("detector_settings"))
+
+
+@pytest.mark.parametrize(
+    "content, cause",
+    [(b"", "is empty"), (os.urandom(256), "not a readable PyTorch weights file"), (None, "checkpoint not found")],
+)
+def test_unusable_files_are_named_with_their_cause(tmp_path, content: bytes | None, cause: str) -> None:
+    path = str(tmp_path / "model.pt")
+    if content is not None:
+        with open(path, "wb") as f:
+            f.write(content)
+    detector = parsed(["inference.yaml"], checkpoint=path, **TINY).get_parsed_content("network_def")
+    assert TrainedSettings(path).record == {}  # the config still parses; the loader names the problem
+    with pytest.raises(CheckpointError, match=cause) as err:
+        load_detector(detector, path)
+    assert path in str(err.value)
+
+
+def test_weights_of_another_shape_without_a_record(tmp_path) -> None:
+    """Older checkpoints (a bare state dict) load as before; a wrong one gives a short message, not 100 lines."""
+    small = parsed(["inference.yaml"], **TINY).get_parsed_content("network_def")
+    path = str(tmp_path / "old.pt")
+    torch.save(small.state_dict(), path)
+    load_detector(parsed(["inference.yaml"], checkpoint=path, **TINY).get_parsed_content("network_def"), path)
+    other = parsed(["inference.yaml"], checkpoint=path, **{**TINY, "vqvae_def#embedding_dim": 8})
+    with pytest.raises(CheckpointError, match="do not fit") as err:
+        load_detector(other.get_parsed_content("network_def"), path)
+    assert len(str(err.value).splitlines()) < 10
