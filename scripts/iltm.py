@@ -26,7 +26,7 @@ from monai.data import DataLoader, Dataset
 from torch import nn
 from tqdm import tqdm
 
-from scripts import iltm_checks, metrics
+from scripts import iltm_checks, metrics, tracking
 from scripts.checkpoint import detector_record, save_detector
 from scripts.detector import AnomalyDetector, check_density_threshold, segment
 from scripts.healing import LatentSequencer, token_log_likelihood
@@ -76,6 +76,7 @@ class ILTMWorkflow:
     Args:
         output_dir: where every iteration's checkpoint, masks and counts go (`iltm/iter_KK/`).
         detector: the whole detector (`network_def`) around the trained VQ-VAE and the Transformer to train.
+        tracking: MLflow settings (scripts/tracking.py) when `--tracking mlflow` is on: the ILTM table is logged.
         detector_settings: the data settings every detector checkpoint records beside the networks' own
             (`scripts.checkpoint.detector_record`); None records the networks' only.
         stage: trains one Transformer (hyperparameters from the config).
@@ -124,7 +125,9 @@ class ILTMWorkflow:
         export: str | None = None,
         initial_masks: str | None = None,
         detector_settings: Mapping[str, Any] | None = None,
+        tracking: Mapping[str, str] | None = None,
     ) -> None:
+        self.tracking = tracking
         self.output_dir, self.detector, self.stage = output_dir, detector, stage
         self.detector_settings = dict(detector_settings or {})
         self.train_files, self.val_files, self.transform = list(train_files), list(val_files), transform
@@ -185,7 +188,11 @@ class ILTMWorkflow:
             final = k
         self._export(final)
         checks = self._checks(state, final, truth, val_seq)
-        return write_report(self.output_dir, state, final, self.train_files, self.transform, truth, self.grid, checks)
+        report = write_report(self.output_dir, state, final, self.train_files, self.transform, truth, self.grid, checks)
+        params = {"final_iteration": final, "thresholds": ", ".join(f"{t:.3g}" for t in self.thresholds[:final]),
+                  "downsample_rule": self.downsample_rule, "training_images": len(self.train_files)}  # fmt: skip
+        tracking.log_table(self.tracking, os.path.join(self.output_dir, "iltm"), params)
+        return report
 
     def _masks(self, state: RunState, k: int, truth: torch.Tensor | None) -> torch.Tensor:
         """Token masks for iteration k from Transformer k-1 (computed once; loaded when the step is complete).

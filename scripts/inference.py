@@ -295,6 +295,10 @@ class AnomalyMetrics:
             writer.writeheader()
             writer.writerows(self.rows)
         shown = {k: v for k, v in results.items() if k != "per_category"}
+        # scalars as engine metrics too: MONAI's handlers (e.g. MLFlowHandler under `--tracking mlflow`) log those
+        engine.state.metrics.update(
+            {k: v for k, v in shown.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        )
         logger.info(
             "evaluation: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
         )

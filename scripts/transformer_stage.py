@@ -8,6 +8,7 @@ still come from the config (`transformer` section of configs/train.yaml).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 from ignite.engine import Events
@@ -17,6 +18,7 @@ from monai.handlers import StatsHandler, TensorBoardStatsHandler, ValidationHand
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from scripts import tracking
 from scripts.healing import token_log_likelihood
 from scripts.stages import train_stage
 from scripts.transformer import sequence_loss
@@ -79,6 +81,7 @@ class TransformerStage:
         epochs, batch_size, lr, weight_decay: AdamW training settings.
         val_interval: epochs between validations (the last epoch is always validated).
         device, amp: where to train; AMP only on CUDA.
+        tracking: MLflow settings (scripts/tracking.py) when `--tracking mlflow` is on: one run per call.
     """
 
     def __init__(
@@ -91,7 +94,9 @@ class TransformerStage:
         device: str | torch.device = "cpu",
         amp: bool = False,
         seed: int = 0,
+        tracking: Mapping[str, str] | None = None,
     ) -> None:
+        self.tracking = tracking
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
         self.val_interval, self.device, self.amp, self.seed = val_interval, torch.device(device), amp, seed
 
@@ -144,4 +149,12 @@ class TransformerStage:
         ProgressBar(persist=False, desc=step).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
         if self.epochs % self.val_interval:
             trainer.add_event_handler(Events.COMPLETED, lambda _: evaluator.run())
-        return train_stage(step, trainer, os.path.join(folder, "transformer.pt"), output_dir, evaluator, self.seed)
+        tracked = tracking.engine_handlers(self.tracking, step, lambda _: trainer.state.epoch)
+        if tracked:
+            tracked[0].attach(trainer)
+            tracked[1].attach(evaluator)
+        try:
+            return train_stage(step, trainer, os.path.join(folder, "transformer.pt"), output_dir, evaluator, self.seed)
+        finally:
+            for handler in tracked or ():
+                handler.close()

@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
-from monai.bundle import ConfigParser, run
+import yaml
+from monai.bundle import ConfigParser, run, verify_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -30,6 +32,24 @@ def test_metadata_validates_against_the_bundle_schema():
     assert metadata["version"] in metadata["changelog"]
     for word in ("detection", "deepedit", "deepgrow", "classification"):  # MONAI Label routes such names elsewhere
         assert word not in metadata["name"].lower()
+
+
+def test_model_zoo_min_verification(tmp_path):
+    """What the Model Zoo's CI checks in `min` mode: the files a bundle must have, the version in the changelog, and
+    MONAI's `verify_metadata` against the schema (read from ../shared, never downloaded)."""
+    for path in ("configs/metadata.json", "LICENSE", "docs/README.md", "large_files.yml"):
+        assert os.path.isfile(os.path.join(ROOT, path)), path
+    assert any(os.path.isfile(os.path.join(CONFIGS, f"inference.{ext}")) for ext in ("json", "yaml", "yml"))
+    with open(os.path.join(ROOT, "large_files.yml")) as f:  # weights are trained, not shipped: described here
+        assert "models/model.pt" in [entry["path"] for entry in yaml.safe_load(f)["large_files"]]
+    with open(os.path.join(CONFIGS, "metadata.json")) as f:
+        metadata = json.load(f)
+    assert metadata["version"] in metadata["changelog"]
+    if not os.path.isfile(SCHEMA):
+        pytest.skip("../shared/schemas/meta_schema_20240725.json is not present beside the checkout")
+    schema = tmp_path / "schema.json"
+    shutil.copyfile(SCHEMA, schema)
+    verify_metadata(meta_file=os.path.join(CONFIGS, "metadata.json"), filepath=str(schema))
 
 
 TINY_2D = {

@@ -71,7 +71,12 @@ def test_data_settings_are_checked_too(trained: str) -> None:
 
 @pytest.mark.parametrize(
     "content, cause",
-    [(b"", "is empty"), (os.urandom(256), "not a readable PyTorch weights file"), (None, "checkpoint not found")],
+    [
+        (b"", "is empty"),
+        (bytes(range(256)) * 4, "not a readable PyTorch weights file"),
+        (b"PK\x03\x04" + bytes(100), "not a readable"),
+        (None, "checkpoint not found"),
+    ],
 )
 def test_unusable_files_are_named_with_their_cause(tmp_path, content: bytes | None, cause: str) -> None:
     path = str(tmp_path / "model.pt")
