@@ -8,22 +8,12 @@ import os
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from tiny import TINY_DETECTOR
 
 from scripts.checkpoint import CheckpointError, TrainedSettings, detector_record, load_detector, save_detector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "vqvae_def#channels": [8, 8],
-    "vqvae_def#num_res_channels": [8, 8],
-    "vqvae_def#num_res_layers": 1,
-    "vqvae_def#num_embeddings": 16,
-    "vqvae_def#embedding_dim": 4,
-    "transformer_def#embed_dim": 16,
-    "transformer_def#num_layers": 1,
-    "transformer_def#num_heads": 2,
-    "num_samples": 3,
-    "image_size": [32, 32],
-}
+TINY = {**TINY_DETECTOR, "num_samples": 3}
 
 
 def parsed(files: list[str], **overrides) -> ConfigParser:

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from tiny import TINY_DETECTOR
 
 from scripts import experiments
 from scripts.synthetic import make_2d, make_3d
@@ -20,22 +21,7 @@ from scripts.synthetic import make_2d, make_3d
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 run_slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="slow (minutes on CPU); set RUN_SLOW=1")
 
-TINY = {
-    "synthetic#n_val": 2,
-    "vqvae#epochs": 1,
-    "transformer#epochs": 1,
-    "iltm_max_iterations": 1,
-    "vqvae_def#channels": [8, 8],
-    "vqvae_def#num_res_channels": [8, 8],
-    "vqvae_def#num_embeddings": 16,
-    "vqvae_def#embedding_dim": 4,
-    "transformer_def#embed_dim": 16,
-    "transformer_def#num_layers": 1,
-    "transformer_def#num_heads": 2,
-    "num_samples": 2,
-    "num_decodes": 2,
-    "image_size": [32, 32],
-}
+TINY = {"synthetic#n_val": 2, "vqvae#epochs": 1, "transformer#epochs": 1, "iltm_max_iterations": 1, **TINY_DETECTOR}
 
 
 def _test_split(folder: str) -> dict[str, bytes]:

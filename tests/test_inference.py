@@ -22,6 +22,7 @@ from monai.bundle import ConfigParser
 from monai.bundle import run as bundle_run
 from monai.bundle import verify_net_in_out
 from PIL import Image
+from tiny import TINY_DETECTOR
 
 from scripts import metrics
 from scripts.checkpoint import detector_record, save_detector
@@ -35,20 +36,7 @@ EVALUATE = os.path.join(CONFIGS, "evaluate.yaml")
 PRESETS = ("demo", "demo3d", "mvtec", "autopet")
 run_slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="slow (minutes on CPU); set RUN_SLOW=1")
 
-# a detector small enough to run in well under a second per image
-TINY = {
-    "vqvae_def#channels": [8, 8],
-    "vqvae_def#num_res_channels": [8, 8],
-    "vqvae_def#num_res_layers": 1,
-    "vqvae_def#num_embeddings": 16,
-    "vqvae_def#embedding_dim": 4,
-    "transformer_def#embed_dim": 16,
-    "transformer_def#num_layers": 1,
-    "transformer_def#num_heads": 2,
-    "num_samples": 2,
-    "num_decodes": 2,
-    "image_size": [32, 32],
-}
+TINY = TINY_DETECTOR
 # ids training and inference must define identically (the detector and everything its input depends on): raw, and
 # those inference.yaml reads through `@trained` (a checkpoint's record, see scripts/checkpoint.py) by their values
 SHARED = (

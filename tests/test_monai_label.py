@@ -25,25 +25,14 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged, Resize, SaveImaged
 from PIL import Image
+from tiny import TINY_DETECTOR
 
 from scripts.checkpoint import detector_record, save_detector
 from scripts.synthetic import make_2d, make_3d
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type")  # ITK's SWIG types, on import
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_2D = {
-    "vqvae_def#channels": [8, 8],
-    "vqvae_def#num_res_channels": [8, 8],
-    "vqvae_def#num_res_layers": 1,
-    "vqvae_def#num_embeddings": 16,
-    "vqvae_def#embedding_dim": 4,
-    "transformer_def#embed_dim": 16,
-    "transformer_def#num_layers": 1,
-    "transformer_def#num_heads": 2,
-    "num_samples": 2,
-    "num_decodes": 2,
-    "image_size": [32, 32],
-}
+TINY_2D = TINY_DETECTOR
 TINY_3D = {
     **TINY_2D,
     "spatial_dims": 3,
