@@ -1,0 +1,95 @@
+"""What the bundle's command line can get wrong silently, caught before any work.
+
+MONAI's ``python -m monai.bundle run ... --key value`` sets ``key`` whether or not the configs define it, so a
+misspelled override (``--vqvae#epoch 2``) is added as a new id nobody reads and the run goes on with the default.
+:func:`check_overrides` (called by each config's ``initialize``) compares the command line's ids with the ids of the
+config files it names and stops on one that matches none, suggesting the closest ids. ``--allow_new_ids True``
+accepts new ids on purpose. Calls from Python (``monai.bundle.run(...)``, MONAI Label) are not checked: their
+arguments are not on the command line.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from monai.bundle import ConfigParser
+
+# the arguments of `monai.bundle run` and of its workflow, which are not config ids
+RUN_ARGUMENTS = {
+    "run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+    "workflow_type", "workflow_name", "properties_path",
+}  # fmt: skip
+
+
+class UnknownSetting(ValueError):
+    """A command-line override that matches no id of the configs."""
+
+
+def _ids(config: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(config, dict):
+        items = config.items()
+    elif isinstance(config, list):
+        items = ((str(i), v) for i, v in enumerate(config))
+    else:
+        return
+    for key, value in items:
+        yield f"{prefix}{key}"
+        yield from _ids(value, f"{prefix}{key}#")
+
+
+def command_line_ids(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(config files, override ids) of a `python -m monai.bundle run ...` command line (fire's `--key value`)."""
+    files: list[str] = []
+    keys: list[str] = []
+    for i, token in enumerate(argv):
+        if not token.startswith("--") or token == "--":
+            continue
+        key, _, inline = token[2:].partition("=")
+        if key == "config_file":
+            value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                parsed = value
+            files = [parsed] if isinstance(parsed, str) else list(parsed)
+        elif key not in RUN_ARGUMENTS:
+            keys.append(key)
+    return files, keys
+
+
+def unknown_ids(config_files: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """One message per key that no id of the merged `config_files` matches, with the closest ids."""
+    parser = ConfigParser(ConfigParser.load_config_files(list(config_files)))
+    known = sorted(set(_ids(parser.get())))
+    messages = []
+    for key in keys:
+        if key.replace("::", "#") in parser or key.lstrip("+") in parser:
+            continue
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        messages.append(f"--{key}: no such setting in {', '.join(config_files)}{hint}")
+    return messages
+
+
+def check_overrides(allow_new_ids: bool = False, argv: Sequence[str] | None = None) -> None:
+    """Stops a `python -m monai.bundle` command whose overrides name ids the configs do not define."""
+    if allow_new_ids is True:
+        return
+    if argv is None:
+        if not sys.argv or not sys.argv[0].endswith(os.path.join("monai", "bundle", "__main__.py")):
+            return  # called from Python: not a command line
+        argv = sys.argv[1:]
+    files, keys = command_line_ids(argv)
+    if not files or not keys:
+        return
+    messages = unknown_ids(files, keys)
+    if messages:
+        raise UnknownSetting(
+            "\n".join(messages) + "\nMONAI would add these as new ids that nothing reads; the run would use the "
+            "defaults. Fix the names, or pass --allow_new_ids True to add new ids on purpose."
+        )

@@ -1,0 +1,202 @@
+"""One run per output folder: what a run started with is recorded, a rerun with other data or settings stops before
+any work, and two processes never train into one folder at once.
+
+``<output_dir>/run.json`` holds the settings that determine the results (the config's ``run_settings``), the
+training and validation files with their sizes and modification times, and the bundle version. A rerun into the
+folder compares them first: the same run resumes; another one stops with what differs and the three ways on (a new
+``--output_dir``, ``--resume True`` to keep the completed steps as they are, ``--overwrite True`` to move the old
+run aside). ``<output_dir>/run.lock`` names the process that trains into the folder; a lock left by a killed run
+(its process is gone) is replaced with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from scripts.checkpoint import flatten
+
+logger = logging.getLogger(__name__)
+
+# settings that only decide how far a run goes: changing them extends a run, it does not make its steps wrong
+EXTENDABLE = ("iltm#max_iterations", "iltm#min_iterations", "iltm#stop_tolerance")
+SHOWN = 8  # differing files listed by name
+
+
+class RunConflict(RuntimeError):
+    """A rerun whose data or settings differ from the run already in the output folder, or a concurrent run."""
+
+
+def file_table(entries: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """{path: [size, mtime]} of every image and label of `entries`: cheap, and changes when a file is rewritten."""
+    table = {}
+    for entry in entries:
+        for key in ("image", "label"):
+            path = entry.get(key)
+            if isinstance(path, str) and os.path.isfile(path):
+                info = os.stat(path)
+                table[os.path.abspath(path)] = [info.st_size, int(info.st_mtime)]
+    return table
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    lines = []
+    settings_old, settings_new = old.get("settings", {}), new.get("settings", {})
+    for key in sorted(set(settings_old) | set(settings_new)):
+        if key.startswith(EXTENDABLE):
+            continue
+        before, now = settings_old.get(key, "<unset>"), settings_new.get(key, "<unset>")
+        if before != now:
+            lines.append(f"{key}: {before!r} in the run, {now!r} now")
+    for section in ("training", "validation"):
+        before, now = old.get(section, {}), new.get(section, {})
+        added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+        changed = sorted(p for p in set(now) & set(before) if now[p] != before[p])
+        for label, paths in (("new", added), ("missing", removed), ("changed since", changed)):
+            if paths:
+                names = ", ".join(paths[:SHOWN]) + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
+                lines.append(f"{section} files {label} the run ({len(paths)}): {names}")
+    return lines
+
+
+class RunGuard:
+    """Checks, records and locks the output folder before a training does any work (`start`), unlocks it (`finish`).
+
+    Args:
+        output_dir: the run's folder.
+        settings: what determines the results (nested dicts of plain values; flattened to config ids).
+        train_files, val_files: the entries both stages train and validate on.
+        version: the bundle's version, recorded (a new version alone does not stop a rerun); None: metadata.json's.
+        resume: continue even when the settings or data differ, keeping the completed steps as they are.
+        overwrite: move an existing run aside (to ``<output_dir>.replaced-<time>``) and start afresh; nothing is deleted.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        settings: Mapping[str, Any],
+        train_files: Sequence[Mapping[str, Any]],
+        val_files: Sequence[Mapping[str, Any]],
+        version: str | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        for name, flag in (("resume", resume), ("overwrite", overwrite)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False (capitalised on the command line), got {flag!r}")
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: choose one")
+        self.output_dir, self.resume, self.overwrite = output_dir, resume, overwrite
+        self.record = {
+            "settings": flatten(settings),
+            "training": file_table(train_files),
+            "validation": file_table(val_files),
+            "version": _bundle_version() if version is None else version,
+        }
+        self.path = os.path.join(output_dir, "run.json")
+        self.lock = os.path.join(output_dir, "run.lock")
+        self.started = False
+
+    def start(self) -> None:
+        if self.started:  # `training` runs `train_vqvae` and `train_iltm`, each of which starts the guard
+            return
+        if self.overwrite and os.path.isdir(self.output_dir) and os.listdir(self.output_dir):
+            self._acquire()  # nobody else may be writing into what is moved
+            os.remove(self.lock)
+            aside = f"{self.output_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(self.output_dir, aside)
+            logger.warning(f"{self.output_dir}: the previous run was moved to {aside} (--overwrite True)")
+        os.makedirs(self.output_dir, exist_ok=True)
+        self._acquire()
+        self._compare()
+        self.started = True
+
+    def finish(self) -> None:
+        """Releases the lock (a crash leaves it behind; the next run sees that its process is gone)."""
+        if os.path.isfile(self.lock) and self._holder().get("pid") == os.getpid():
+            os.remove(self.lock)
+        self.started = False
+
+    def _compare(self) -> None:
+        has_steps = os.path.isfile(os.path.join(self.output_dir, "state.json"))
+        if os.path.isfile(self.path):
+            try:
+                with open(self.path) as f:
+                    old = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RunConflict(
+                    f"{self.path}: unreadable ({e.__class__.__name__}: {e}); it records what the run in "
+                    f"{self.output_dir} was started with. Use a new --output_dir, or --overwrite True to move that "
+                    "run aside."
+                ) from None
+            differ = _differences(old, self.record)
+            if differ and not self.resume:
+                self.finish()
+                raise RunConflict(
+                    f"{self.output_dir} holds a run started with other data or settings:\n  "
+                    + "\n  ".join(differ)
+                    + "\nUse a new --output_dir for a new run; --resume True to continue this one with its completed "
+                    "steps as they are; or --overwrite True to move it aside and start afresh."
+                )
+            if differ:
+                logger.warning(f"{self.output_dir}: resuming despite {len(differ)} differences (--resume True)")
+                return  # the record keeps what the completed steps were made with
+        elif has_steps:
+            logger.warning(f"{self.output_dir}: a run without {os.path.basename(self.path)}; recording this one's")
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.record, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def _holder(self) -> dict:
+        try:
+            with open(self.lock) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+
+    def _acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        while True:
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
+                    return  # this process already holds it (an earlier call in the same process)
+                if holder.get("host") == me["host"] and _alive(holder.get("pid")):
+                    raise RunConflict(
+                        f"{self.output_dir} is in use: process {holder['pid']} has trained into it since "
+                        f"{holder.get('started', '?')} ({self.lock}). Wait for it, or use another --output_dir."
+                    ) from None
+                logger.warning(f"{self.lock}: left by a run that is gone ({holder or 'unreadable'}); replacing it")
+                os.remove(self.lock)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return
+
+
+def _bundle_version() -> str:
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "metadata.json")) as f:
+            return str(json.load(f).get("version", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -1,0 +1,45 @@
+"""scripts/cli.py and the bundle command line: a misspelled override stops the run before any work and names the
+closest ids; the last line of a failure is its cause."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scripts.cli import UnknownSetting, check_overrides, command_line_ids, unknown_ids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN, DEMO, INFERENCE = (os.path.join(ROOT, "configs", f) for f in ("train.yaml", "demo.yaml", "inference.yaml"))
+
+
+def test_command_line_ids() -> None:
+    argv = ["run", "training", "--config_file", f"['{TRAIN}','{DEMO}']", "--vqvae#epochs", "2", "--seed=3",
+            "--tracking", "mlflow", "--meta_file", "m.json"]  # fmt: skip
+    assert command_line_ids(argv) == ([TRAIN, DEMO], ["vqvae#epochs", "seed"])
+    assert command_line_ids(["run", "--config_file", TRAIN]) == ([TRAIN], [])
+
+
+def test_unknown_ids_get_the_closest_suggestions() -> None:
+    assert unknown_ids([TRAIN, DEMO], ["vqvae#epochs", "iltm#mask_num_samples", "synthetic#n_train"]) == []
+    (message,) = unknown_ids([TRAIN, DEMO], ["vqvae#epoch"])
+    assert message.startswith("--vqvae#epoch: no such setting") and "did you mean vqvae#epochs" in message
+    (message,) = unknown_ids([INFERENCE], ["num_sample"])
+    assert "num_samples" in message
+    with pytest.raises(UnknownSetting, match="--allow_new_ids True"):
+        check_overrides(False, ["run", "--config_file", TRAIN, "--vqvae#epoch", "2"])
+    check_overrides(True, ["run", "--config_file", TRAIN, "--my_new_id", "2"])
+
+
+def test_the_command_line_stops_before_any_work_and_ends_with_the_cause(tmp_path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN}','{DEMO}']",
+           "--output_dir", str(out), "--dataset_dir", str(tmp_path / "no_data"), "--vqvae#epoch", "2"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Cause: UnknownSetting:") or "did you mean vqvae#epochs" in result.stderr
+    assert "did you mean vqvae#epochs" in result.stderr
+    assert not out.exists() and not (tmp_path / "no_data").exists()  # nothing was generated or trained

@@ -1,0 +1,126 @@
+"""scripts/runs.py: a rerun into an output folder with other data or settings stops before any work, says what
+differs and how to go on; a second process is kept out; a lock left by a killed run is replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from monai.bundle import run
+
+from scripts.runs import RunConflict, RunGuard
+from scripts.synthetic import make_2d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VQVAE_ONLY = {
+    "image_size": [32, 32], "vqvae_def#channels": [8, 8], "vqvae_def#num_res_channels": [8, 8],
+    "vqvae_def#num_embeddings": 16, "vqvae_def#embedding_dim": 4, "vqvae#epochs": 1, "vqvae#val_interval": 1,
+    "vqvae#batch_size": 4, "transformer_def#embed_dim": 16, "transformer_def#num_layers": 1,
+    "transformer_def#num_heads": 2,
+}  # fmt: skip
+
+
+@pytest.fixture
+def data(tmp_path) -> str:
+    out = str(tmp_path / "data")
+    make_2d(out, n_train=4, n_val=2, n_test=1, image_size=32, preview=False)
+    return out
+
+
+def entries(data: str, section: str) -> list[dict]:
+    with open(os.path.join(data, "datalist.json")) as f:
+        return [
+            {k: os.path.join(data, v) for k, v in e.items() if k in ("image", "label")} for e in json.load(f)[section]
+        ]
+
+
+def guard(out: str, data: str, **kwargs) -> RunGuard:
+    settings = {"vqvae": {"epochs": kwargs.pop("epochs", 100)}, "seed": 0}
+    return RunGuard(out, settings, entries(data, "training"), entries(data, "validation"), **kwargs)
+
+
+def cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def test_a_changed_setting_stops_the_bundle_command_before_any_work(tmp_path, data, single_thread) -> None:
+    out = str(tmp_path / "run")
+    common = dict(config_file=os.path.join(ROOT, "configs", "train.yaml"), bundle_root=ROOT, output_dir=out,
+                  dataset_dir=data, datalist=os.path.join(data, "datalist.json"), **VQVAE_ONLY)  # fmt: skip
+    run("train_vqvae", **common)
+    before = sorted(os.listdir(os.path.join(out, "vqvae")))
+    with pytest.raises(Exception) as err:
+        run("train_vqvae", **{**common, "vqvae#epochs": 2})
+    message = str(cause(err.value))
+    assert isinstance(cause(err.value), RunConflict)
+    assert "vqvae#epochs: 1 in the run, 2 now" in message and "--output_dir" in message and "--resume True" in message
+    assert sorted(os.listdir(os.path.join(out, "vqvae"))) == before and not os.path.exists(
+        os.path.join(out, "run.lock")
+    )
+    run("train_vqvae", **common)  # the same command resumes: nothing to do
+
+
+def test_changed_data_are_named(tmp_path, data) -> None:
+    out = str(tmp_path / "run")
+    guard(out, data).start()
+    image = entries(data, "training")[0]["image"]
+    with open(image, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(RunConflict, match=r"training files changed since the run \(1\): .*train_0000"):
+        guard(out, data).start()
+
+
+def test_resume_keeps_the_record_and_overwrite_moves_the_run_aside(tmp_path, data) -> None:
+    out = str(tmp_path / "run")
+    first = guard(out, data)
+    first.start()
+    first.finish()
+    with open(os.path.join(out, "state.json"), "w") as f:
+        json.dump({"vqvae": {}}, f)
+    guard(out, data, epochs=5, resume=True).start()
+    with open(os.path.join(out, "run.json")) as f:
+        assert json.load(f)["settings"]["vqvae#epochs"] == 100  # what the completed steps were made with
+    guard(out, data, epochs=5, overwrite=True).start()
+    aside = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
+    assert len(aside) == 1 and os.path.isfile(tmp_path / aside[0] / "state.json")
+    with open(os.path.join(out, "run.json")) as f:
+        assert json.load(f)["settings"]["vqvae#epochs"] == 5
+    with pytest.raises(ValueError, match="exclude each other"):
+        guard(out, data, resume=True, overwrite=True)
+    with pytest.raises(TypeError, match="True or False"):
+        guard(out, data, resume="false")
+
+
+def test_a_second_process_is_kept_out_and_a_stale_lock_replaced(tmp_path, data) -> None:
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    lock = os.path.join(out, "run.lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(lock, "w") as f:
+            json.dump({"pid": holder.pid, "host": os.uname().nodename, "started": "earlier"}, f)
+        with pytest.raises(RunConflict, match=f"in use: process {holder.pid}"):
+            guard(out, data).start()
+    finally:
+        holder.kill()
+        holder.wait()
+    g = guard(out, data)  # the holder is gone: its lock is stale
+    g.start()
+    with open(lock) as f:
+        assert json.load(f)["pid"] == os.getpid()
+    g.finish()
+    assert not os.path.exists(lock)
+
+
+def test_an_unreadable_record_is_named(tmp_path, data) -> None:
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    with open(os.path.join(out, "run.json"), "w") as f:
+        f.write('{"settings": ')
+    with pytest.raises(RunConflict, match="run.json: unreadable"):
+        guard(out, data).start()
