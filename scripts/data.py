@@ -44,7 +44,11 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
         raise DataError(f"{datalist}: not a valid JSON datalist ({e})") from e
     if not isinstance(sections, dict) or not sections.get(section):
         raise DataError(f"{datalist}: section {section!r} is missing or empty")
-    entries = [_resolve(entry, dataset_dir) for entry in sections[section]]
+    base = dataset_dir
+    if os.path.isfile(os.path.join(dataset_dir, "params.json")) and not _inside(datalist, dataset_dir):
+        # a generated synthetic set's folder (the default dataset_dir) is never the base of a datalist kept elsewhere
+        base = os.path.dirname(os.path.abspath(datalist))
+    entries = [_resolve(entry, base) for entry in sections[section]]
     for i, entry in enumerate(entries):
         if "image" not in entry:
             raise DataError(f"{datalist}: entry {i} of {section!r} has no 'image'")
@@ -59,6 +63,10 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
     return entries
 
 
+def _inside(path: str, folder: str) -> bool:
+    return os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep)
+
+
 def _resolve(entry: dict, dataset_dir: str, path_keys: Sequence[str] = PATH_KEYS) -> dict:
     """Joins only path fields with `dataset_dir`; MONAI's `load_decathlon_datalist` would also turn any other string
     that happens to name an existing file or folder (e.g. a category "bottle") into a path."""
@@ -70,9 +78,41 @@ def _resolve(entry: dict, dataset_dir: str, path_keys: Sequence[str] = PATH_KEYS
 class CheckImaged(MapTransform):
     """Validates freshly loaded, channel-first images (and their labels) against what the bundle is configured for."""
 
-    def __init__(self, keys: KeysCollection, spatial_dims: int, channels: int, label_key: str = "label") -> None:
+    CLIPPED_MAX = 0.05  # an image with more of its voxels outside the intensity range is on another scale: error
+    NARROW = 0.02  # an image spanning less of the range is probably on another scale: warning
+    warned = 0
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int,
+        channels: int,
+        label_key: str = "label",
+        intensity_range: Sequence[float] | None = None,
+    ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.spatial_dims, self.channels, self.label_key = spatial_dims, channels, label_key
+        self.intensity_range = intensity_range
+
+    def _check_scale(self, name: str, img: torch.Tensor) -> None:
+        """Inputs on another intensity scale (a 16-bit PNG, a [0, 1] float volume) give meaningless maps silently."""
+        low, high = (float(v) for v in self.intensity_range)
+        x = torch.as_tensor(img).float()
+        lo, hi, span = float(x.min()), float(x.max()), high - low
+        clipped = float(((x < low - 0.01 * span) | (x > high + 0.01 * span)).float().mean())
+        if clipped > self.CLIPPED_MAX:
+            raise DataError(
+                f"{name}: {clipped:.0%} of its intensities lie outside [{low:g}, {high:g}] (intensity_min, "
+                f"intensity_max), where the bundle clips them; the image spans {lo:g} to {hi:g}. Another bit depth or "
+                "scale? Set intensity_min and intensity_max to the range of your data."
+            )
+        if hi > lo and (hi - lo) < self.NARROW * span and CheckImaged.warned < 5:
+            CheckImaged.warned += 1
+            logger.warning(
+                f"{name}: spans {lo:g} to {hi:g}, {(hi - lo) / span:.1%} of [{low:g}, {high:g}] (intensity_min, "
+                "intensity_max): on another scale (e.g. floats in [0, 1] for 0-255)? Its map would be meaningless."
+                + (" Further such warnings are not shown." if CheckImaged.warned == 5 else "")
+            )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -94,6 +134,8 @@ class CheckImaged(MapTransform):
                     )
             if not torch.isfinite(torch.as_tensor(img)).all():
                 raise DataError(f"{name}: contains NaN or Inf values")
+            if key != self.label_key and self.intensity_range is not None:
+                self._check_scale(name, img)
         if self.label_key in d and self.keys[0] in d:
             image, label = d[self.keys[0]], d[self.label_key]
             if tuple(image.shape[1:]) != tuple(label.shape[1:]):

@@ -27,11 +27,11 @@ from torch import nn
 from tqdm import tqdm
 
 from scripts import iltm_checks, metrics, tracking
-from scripts.checkpoint import detector_record, save_detector
+from scripts.checkpoint import atomic_save, detector_record, save_detector
 from scripts.detector import AnomalyDetector, check_density_threshold, segment
 from scripts.healing import LatentSequencer, token_log_likelihood
 from scripts.iltm_report import write_report
-from scripts.stages import RunState, atomic_save
+from scripts.stages import RunState
 from scripts.tokens import cached_tokens, latent_shape, load_token_masks, save_token_masks
 from scripts.transformer_stage import TransformerStage
 

@@ -41,13 +41,64 @@ def input_files(
     `labels` as in :func:`scripts.data.load_datalist` ("require" for evaluation, "auto" for plain inference).
     """
     if not folder:
-        return load_datalist(datalist, dataset_dir, section, labels)
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: input folder not found")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
-    if not names:
-        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return [{"image": os.path.join(folder, n)} for n in names]
+        files = load_datalist(datalist, dataset_dir, section, labels)
+    else:
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder}: input folder not found")
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
+        if not names:
+            raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        files = [{"image": os.path.join(folder, n)} for n in names]
+    check_inputs(files, folder or dataset_dir)
+    return files
+
+
+def unreadable(path: str) -> str | None:
+    """Why `path` cannot be an input, from what is cheap to check before any work (None: nothing found)."""
+    if not os.path.isfile(path):
+        return "not found"
+    if os.path.getsize(path) == 0:
+        return "empty file"
+    lower = path.lower()
+    try:
+        if lower.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
+            from PIL import Image
+
+            with Image.open(path) as image:
+                image.verify()  # reads the file's structure and checksums, decodes no pixels
+        elif lower.endswith(".nii"):
+            import nibabel as nib
+
+            image = nib.load(path)
+            needed = int(image.dataobj.offset) + int(np.prod(image.shape)) * image.get_data_dtype().itemsize
+            if os.path.getsize(path) < needed:
+                return f"truncated NIfTI ({os.path.getsize(path)} of {needed} bytes)"
+        elif lower.endswith(".nii.gz"):
+            import nibabel as nib
+
+            nib.load(path)  # the header
+    except Exception as e:  # noqa: BLE001 - whatever the reader says is the cause
+        return f"cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
+def check_inputs(files: Sequence[dict], root: str | None) -> None:
+    """Every input readable and every output name its own, before any map is computed; all problems at once."""
+    problems = [f"{entry[key]}: {why}" for entry in files for key in ("image", "label")
+                if key in entry and (why := unreadable(str(entry[key])))]  # fmt: skip
+    names: dict[str, str] = {}
+    for entry in files:
+        name = relative_stem(str(entry["image"]), root)
+        if name in names:
+            problems.append(f"{entry['image']}: its maps would overwrite those of {names[name]} (both <{name}>_*)")
+        names.setdefault(name, str(entry["image"]))
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise DataError(
+            f"{len(problems)} of {len(files)} inputs cannot be processed; nothing was written:\n  "
+            + "\n  ".join(shown)
+            + "\nRemove or replace these files (rename one of each pair with the same name) and run again."
+        )
 
 
 def relative_stem(path: str, root: str | None) -> str:

@@ -23,8 +23,8 @@ from scripts.checkpoint import flatten
 
 logger = logging.getLogger(__name__)
 
-# settings that only decide how far a run goes: changing them extends a run, it does not make its steps wrong
-EXTENDABLE = ("iltm#max_iterations", "iltm#min_iterations", "iltm#stop_tolerance")
+# settings that only decide how far a run goes (or how fast): changing them does not make its completed steps wrong
+EXTENDABLE = ("iltm_max_iterations", "iltm#min_iterations", "iltm#stop_tolerance", "iltm#mask_batch_size")
 SHOWN = 8  # differing files listed by name
 
 
@@ -69,8 +69,9 @@ class RunGuard:
 
     Args:
         output_dir: the run's folder.
-        settings: what determines the results (nested dicts of plain values; flattened to config ids).
+        settings: what determines the results, keyed by config id (nested dicts of plain values).
         train_files, val_files: the entries both stages train and validate on.
+        networks: the networks' settings (:func:`scripts.checkpoint.detector_record`), recorded with `settings`.
         version: the bundle's version, recorded (a new version alone does not stop a rerun); None: metadata.json's.
         resume: continue even when the settings or data differ, keeping the completed steps as they are.
         overwrite: move an existing run aside (to ``<output_dir>.replaced-<time>``) and start afresh; nothing is deleted.
@@ -82,6 +83,7 @@ class RunGuard:
         settings: Mapping[str, Any],
         train_files: Sequence[Mapping[str, Any]],
         val_files: Sequence[Mapping[str, Any]],
+        networks: Mapping[str, Any] | None = None,
         version: str | None = None,
         resume: bool = False,
         overwrite: bool = False,
@@ -93,7 +95,7 @@ class RunGuard:
             raise ValueError("resume and overwrite exclude each other: choose one")
         self.output_dir, self.resume, self.overwrite = output_dir, resume, overwrite
         self.record = {
-            "settings": flatten(settings),
+            "settings": {**flatten(settings), **flatten(networks or {})},
             "training": file_table(train_files),
             "validation": file_table(val_files),
             "version": _bundle_version() if version is None else version,
@@ -111,8 +113,12 @@ class RunGuard:
             aside = f"{self.output_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             os.replace(self.output_dir, aside)
             logger.warning(f"{self.output_dir}: the previous run was moved to {aside} (--overwrite True)")
-        os.makedirs(self.output_dir, exist_ok=True)
-        self._acquire()
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+            self._acquire()
+        except PermissionError as e:
+            raise RunConflict(f"{self.output_dir}: cannot write into the output folder ({e}); use a writable "
+                              "--output_dir") from None  # fmt: skip
         self._compare()
         self.started = True
 

@@ -14,6 +14,8 @@ from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
+from scripts.checkpoint import CheckpointError, atomic_save, load_checkpoint, state_dict
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,12 +25,12 @@ def latest_checkpoint(folder: str, pattern: str = "checkpoint_*.pt") -> str | No
     return max(paths, key=os.path.getmtime) if paths else None
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """`torch.save` through a temporary file, so a kill never leaves a truncated file that looks finished."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _keep_only(folder: str, latest: str | None) -> None:
+    """Removes the resume checkpoints an earlier (killed) process left beside the one just written."""
+    if latest:
+        for path in glob.glob(os.path.join(folder, "checkpoint_*.pt")):
+            if os.path.basename(path) != os.path.basename(latest):
+                os.remove(path)
 
 
 class RunState:
@@ -45,8 +47,17 @@ class RunState:
     def steps(self) -> dict[str, dict]:
         if not os.path.isfile(self.path):
             return {}
-        with open(self.path) as f:
-            return json.load(f)
+        try:
+            with open(self.path) as f:
+                steps = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RuntimeError(
+                f"{self.path}: unreadable ({e.__class__.__name__}: {e}). It records which steps of this run are "
+                "complete; restore it from a backup, or start a new run with a new --output_dir (or --overwrite True)."
+            ) from None
+        if not isinstance(steps, dict):
+            raise RuntimeError(f"{self.path}: not a record of steps (a JSON object); use a new --output_dir")
+        return steps
 
     def done(self, step: str) -> bool:
         return step in self.steps
@@ -77,7 +88,7 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"{weights}: step {step!r} is complete in {state.path} but its weights are gone")
         logger.info(f"{step}: already complete, loading {weights}")
-        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        network.load_state_dict(state_dict(load_checkpoint(weights)))
         return network
     folder = os.path.dirname(weights)
     objects = {"model": network, "optimizer": trainer.optimizer, "trainer": trainer}
@@ -85,6 +96,10 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
         objects["scaler"] = trainer.scaler
     resume = latest_checkpoint(folder)
     if resume is not None:
+        try:
+            load_checkpoint(resume)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}\nDelete it to train step {step!r} from its first epoch.") from None
         logger.info(f"{step}: resuming from {resume}")
         CheckpointLoader(load_path=resume, load_dict=objects, map_location="cpu").attach(trainer)
     trainer.add_event_handler(
@@ -92,6 +107,7 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
     )
     saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=1)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_only(folder, saver.last_checkpoint))
     start = time.time()
     trainer.run()
     atomic_save(network.state_dict(), weights)

@@ -21,11 +21,13 @@ ensure_dataset).
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import os
 import shutil
 import tempfile
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -719,10 +721,15 @@ def ensure_dataset(dataset_dir: str, kind: str = "2d", **params: Any) -> str:
         raise FileExistsError(f"{dataset_dir}: folder exists without datalist.json; remove it or point elsewhere")
     parent = os.path.dirname(os.path.abspath(dataset_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dataset_dir))}.tmp-", dir=parent)
+    prefix = f".{os.path.basename(os.path.abspath(dataset_dir))}.tmp-"
+    for stale in glob.glob(os.path.join(parent, prefix + "*")):  # left by a generation killed over an hour ago
+        if time.time() - os.path.getmtime(stale) > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         makers[kind](tmp, **params)
         try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; a dataset folder is not private
             os.rename(tmp, dataset_dir)  # atomic; replaces an empty folder on POSIX
         except OSError:
             if not os.path.isfile(datalist):  # not a concurrent winner: a real failure
@@ -732,6 +739,12 @@ def ensure_dataset(dataset_dir: str, kind: str = "2d", **params: Any) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
     _check_params(dataset_dir, kind, params)
     return datalist
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _check_params(dataset_dir: str, kind: str, params: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from monai.data import DataLoader, Dataset
 from torch import nn
 from tqdm import tqdm
 
-from scripts.stages import atomic_save
+from scripts.checkpoint import atomic_save
 
 logger = logging.getLogger(__name__)
 

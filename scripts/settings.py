@@ -1,0 +1,119 @@
+"""The domain of every setting a user is likely to change, checked when a run starts, before any data or training.
+
+Without these checks a wrong value surfaces late and far from its cause: ``--num_samples abc`` as a ``TypeError``
+inside healing, ``--image_size "[0,0]"`` after the VQ-VAE has trained. The configs pass the values they use
+(``checked_settings``) to :func:`check_settings`, which reports every problem at once, each with its id.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from scripts.checkpoint import flatten
+
+
+def _int(low: int | None = None) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return "a whole number"
+        return f">= {low}" if low is not None and v < low else None
+
+    return check
+
+
+def _float(low: float | None = None, high: float | None = None, low_open=True, high_open=True):
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return "a finite number"
+        if low is not None and (v <= low if low_open else v < low):
+            return f"{'>' if low_open else '>='} {low}"
+        if high is not None and (v >= high if high_open else v > high):
+            return f"{'<' if high_open else '<='} {high}"
+        return None
+
+    return check
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "True or False (capitalised on the command line)"
+
+
+def _choice(*options: Any) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"one of {', '.join(map(repr, options))}"
+
+
+def _sizes(v: Any) -> str | None:
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, int) and not isinstance(s, bool) for s in v):
+        return "a list of whole numbers, e.g. [64, 64]"
+    return "positive sizes" if min(v) < 1 else None
+
+
+# id -> check; a check returns None or what the value must be
+DOMAINS: dict[str, Callable[[Any], str | None]] = {
+    "spatial_dims": _choice(2, 3),
+    "in_channels": _int(1),
+    "image_size": _sizes,
+    "intensity_min": _float(),
+    "intensity_max": _float(),
+    "label_threshold": _float(),
+    "seed": _int(0),
+    "num_workers": _int(0),
+    "num_samples": _int(1),
+    "num_decodes": _int(1),
+    "resample_threshold": _float(0.0, 1.0),
+    "kde_units#intensity_scale": _float(0.0),
+    "kde_units#epsilon": _float(0.0),
+    "kde_units#density_threshold": _float(0.0),
+    "restrict_to_flags": _bool,
+    "vqvae#epochs": _int(1),
+    "vqvae#batch_size": _int(1),
+    "vqvae#lr": _float(0.0),
+    "vqvae#val_interval": _int(1),
+    "transformer#epochs": _int(1),
+    "transformer#batch_size": _int(1),
+    "transformer#lr": _float(0.0),
+    "transformer#weight_decay": _float(0.0, low_open=False),
+    "transformer#val_interval": _int(1),
+    "threshold_decay": _float(0.0, 1.0, low_open=False),
+    "fixed_threshold": _bool,
+    "iltm_max_iterations": _int(0),
+    "iltm#min_iterations": _int(0),
+    "iltm#stop_tolerance": _float(0.0, low_open=False),
+    "iltm#downsample_rule": _choice("any", "fraction"),
+    "iltm#downsample_fraction": _float(0.0, 1.0, high_open=False),
+    "iltm#warm_start": _bool,
+    "iltm#mask_batch_size": _int(1),
+    "iltm#mask_num_samples": _int(1),
+    "iltm#mask_num_decodes": _int(1),
+    "iltm#mask_resample_threshold": _float(0.0, 1.0),
+    "iltm#mask_density_threshold": _float(0.0),
+    "save_maps": _bool,
+    "save_overlays": _bool,
+    "invert_maps": _bool,
+}
+
+
+class SettingError(ValueError):
+    """Settings outside their domain, each named by its config id."""
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """Raises one :class:`SettingError` listing every setting of `settings` (nested dicts or flat ids) that is
+    outside its domain; ids without a known domain pass."""
+    flat = flatten(settings)
+    problems = []
+    for key, value in flat.items():
+        check = DOMAINS.get(key)
+        wrong = check(value) if check else None
+        if wrong:
+            problems.append(f"{key} must be {wrong}, got {value!r}")
+    spatial_dims, size = flat.get("spatial_dims"), flat.get("image_size")
+    if spatial_dims in (2, 3) and isinstance(size, (list, tuple)) and len(size) != spatial_dims:
+        problems.append(f"image_size must have spatial_dims = {spatial_dims} sizes, got {size!r}")
+    low, high = flat.get("intensity_min"), flat.get("intensity_max")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not high > low:
+        problems.append(f"intensity_max ({high!r}) must be above intensity_min ({low!r})")
+    if problems:
+        raise SettingError("settings outside their domain:\n  " + "\n  ".join(problems))

@@ -1,0 +1,184 @@
+"""No silent wrong answers: each bad input of a realistic user stops before any work with one message that names the
+file or setting and the cause. Through the bundle's own commands where the check lives in the configs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import run
+from PIL import Image
+from tiny import TINY_DETECTOR
+
+from scripts import stages
+from scripts.checkpoint import CheckpointError, atomic_save
+from scripts.data import DataError, load_datalist
+from scripts.inference import check_inputs
+from scripts.settings import SettingError
+from scripts.stages import RunState
+from scripts.synthetic import ensure_dataset, make_2d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN, INFERENCE = (os.path.join(ROOT, "configs", f) for f in ("train.yaml", "inference.yaml"))
+
+
+def cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("data"))
+    make_2d(out, n_train=4, n_val=2, n_test=2, image_size=32, preview=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ({"num_samples": "abc"}, "num_samples must be a whole number, got 'abc'"),
+        ({"num_samples": 0}, "num_samples must be >= 1, got 0"),
+        ({"kde_units#density_threshold": -1}, "kde_units#density_threshold must be > 0.0, got -1"),
+        ({"image_size": [0, 0]}, "image_size must be positive sizes"),
+        ({"image_size": [32, 32, 32]}, "image_size must have spatial_dims = 2 sizes"),
+        ({"restrict_to_flags": "false"}, "restrict_to_flags must be True or False"),
+        ({"iltm#downsample_rule": "all"}, "iltm#downsample_rule must be one of 'any', 'fraction'"),
+        ({"intensity_max": -5.0}, "intensity_max (-5.0) must be above intensity_min (0.0)"),
+        ({"vqvae#epochs": 2.5}, "vqvae#epochs must be a whole number"),
+    ],
+)
+def test_settings_outside_their_domain_stop_training_before_any_work(tmp_path, data, override, says) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(Exception) as err:
+        run("training", config_file=TRAIN, bundle_root=ROOT, output_dir=str(out), dataset_dir=data,
+            datalist=os.path.join(data, "datalist.json"), **override)  # fmt: skip
+    assert isinstance(cause(err.value), SettingError) and says in str(cause(err.value))
+    assert not out.exists()
+
+
+def test_inference_settings_are_checked_too(tmp_path, data) -> None:
+    with pytest.raises(Exception) as err:
+        run("run", config_file=INFERENCE, bundle_root=ROOT, output_dir=str(tmp_path / "x"), dataset_dir=data,
+            datalist=os.path.join(data, "datalist.json"), checkpoint=str(tmp_path / "none.pt"), num_decodes=0)  # fmt: skip
+    assert "num_decodes must be >= 1, got 0" in str(cause(err.value))
+
+
+def _bad_folder(tmp_path, data) -> str:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = os.path.join(data, "images", "test_0000.png")
+    Image.open(good).save(folder / "a.png")
+    Image.open(good).save(folder / "a.bmp")  # same stem: its maps would overwrite a.png's
+    raw = open(good, "rb").read()
+    (folder / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    return str(folder)
+
+
+def test_a_folder_with_bad_files_names_every_one_before_any_map(tmp_path, data) -> None:
+    folder, out = _bad_folder(tmp_path, data), tmp_path / "out"
+    with pytest.raises(Exception) as err:
+        run("run", config_file=INFERENCE, bundle_root=ROOT, folder=folder, output_dir=str(out),
+            checkpoint=str(tmp_path / "unused.pt"), **TINY_DETECTOR)  # fmt: skip
+    message = str(cause(err.value))
+    assert "4 of 5 inputs cannot be processed; nothing was written" in message
+    for name, why in (("truncated.png", "Truncated"), ("empty.png", "empty file"), ("text.png", "cannot be read"),
+                      ("a.png", "would overwrite those of")):  # fmt: skip
+        assert any(name in line and why in line for line in message.splitlines()), name
+    assert not out.exists()
+
+
+def test_inputs_on_another_intensity_scale(tmp_path, data, caplog, monkeypatch) -> None:
+    from scripts.data import CheckImaged
+
+    monkeypatch.setattr(CheckImaged, "warned", 0)
+    monkeypatch.setattr(logging.getLogger("scripts.data"), "disabled", False)  # logging.conf of an earlier run
+    image = np.asarray(Image.open(os.path.join(data, "images", "test_0000.png")).convert("L"), dtype=np.uint16)
+    sixteen = tmp_path / "sixteen.png"
+    Image.fromarray(image * 257).save(sixteen)  # the same picture, 16-bit
+    unit = tmp_path / "unit.nii.gz"
+    nib.save(nib.Nifti1Image(image.T.astype(np.float32) / 255.0, np.eye(4)), unit)  # the same, floats in [0, 1]
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(INFERENCE)
+    loading = parser.get_parsed_content("loading")
+    with pytest.raises(Exception) as err:
+        loading({"image": str(sixteen)})
+    assert "of its intensities lie outside [0, 255]" in str(cause(err.value)) and "sixteen.png" in str(cause(err.value))
+    with caplog.at_level(logging.WARNING, logger="scripts.data"):
+        loading({"image": str(unit)})
+    assert any("unit.nii.gz: spans " in r.getMessage() and "of [0, 255]" in r.getMessage() for r in caplog.records)
+
+
+def test_corrupt_run_state_and_resume_checkpoints(tmp_path) -> None:
+    (tmp_path / "state.json").write_text('{"vqvae": {"weights"')
+    with pytest.raises(RuntimeError, match=r"state.json: unreadable \(JSONDecodeError"):
+        RunState(str(tmp_path)).done("vqvae")
+
+    class Trainer:  # only what train_stage reads before training
+        network, optimizer, scaler = torch.nn.Linear(1, 1), None, None
+
+    folder = tmp_path / "vqvae"
+    folder.mkdir()
+    (folder / "checkpoint_3.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"(?s)checkpoint_3.pt: the checkpoint file is empty.*Delete it to train"):
+        stages.train_stage("vqvae", Trainer(), str(folder / "vqvae.pt"), str(tmp_path / "other"))
+
+
+def test_a_failed_write_names_the_file(tmp_path, monkeypatch) -> None:
+    def full_disk(obj, path):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    target = tmp_path / "model.pt"
+    with pytest.raises(OSError, match=f"{target}: could not be written .*disk full"):
+        atomic_save({}, str(target))
+    assert not os.listdir(tmp_path)
+
+
+def test_a_datalist_elsewhere_is_not_read_against_the_synthetic_folder(tmp_path, data) -> None:
+    """`--datalist my_ds/datalist.json` without `--dataset_dir`: the default dataset_dir is a generated set whose
+    file names (images/train_0000.png) the user's datalist may share."""
+    mine = tmp_path / "my_ds"
+    make_2d(str(mine), n_train=2, n_val=1, n_test=1, image_size=32, seed=5, preview=False)
+    os.remove(mine / "params.json")  # a user's own set, not a generated one
+    entries = load_datalist(str(mine / "datalist.json"), data, "training")
+    assert all(e["image"].startswith(str(mine)) for e in entries)
+
+
+def test_generated_folders_are_readable_and_stale_temporaries_removed(tmp_path) -> None:
+    stale = tmp_path / ".set.tmp-killed"
+    stale.mkdir()
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    ensure_dataset(str(tmp_path / "set"), "2d", n_train=2, n_val=1, n_test=1, image_size=32, preview=False)
+    assert not stale.exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "set").st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_check_inputs_accepts_good_files(data) -> None:
+    with open(os.path.join(data, "datalist.json")) as f:
+        entries = [{k: os.path.join(data, v) for k, v in e.items() if k in ("image", "label")}
+                   for e in json.load(f)["test"]]  # fmt: skip
+    check_inputs(entries, data)
+    with pytest.raises(DataError, match="would overwrite"):
+        check_inputs(entries + entries[:1], data)
+
+
+def test_resume_checkpoints_of_a_killed_process_do_not_pile_up(tmp_path) -> None:
+    for epoch in (3, 4, 5):
+        (tmp_path / f"checkpoint_{epoch}.pt").write_bytes(b"x")
+    stages._keep_only(str(tmp_path), str(tmp_path / "checkpoint_5.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_5.pt"]
