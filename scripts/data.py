@@ -147,6 +147,31 @@ class CheckImaged(MapTransform):
         return d
 
 
+class ShieldStringsd(MapTransform):
+    """Moves string entries named `<key>_*` aside (`restore=False`) and back (`restore=True`) around a resampling.
+
+    MONAI 1.6's `Spacingd` updates every `<key>_*` entry of a NIfTI's data as a metadata dict; MONAI Label's request
+    data carries `image_path`, a string there, which it reads again when it writes the result.
+    """
+
+    PREFIX = "_shielded_"
+
+    def __init__(self, keys: KeysCollection, restore: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.restore = restore
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for name in list(d):
+            if not isinstance(name, str):
+                continue
+            if self.restore and name.startswith(self.PREFIX):
+                d[name[len(self.PREFIX) :]] = d.pop(name)
+            elif not self.restore and isinstance(d[name], str) and any(name.startswith(f"{k}_") for k in self.keys):
+                d[self.PREFIX + name] = d.pop(name)
+        return d
+
+
 class BinarizeLabeld(MapTransform):
     """Any voxel above `threshold` in any channel is anomalous: masks arrive as 0/255 PNGs, RGB masks or NIfTI labels."""
 

@@ -44,6 +44,18 @@ def _choice(*options: Any) -> Callable[[Any], str | None]:
     return lambda v: None if v in options else f"one of {', '.join(map(repr, options))}"
 
 
+def _spacing(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, (int, float)) and s > 0 for s in v):
+        return "None or a list of positive spacings in mm, e.g. [4.0, 4.0, 4.0]"
+    return None
+
+
+def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None else (None if check(v) is None else f"None or {check(v)}")
+
+
 def _sizes(v: Any) -> str | None:
     if not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, int) and not isinstance(s, bool) for s in v):
         return "a list of whole numbers, e.g. [64, 64]"
@@ -53,6 +65,9 @@ def _sizes(v: Any) -> str | None:
 # id -> check; a check returns None or what the value must be
 DOMAINS: dict[str, Callable[[Any], str | None]] = {
     "spatial_dims": _choice(2, 3),
+    "spacing": _spacing,
+    "foreground_threshold": _optional(_float()),
+    "resize_mode": _choice("resize", "pad_crop"),
     "in_channels": _int(1),
     "image_size": _sizes,
     "intensity_min": _float(),

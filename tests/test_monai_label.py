@@ -27,7 +27,7 @@ from monai.transforms import LoadImaged, Resize, SaveImaged
 from PIL import Image
 from tiny import TINY_DETECTOR
 
-from scripts.checkpoint import detector_record, save_detector
+from scripts.checkpoint import describe, detector_record, save_detector
 from scripts.synthetic import make_2d, make_3d
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type")  # ITK's SWIG types, on import
@@ -173,6 +173,24 @@ def test_3d_nifti_request(tmp_path) -> None:
     result, _, _ = serve(bundle, volume)
     seg = np.asarray(nib.load(result).dataobj)
     assert seg.shape == (10, 12, 20) and set(np.unique(seg)) <= {0, 1}
+
+
+def test_pet_preprocessing_of_the_training_preset_is_served_too(tmp_path) -> None:
+    """autopet.yaml's chain (RAS, resampling, foreground crop, pad/crop) is recorded as settings, so the bundle
+    trained with it serves through inference.yaml alone and the map comes back on the input's grid."""
+    pet = {**TINY_3D, "spacing": [8.0, 8.0, 8.0], "foreground_threshold": 0.01, "resize_mode": "pad_crop"}
+    bundle = bundle_trained_with(tmp_path, pet)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle, "configs", "inference.yaml"))
+    parser.config.update({"bundle_root": bundle})
+    assert describe(parser.get_parsed_content("resize"))[1:-1] == ["Orientationd", "Spacingd", "CropForegroundd",
+                                                                    "ResizeWithPadOrCropd"]  # fmt: skip
+    volume = str(tmp_path / "pet.nii.gz")
+    rng = np.random.default_rng(1)
+    nib.save(nib.Nifti1Image(rng.uniform(0, 15, (30, 28, 60)).astype(np.float32), np.diag([4, 4, 4, 1])), volume)
+    result, _, _ = serve(bundle, volume)
+    seg = np.asarray(nib.load(result).dataobj)
+    assert seg.shape == (30, 28, 60) and set(np.unique(seg)) <= {0, 1}
 
 
 def test_metadata_and_configs_agree_with_what_is_served() -> None:
