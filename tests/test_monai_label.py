@@ -238,3 +238,12 @@ def test_monai_label_training_overrides_land_where_the_pipeline_reads_them(tiny_
     assert parser.get_parsed_content("train#trainer").state.max_epochs == 3
     iltm = parser.get_parsed_content("iltm#workflow")
     assert iltm.train_files == entries and iltm.val_files == entries[:1]
+
+
+def test_monai_label_training_panel_offers_overwrite() -> None:
+    """BundleTrainTask shows `displayable_configs` and sets them as `displayable_configs#<name>` overrides."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "train.yaml"))
+    assert parser.get_parsed_content("displayable_configs") == {"overwrite": False}
+    parser.update({"displayable_configs": {"overwrite": True}})
+    assert parser.get_parsed_content("overwrite") is True
