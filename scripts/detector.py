@@ -261,22 +261,36 @@ class AnomalyDetector(nn.Module):
                     tokens = heal(self.transformer, seq, flags, num_samples, self.temperature, self.top_k, generator)
             else:
                 tokens = seq[1:].expand(num_samples, -1)
-            latents = sequencer.to_grid(tokens).repeat_interleave(num_decodes, dim=0)  # [R, *grid]
-            reconstructions = self._decode(latents, tuple(image.shape))
+            reconstructions = self._decode(sequencer.to_grid(tokens), num_decodes, tuple(image.shape))
         return kde_log_density(
             image, reconstructions, self.epsilon, self.kde_max_bytes, self.channel_reduction, torch.float32
         )
 
-    def _decode(self, latents: torch.Tensor, image_shape: tuple[int, ...]) -> torch.Tensor:
-        """[R, *grid] -> [R, C, *S] float32, in batches; dropout (decoder only) makes the M decodes differ."""
-        out = torch.empty((latents.shape[0], *image_shape), dtype=torch.float32, device=latents.device)
-        for start in range(0, latents.shape[0], self.decode_batch_size):
-            batch = latents[start : start + self.decode_batch_size]
+    def _decode(self, latents: torch.Tensor, num_decodes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
+        """N latents [N, *grid] -> R = N*M reconstructions [R, C, *S] float32 (each latent's M decodes adjacent).
+
+        Decoded in batches of `decode_batch_size` reconstructions, the dropout drawing the same masks in the same
+        order as decoding all R at once would. What the M decodes of a latent share (everything before the dropout,
+        `decode_shared`) is computed once per distinct latent: healed latents often repeat, and the ablation's are
+        all one.
+        """
+        distinct, which = torch.unique(latents.flatten(1), dim=0, return_inverse=True)
+        distinct = distinct.view(-1, *latents.shape[1:])
+        rows = which.repeat_interleave(num_decodes)  # reconstruction -> distinct latent
+        out = torch.empty((len(rows), *image_shape), dtype=torch.float32, device=latents.device)
+        shared: dict[int, torch.Tensor] = {}  # kept for the next batch only (a latent's decodes may straddle two)
+        for start in range(0, len(rows), self.decode_batch_size):
+            ids = rows[start : start + self.decode_batch_size].tolist()
+            needed = sorted(set(ids))
+            missing = [i for i in needed if i not in shared]
             with self._autocast(latents.device):
-                decoded = self.vqvae.decode_samples(batch)
+                if missing:
+                    shared.update(zip(missing, self.vqvae.decode_shared(distinct[missing])))
+                decoded = self.vqvae.decode_dropout(torch.stack([shared[i] for i in ids]))
+            shared = {i: shared[i] for i in needed}
             if tuple(decoded.shape[1:]) != image_shape:
                 raise ValueError(f"decoded shape {tuple(decoded.shape[1:])} differs from the image's {image_shape}.")
-            out[start : start + len(batch)] = decoded
+            out[start : start + len(ids)] = decoded
         return out
 
     def _autocast(self, device: torch.device):

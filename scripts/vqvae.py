@@ -43,6 +43,7 @@ class DropoutVQVAE(VQVAE):
         last_conv = max(i for i, block in enumerate(blocks) if isinstance(block, Convolution))
         blocks.insert(last_conv, self.decoder_dropout)
         self.decoder.blocks = nn.ModuleList(blocks)
+        self.dropout_at = last_conv  # decoder blocks before it are what the dropout decodes of one latent share
 
     def quantize(self, encodings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training:
@@ -70,6 +71,20 @@ class DropoutVQVAE(VQVAE):
             quantizer.embedding.weight.data[dead] = picks
             quantizer.ema_w.data[dead] = picks
             quantizer.ema_cluster_size.data[dead] = 1.0
+
+    def decode_shared(self, embedding_indices: torch.Tensor) -> torch.Tensor:
+        """Token grids -> the decoder's features just before its dropout: the same for all M dropout decodes of a
+        latent, so computed once per latent (the rest is `decode_dropout`)."""
+        x = self.quantizer.embed(embedding_indices)
+        for block in self.decoder.blocks[: self.dropout_at]:
+            x = block(x)
+        return x
+
+    def decode_dropout(self, shared: torch.Tensor) -> torch.Tensor:
+        """`decode_shared`'s features -> images: the dropout and the decoder's last layer, what differs per decode."""
+        for block in self.decoder.blocks[self.dropout_at :]:
+            shared = block(shared)
+        return shared
 
     @property
     def codebook_size(self) -> int:

@@ -63,7 +63,7 @@ def test_only_decoder_dropout_is_active_and_modes_are_restored() -> None:
     # the dropout is registered twice (as vqvae.decoder_dropout and inside the decoder's blocks)
     dropout_name = next(name for name, m in detector.named_modules() if m is detector.vqvae.decoder_dropout)
     assert seen[dropout_name] == {True}
-    assert seen["vqvae.encoder"] == {False} and seen["vqvae.decoder"] == {False}
+    assert seen["vqvae.encoder"] == {False} and seen["vqvae.decoder.blocks.0"] == {False}
     assert seen["transformer"] == {False}
     active = {name for name, modes in seen.items() if True in modes}
     assert active == {dropout_name}
@@ -75,9 +75,28 @@ def test_dropout_makes_decodes_differ() -> None:
     detector = make_detector(num_samples=1, num_decodes=4, resample=False)
     x = image(batch=1)
     with torch.no_grad(), decoder_dropout_only(detector.vqvae):
-        latents = detector.vqvae.index_quantize(x).expand(4, -1, -1)
-        decodes = detector._decode(latents, tuple(x.shape[1:]))
+        latent = detector.vqvae.index_quantize(x)
+        decodes = detector._decode(latent, 4, tuple(x.shape[1:]))
     assert decodes.std(0).max() > 0
+
+
+@pytest.mark.parametrize("num_decodes, batch", [(5, 30), (3, 4), (1, 7)])
+def test_shared_decoding_equals_decoding_every_reconstruction(num_decodes: int, batch: int) -> None:
+    """The decoder's part before its dropout is computed once per distinct latent; with the same seed the
+    reconstructions equal those of running the whole decoder on all R = N*M (the path of version 0.2), because the
+    dropout draws the same masks in the same order. Batches that split a latent's decodes are included."""
+    detector = make_detector(num_samples=6, num_decodes=num_decodes)
+    detector.decode_batch_size = batch
+    x = image(batch=1)
+    with torch.no_grad(), decoder_dropout_only(detector.vqvae):
+        latent = detector.vqvae.index_quantize(x)
+        latents = torch.cat([latent.expand(3, -1, -1), latent.roll(1, dims=-1).expand(3, -1, -1)])  # 2 distinct
+        torch.manual_seed(0)
+        shared = detector._decode(latents, num_decodes, tuple(x.shape[1:]))
+        torch.manual_seed(0)
+        every = latents.repeat_interleave(num_decodes, dim=0)
+        whole = torch.cat([detector.vqvae.decode_samples(every[i : i + batch]) for i in range(0, len(every), batch)])
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
