@@ -1,0 +1,16 @@
+"""scripts/benchmark.py runs end to end at toy sizes and reports every stage of the map, both decoding parts included."""
+
+from scripts import benchmark
+
+
+def test_benchmark_reports_every_stage(tmp_path, single_thread) -> None:
+    args = ["--device", "cpu", "--cases", "2d,3d", "--size-2d", "32", "--size-3d", "16", "--levels", "2",
+            "--vqvae-channels", "8", "--codebook", "16", "--embedding-dim", "4", "--embed-dim", "16", "--layers", "1",
+            "--heads", "2", "--num-samples", "3", "--num-decodes", "2", "--kde-reconstructions", "12",
+            "--json", str(tmp_path / "b.json")]  # fmt: skip
+    rows = benchmark.main(args)
+    assert [r["case"] for r in rows] == ["2d", "3d"]
+    for row in rows:
+        assert row["identical"] is True and row["map_R"] == 6
+        assert row["map_decode_shared_s"] > 0 and row["map_decode_dropout_s"] > 0 and row["map_s"] > 0
+    assert (tmp_path / "b.json").is_file()
