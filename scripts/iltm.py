@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from scripts import iltm_checks, metrics, tracking
-from scripts.checkpoint import atomic_save, detector_record, save_detector
+from scripts.checkpoint import atomic_save, detector_record, load_checkpoint, save_detector
 from scripts.detector import AnomalyDetector, check_density_threshold, segment
 from scripts.healing import LatentSequencer, token_log_likelihood
 from scripts.iltm_report import write_report
@@ -313,14 +313,14 @@ class ILTMWorkflow:
 
     def _load_transformer(self, k: int) -> None:
         path = os.path.join(self.folder(k), "transformer.pt")
-        self.detector.transformer.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        self.detector.transformer.load_state_dict(load_checkpoint(path, self.device))
 
     def _initial_weights(self, transformer: nn.Module) -> dict:
         """The weights every from-scratch retraining starts from, stored so that a resumed run uses the same ones."""
         path = os.path.join(self.output_dir, "iltm", "transformer_init.pt")
         if not os.path.isfile(path):
             atomic_save(transformer.state_dict(), path)
-        initial = torch.load(path, map_location=self.device, weights_only=True)
+        initial = load_checkpoint(path, self.device)
         transformer.load_state_dict(initial)
         return initial
 

@@ -17,7 +17,7 @@ from monai.data import DataLoader, Dataset
 from torch import nn
 from tqdm import tqdm
 
-from scripts.checkpoint import atomic_save
+from scripts.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,11 @@ def cached_tokens(
     """`quantise`, stored at `path` and reused while the VQ-VAE weights and the image list are unchanged."""
     key = _fingerprint(vqvae, files)
     if os.path.isfile(path):
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            cached = load_checkpoint(path)
+        except CheckpointError as e:  # a cache: computed again rather than trusted
+            logger.warning(f"{e}; quantising again")
+            cached = {}
         if cached.get("key") == key:
             return cached["tokens"]
         logger.info(f"{path}: VQ-VAE or image list changed, quantising again")
@@ -82,7 +86,7 @@ def load_token_masks(path: str, files: Sequence[dict], grid: Sequence[int]) -> t
     """[N, *grid] suspect masks for `files` from a file written by `save_token_masks`; unlisted images: none."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: token mask file not found")
-    stored = torch.load(path, map_location="cpu", weights_only=True)
+    stored = load_checkpoint(path)
     suspect = torch.zeros((len(files), *grid), dtype=torch.bool)
     for i, entry in enumerate(files):
         mask = stored.get(str(entry["image"]))

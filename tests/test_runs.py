@@ -124,3 +124,14 @@ def test_an_unreadable_record_is_named(tmp_path, data) -> None:
         f.write('{"settings": ')
     with pytest.raises(RunConflict, match="run.json: unreadable"):
         guard(out, data).start()
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, data, monkeypatch) -> None:
+    """A read-only folder (simulated: the tests may run as root, who can write anywhere)."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    with pytest.raises(RunConflict, match=r"run: cannot write into the output folder .*writable --output_dir"):
+        guard(str(tmp_path / "run"), data).start()
