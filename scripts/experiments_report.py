@@ -15,6 +15,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from scripts.plots import figure
+
 METRICS = ("aupro", "best_dice", "pixel_auroc", "image_auroc", "dice_at_density_threshold")
 MASK_COLUMNS = ("masked_pct", "precision", "recall", "flag_precision", "flag_recall")
 # (method, variant) -> label, in table order; variant "" is the base run
@@ -228,9 +230,5 @@ def _float(value: Any) -> float:
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: leaves the process's backend alone
-
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
+    fig = figure(figsize=size)
     return fig, fig.subplots(rows, cols, squeeze=False)

@@ -11,17 +11,14 @@ import math
 import os
 from collections.abc import Callable, Sequence
 
-import matplotlib
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-
-from scripts import iltm_checks  # noqa: E402
-from scripts.stages import RunState  # noqa: E402
-from scripts.tokens import load_token_masks  # noqa: E402
+from scripts import iltm_checks
+from scripts.plots import figure
+from scripts.stages import RunState
+from scripts.tokens import load_token_masks
 
 COLUMNS = (
     "iteration",
@@ -123,7 +120,8 @@ def write_report(
 
 def _plot_progress(rows: Sequence[dict], path: str) -> None:
     iterations = [r["iteration"] for r in rows]
-    fig, left = plt.subplots(figsize=(6, 3.5))
+    fig = figure(figsize=(6, 3.5))
+    left = fig.subplots()
     left.plot(iterations, [r["masked_pct"] for r in rows], "o-", color="tab:red", label="masked tokens")
     left.set_xlabel("ILTM iteration")
     left.set_ylabel("masked tokens (% of all)")
@@ -141,7 +139,6 @@ def _plot_progress(rows: Sequence[dict], path: str) -> None:
     left.set_title("ILTM: masked tokens per iteration")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _slice(volume: torch.Tensor, index: int | None) -> torch.Tensor:
@@ -158,7 +155,8 @@ def _plot_panel(files, transform, truth, masks, path: str, n: int) -> None:
         order.sort(key=lambda i: -int(truth[i].any()))
     chosen = order[:n]
     cols = 2 + len(masks)
-    fig, axes = plt.subplots(len(chosen), cols, figsize=(2 * cols, 2 * len(chosen)), squeeze=False)
+    fig = figure(figsize=(2 * cols, 2 * len(chosen)))
+    axes = fig.subplots(len(chosen), cols, squeeze=False)
     for row, i in enumerate(chosen):
         item = transform(files[i])
         image = item["image"][0].float()
@@ -184,4 +182,3 @@ def _plot_panel(files, transform, truth, masks, path: str, n: int) -> None:
                 ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)

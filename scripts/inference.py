@@ -27,6 +27,7 @@ from monai.transforms import MapTransform
 from scripts import metrics
 from scripts.data import DataError, load_datalist
 from scripts.detector import segment
+from scripts.plots import figure
 
 logger = logging.getLogger(__name__)
 
@@ -212,13 +213,9 @@ def save_overlay(
     dpi: int = 80,
 ) -> None:
     """Image | score map | segmentation (red) with the true mask's outline (green) if given."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     origin = "lower" if image.ndim == 4 else "upper"
     shown, scores = np.clip(_view(image), 0, 1), _view(score)
-    fig = Figure(figsize=(7.5, 2.8), dpi=dpi)
-    FigureCanvasAgg(fig)
+    fig = figure(figsize=(7.5, 2.8), dpi=dpi)
     axes = fig.subplots(1, 3)
     axes[0].imshow(shown, cmap="gray", vmin=0, vmax=1, origin=origin)
     axes[0].set_title("image", fontsize=8)

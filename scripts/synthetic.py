@@ -666,11 +666,9 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _figure(n: int):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: leaves the process's backend alone
+    from scripts.plots import figure
 
-    fig = Figure(figsize=(1.6 * n, 1.9 if n else 1), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = figure(figsize=(1.6 * n, 1.9 if n else 1), dpi=100)
     return fig, fig.subplots(1, n, squeeze=False)[0]
 
 
