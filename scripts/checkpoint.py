@@ -18,6 +18,8 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from scripts.files import atomic_save
+
 # Settings a checkpoint cannot be used without: its weights' shapes and what its inputs must look like. The others in
 # a record (N, M, thresholds, KDE units) are inference choices: adopted by default, free to change.
 BINDING = ("spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max", "spacing",
@@ -57,20 +59,6 @@ def detector_record(detector: nn.Module, data: Mapping[str, Any]) -> dict[str, A
     record = flatten(data)
     record.update(flatten({"vqvae_def": detector.vqvae.settings, "transformer_def": detector.transformer.settings}))
     return record
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """`torch.save` through a temporary file, so a kill never leaves a truncated file that looks finished; a failed
-    write (full disk, read-only folder) names the file instead of PyTorch's `basic_ios::clear: iostream error`."""
-    tmp = f"{path}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(f"{path}: could not be written ({e}); is the disk full or the folder read-only?") from e
 
 
 def save_detector(detector: nn.Module, record: Mapping[str, Any], path: str) -> None:

@@ -6,7 +6,6 @@ Used by :mod:`scripts.prepare_mvtec` and :mod:`scripts.prepare_autopet` (Patel e
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import zlib
@@ -94,16 +93,6 @@ def check_no_leakage(datalist: dict, name: str, key: str = "image") -> None:
         shared = sets[a] & sets[b]
         if shared:
             raise AssertionError(f"{name}: {len(shared)} {key}(s) in both {a} and {b}, e.g. {sorted(shared)[0]}")
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Deterministic JSON (same input and seed, same bytes), written through a temporary file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def write_summary(out: str, rows: Sequence[dict], title: str) -> str:

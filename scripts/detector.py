@@ -25,7 +25,7 @@ from torch import nn
 
 from scripts.healing import LatentSequencer, flag_tokens, heal, token_log_likelihood
 from scripts.kde import kde_log_density
-from scripts.vqvae import DropoutVQVAE, decoder_dropout_only
+from scripts.vqvae import DropoutVQVAE, decoder_dropout_only, eval_except
 
 __all__ = ["AnomalyDetector"]
 
@@ -66,18 +66,6 @@ def _seeded_rng(device: torch.device, seed: int) -> Iterator[torch.Generator]:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(dropout_seed)
         yield torch.Generator(device=device).manual_seed(seed)
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval for the duration, then every submodule's own mode back (a trainer may call us mid-training)."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
 
 
 class AnomalyDetector(nn.Module):
@@ -203,7 +191,7 @@ class AnomalyDetector(nn.Module):
         if min(counts) < 1:
             raise ValueError(f"num_samples and num_decodes must be >= 1, got {counts}.")
         image = image.to(next(self.vqvae.parameters()).dtype)
-        with _eval_mode(self.transformer), decoder_dropout_only(self.vqvae):
+        with eval_except(self.transformer), decoder_dropout_only(self.vqvae):
             indices = self.vqvae.index_quantize(image)  # encoder + quantiser, float32: the latent is exact
             sequencer = self.sequencer(tuple(indices.shape[1:]))
             seq = sequencer.to_sequence(indices)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from scripts.checkpoint import load_detector
 from scripts.data import load_datalist
+from scripts.files import write_json
 from scripts.iltm import precision_recall, tokens_from_map
 from scripts.metrics import image_auroc, pixel_metrics
 
@@ -79,8 +80,7 @@ def diagnose(
         results[name] = row
     print(json.dumps(results, indent=2))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(json_path, results)
     return results
 
 

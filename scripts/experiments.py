@@ -43,6 +43,7 @@ from typing import Any
 
 from scripts.contamination import parse_names, ratio_tag
 from scripts.experiments_report import final_iteration, report
+from scripts.files import write_json
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"2d": "configs/demo.yaml", "3d": "configs/demo3d.yaml"}
@@ -190,8 +191,7 @@ def share_first_stage(source: str, target: str, iteration_0: bool = True) -> Non
         os.path.join(source, "iltm", "transformer_init.pt"), os.path.join(target, "iltm", "transformer_init.pt")
     )
     done = ("vqvae", "transformer_00") if iteration_0 else ("vqvae",)
-    with open(os.path.join(target, "state.json"), "w") as f:
-        json.dump({k: v for k, v in steps.items() if k in done}, f, indent=2)
+    write_json(os.path.join(target, "state.json"), {k: v for k, v in steps.items() if k in done}, strict=False)
 
 
 def evaluations(runs: dict[str, tuple[str, dict]], ablation: bool, all_iterations: bool) -> list[tuple[str, str, dict]]:
@@ -272,8 +272,7 @@ def _record(exp_dir: str, params: dict) -> None:
                 f"{exp_dir} holds an experiment with other settings: {', '.join(changed)}; use another exp_dir"
             )
         return
-    with open(path, "w") as f:
-        json.dump(params, f, indent=2)
+    write_json(path, params)
 
 
 def _log(exp_dir: str, output_dir: str) -> str:

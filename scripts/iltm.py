@@ -27,8 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 from scripts import iltm_checks, metrics, tracking
-from scripts.checkpoint import atomic_save, detector_record, load_checkpoint, save_detector
+from scripts.checkpoint import detector_record, load_checkpoint, save_detector
 from scripts.detector import AnomalyDetector, check_density_threshold, segment
+from scripts.files import atomic_save
 from scripts.healing import LatentSequencer, token_log_likelihood
 from scripts.iltm_report import write_report
 from scripts.stages import RunState

@@ -9,9 +9,7 @@ that scores a labelled set with :mod:`scripts.metrics` and writes ``metrics.json
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +25,7 @@ from monai.transforms import MapTransform
 from scripts import metrics
 from scripts.data import DataError, load_datalist
 from scripts.detector import segment
+from scripts.files import write_json
 from scripts.plots import figure
 
 logger = logging.getLogger(__name__)
@@ -337,7 +336,7 @@ class AnomalyMetrics:
                 c: summarise(*self._subset(c), self.density_threshold, self.fpr_limit) for c in named
             }
         os.makedirs(self.output_dir, exist_ok=True)
-        _write_json(os.path.join(self.output_dir, "metrics.json"), results)
+        write_json(os.path.join(self.output_dir, "metrics.json"), results)
         with open(os.path.join(self.output_dir, "metrics_per_image.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]) if self.rows else ["image"])
             writer.writeheader()
@@ -355,24 +354,3 @@ class AnomalyMetrics:
     def _subset(self, category: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
         idx = [i for i, c in enumerate(self.categories) if c == category]
         return [self.scores[i] for i in idx], [self.labels[i] for i in idx]
-
-
-def _write_json(path: str, obj: Any) -> None:
-    """JSON with NaN written as null (strict readers reject NaN), atomically."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, (float, np.floating)):
-            return None if math.isnan(v) else float(v)
-        if isinstance(v, np.integer):
-            return int(v)
-        return v
-
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(clean(obj), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -50,9 +50,9 @@ from scripts.contamination import (
     parse_ratios,
     ratio_tag,
     rng,
-    write_json,
     write_summary,
 )
+from scripts.files import write_json
 
 DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 REQUIRED = ("SUV.nii.gz", "CTres.nii.gz", "SEG.nii.gz")

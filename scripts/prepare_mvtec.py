@@ -41,9 +41,9 @@ from scripts.contamination import (
     parse_ratios,
     ratio_tag,
     rng,
-    write_json,
     write_summary,
 )
+from scripts.files import write_json
 
 DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
 EXCLUDED = ("toothbrush", "transistor")  # paper §3.3: too few anomalous images for a contamination pool

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from scripts.checkpoint import flatten
+from scripts.files import write_json
+from scripts.stages import read_record
 
 logger = logging.getLogger(__name__)
 
@@ -131,15 +133,7 @@ class RunGuard:
     def _compare(self) -> None:
         has_steps = os.path.isfile(os.path.join(self.output_dir, "state.json"))
         if os.path.isfile(self.path):
-            try:
-                with open(self.path) as f:
-                    old = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RunConflict(
-                    f"{self.path}: unreadable ({e.__class__.__name__}: {e}); it records what the run in "
-                    f"{self.output_dir} was started with. Use a new --output_dir, or --overwrite True to move that "
-                    "run aside."
-                ) from None
+            old = read_record(self.path, f"what the run in {self.output_dir} was started with")
             differ = _differences(old, self.record)
             if differ and not self.resume:
                 self.finish()
@@ -154,10 +148,7 @@ class RunGuard:
                 return  # the record keeps what the completed steps were made with
         elif has_steps:
             logger.warning(f"{self.output_dir}: a run without {os.path.basename(self.path)}; recording this one's")
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.record, f, indent=1)
-        os.replace(tmp, self.path)
+        write_json(self.path, self.record, indent=1)
 
     def _holder(self) -> dict:
         try:

@@ -14,7 +14,8 @@ from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
-from scripts.checkpoint import CheckpointError, atomic_save, load_checkpoint, state_dict
+from scripts.checkpoint import CheckpointError, load_checkpoint, state_dict
+from scripts.files import atomic_save, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,25 @@ def _keep_only(folder: str, latest: str | None) -> None:
                 os.remove(path)
 
 
+class RecordError(RuntimeError):
+    """A run's bookkeeping file (state.json, run.json) that cannot be read."""
+
+
+def read_record(path: str, holds: str) -> dict:
+    """A JSON object a run keeps (`holds` says what it records); unreadable ones stop with the path and what to do."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecordError(
+            f"{path}: unreadable ({e.__class__.__name__}: {e}). It records {holds}; restore it from a backup, or "
+            "start a new run with a new --output_dir (or --overwrite True to move this one aside)."
+        ) from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: not a JSON object as this bundle writes; use a new --output_dir")
+    return record
+
+
 class RunState:
     """`state.json` under the output folder: one record per completed step, written atomically.
 
@@ -47,17 +67,7 @@ class RunState:
     def steps(self) -> dict[str, dict]:
         if not os.path.isfile(self.path):
             return {}
-        try:
-            with open(self.path) as f:
-                steps = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RuntimeError(
-                f"{self.path}: unreadable ({e.__class__.__name__}: {e}). It records which steps of this run are "
-                "complete; restore it from a backup, or start a new run with a new --output_dir (or --overwrite True)."
-            ) from None
-        if not isinstance(steps, dict):
-            raise RuntimeError(f"{self.path}: not a record of steps (a JSON object); use a new --output_dir")
-        return steps
+        return read_record(self.path, "which steps of this run are complete")
 
     def done(self, step: str) -> bool:
         return step in self.steps
@@ -67,11 +77,7 @@ class RunState:
         if step in steps:
             raise RuntimeError(f"{self.path}: step {step!r} is already complete and will not be overwritten")
         steps[step] = {"completed_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(steps, f, indent=2)
-        os.replace(tmp, self.path)
+        write_json(self.path, steps, strict=False)  # metrics may be NaN; read back as NaN
 
 
 def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=None, seed: int = 0) -> torch.nn.Module:

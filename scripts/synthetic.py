@@ -39,6 +39,8 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
+from scripts.files import write_json
+
 SPLITS = {"training": "train", "validation": "val", "test": "test"}  # datalist section -> file prefix
 TEXTURES = ("brick", "grass", "gravel")  # the textures scikit-image ships inside its package (no pooch download)
 # Upsampling that keeps the textures learnable at 4x downsampling: 4x4 patches of 64-px crops quantised by k-means
@@ -646,23 +648,17 @@ def _write_dataset(out_dir, params, counts, fractions, sample, ext, save, make_p
                 if section == "training" and len(shown) < 8:
                     shown.append((image, label))
                 bar.update()
-    _write_json(os.path.join(out_dir, "anomalies.json"), anomalies)
-    _write_json(os.path.join(out_dir, "params.json"), {**params, "generator": "scripts.synthetic"})
+    write_json(os.path.join(out_dir, "anomalies.json"), anomalies, indent=1)
+    write_json(os.path.join(out_dir, "params.json"), {**params, "generator": "scripts.synthetic"}, indent=1)
     if params.get("preview") and shown:
         make_preview(os.path.join(out_dir, "preview.png"), shown)
     path = os.path.join(out_dir, "datalist.json")
-    _write_json(path, datalist)  # written last: its presence marks a complete dataset
+    write_json(path, datalist, indent=1)  # written last: its presence marks a complete dataset
     return path
 
 
 def _tqdm_disable(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
 
 
 def _figure(n: int):

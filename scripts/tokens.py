@@ -17,20 +17,18 @@ from monai.data import DataLoader, Dataset
 from torch import nn
 from tqdm import tqdm
 
-from scripts.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from scripts.checkpoint import CheckpointError, load_checkpoint
+from scripts.files import atomic_save
+from scripts.vqvae import eval_except
 
 logger = logging.getLogger(__name__)
 
 
 def latent_shape(vqvae: nn.Module, in_channels: int, image_size: Sequence[int]) -> tuple[int, ...]:
     """The token grid the VQ-VAE gives for the configured image size (shapes come from the model)."""
-    with torch.no_grad():
+    with torch.no_grad(), eval_except(vqvae):
         probe = torch.zeros(1, in_channels, *image_size, device=next(vqvae.parameters()).device)
-        training = vqvae.training
-        vqvae.eval()
-        shape = tuple(vqvae.index_quantize(probe).shape[1:])
-        vqvae.train(training)
-    return shape
+        return tuple(vqvae.index_quantize(probe).shape[1:])
 
 
 def _fingerprint(vqvae: nn.Module, files: Sequence[dict]) -> str:
@@ -48,11 +46,9 @@ def quantise(
     vqvae: nn.Module, files: Sequence[dict], transform: Callable, device: torch.device, batch_size: int = 16, desc=""
 ) -> torch.Tensor:
     """[N, *grid] code indices of every entry, with the VQ-VAE in eval mode (no dropout, no EMA update)."""
-    training = vqvae.training
-    vqvae.eval()
     loader = DataLoader(Dataset(list(files), transform), batch_size=batch_size, shuffle=False)
-    grids = [vqvae.index_quantize(batch["image"].to(device)).cpu() for batch in tqdm(loader, desc=desc, leave=False)]
-    vqvae.train(training)
+    with eval_except(vqvae):
+        grids = [vqvae.index_quantize(b["image"].to(device)).cpu() for b in tqdm(loader, desc=desc, leave=False)]
     return torch.cat(grids)
 
 

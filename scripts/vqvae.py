@@ -96,16 +96,23 @@ class DropoutVQVAE(VQVAE):
 
 
 @contextmanager
-def decoder_dropout_only(vqvae: DropoutVQVAE) -> Iterator[DropoutVQVAE]:
-    """Everything in eval mode except the decoder's dropout, as the KDE inferer requires; restores the old modes."""
-    modes = {m: m.training for m in vqvae.modules()}
-    vqvae.eval()
-    vqvae.decoder_dropout.train()
+def eval_except(module: nn.Module, *active: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode but for `active` submodules, then every submodule's own mode back: unlike MONAI's
+    `eval_mode`, a mixed state (a trainer calling mid-training, some blocks frozen) is restored exactly."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    for m in active:
+        m.train()
     try:
-        yield vqvae
+        yield module
     finally:
         for m, mode in modes.items():
             m.train(mode)
+
+
+def decoder_dropout_only(vqvae: DropoutVQVAE):
+    """Everything in eval mode except the decoder's dropout, as the KDE inferer requires; restores the old modes."""
+    return eval_except(vqvae, vqvae.decoder_dropout)
 
 
 class VQVAELoss(nn.Module):

@@ -12,6 +12,7 @@ import pytest
 from monai.bundle import run
 
 from scripts.runs import RunConflict, RunGuard
+from scripts.stages import RecordError
 from scripts.synthetic import make_2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +123,7 @@ def test_an_unreadable_record_is_named(tmp_path, data) -> None:
     os.makedirs(out)
     with open(os.path.join(out, "run.json"), "w") as f:
         f.write('{"settings": ')
-    with pytest.raises(RunConflict, match="run.json: unreadable"):
+    with pytest.raises(RecordError, match="run.json: unreadable"):
         guard(out, data).start()
 
 

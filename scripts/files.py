@@ -1,0 +1,59 @@
+"""Files written so that a kill never leaves half of one: through a temporary file renamed into place.
+
+A failed write (a full disk, a read-only folder) names the file instead of PyTorch's `basic_ios::clear: iostream error`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _replace(path: str, write) -> None:
+    tmp = f"{path}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"{path}: could not be written ({e}); is the disk full or the folder read-only?") from e
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """`torch.save`, atomically."""
+    _replace(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _clean(value: Any) -> Any:
+    """NaN as null (strict JSON readers reject NaN), numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: str, obj: Any, indent: int = 2, strict: bool = True) -> str:
+    """JSON, atomically; the same object always gives the same bytes. Returns `path`.
+
+    `strict`: NaN written as null, for other readers; False keeps NaN (Python's own records, which read it back).
+    """
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(_clean(obj) if strict else obj, f, indent=indent)
+            f.write("\n")
+
+    _replace(path, write)
+    return path
