@@ -28,7 +28,7 @@ import scripts.detector
 from scripts.detector import AnomalyDetector
 from scripts.healing import LatentSequencer, heal, heal_naive, token_log_likelihood
 from scripts.kde import kde_log_density
-from scripts.transformer import MaskedTransformer
+from scripts.transformer import MaskedTransformer, autocast
 from scripts.vqvae import DropoutVQVAE
 
 
@@ -78,10 +78,6 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start, result
-
-
-def autocast(device: torch.device, amp: bool):
-    return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp and device.type == "cuda")
 
 
 def bench_healing(

@@ -30,6 +30,15 @@ class UnknownSetting(ValueError):
     """A command-line override that matches no id of the configs."""
 
 
+def as_list(value: Any) -> list:
+    """A list from what the command line (fire) passes: "a,b", "[a, b]", a bare value, a list or tuple; None: []."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip().strip("'\"") for v in value.strip("()[] ").split(",") if v.strip().strip("'\"")]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _ids(config: Any, prefix: str = "") -> Iterator[str]:
     if isinstance(config, dict):
         items = config.items()

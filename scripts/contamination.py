@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from scripts.cli import as_list
+
 T = TypeVar("T")
 
 
@@ -23,11 +25,7 @@ class LayoutError(ValueError):
 
 def parse_ratios(value: Any) -> tuple[float, ...]:
     """Anomalous fractions from what fire passes ("0,0.2", (0, 0.2), 0.4) or a list; sorted, unique, in [0, 1]."""
-    if isinstance(value, str):
-        value = [v for v in value.strip("()[] ").split(",") if v.strip()]
-    elif not isinstance(value, (list, tuple)):
-        value = [value]
-    ratios = sorted({float(v) for v in value})
+    ratios = sorted({float(v) for v in as_list(value)})
     if not ratios:
         raise ValueError("no anomalous ratio given (e.g. --ratios 0,0.2,0.4)")
     bad = [r for r in ratios if not 0.0 <= r <= 1.0]
@@ -38,11 +36,7 @@ def parse_ratios(value: Any) -> tuple[float, ...]:
 
 def parse_names(value: Any) -> tuple[str, ...]:
     """Names from "a,b", ("a", "b"), "a" or None/"" (none)."""
-    if value is None or value == "":
-        return ()
-    if isinstance(value, str):
-        value = value.strip("()[] ").split(",")
-    return tuple(str(v).strip().strip("'\"") for v in value if str(v).strip())
+    return tuple(str(v).strip() for v in as_list(value) if str(v).strip())
 
 
 def ratio_tag(ratio: float) -> str:

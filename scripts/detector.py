@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -25,11 +25,10 @@ from torch import nn
 
 from scripts.healing import LatentSequencer, flag_tokens, heal, token_log_likelihood
 from scripts.kde import kde_log_density
+from scripts.transformer import AMP_DTYPES, autocast
 from scripts.vqvae import DropoutVQVAE, decoder_dropout_only, eval_except
 
 __all__ = ["AnomalyDetector"]
-
-_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def segment(score: torch.Tensor | np.ndarray, density_threshold: float) -> torch.Tensor | np.ndarray:
@@ -120,8 +119,8 @@ class AnomalyDetector(nn.Module):
         restrict_level: float = 0.05 * 0.075,
     ) -> None:
         super().__init__()
-        if amp_dtype not in _AMP_DTYPES:
-            raise ValueError(f"amp_dtype must be one of {sorted(_AMP_DTYPES)}, got {amp_dtype!r}.")
+        if amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}.")
         if num_samples < 1 or num_decodes < 1 or decode_batch_size < 1:
             raise ValueError("num_samples, num_decodes and decode_batch_size must be >= 1.")
         if density_threshold <= 0:
@@ -282,9 +281,7 @@ class AnomalyDetector(nn.Module):
         return out
 
     def _autocast(self, device: torch.device):
-        if self.amp and device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=_AMP_DTYPES[self.amp_dtype])
-        return nullcontext()
+        return autocast(device, self.amp, self.amp_dtype)
 
     @staticmethod
     def _upsample(grid: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:

@@ -34,6 +34,7 @@ import filecmp
 import functools
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from scripts.cli import as_list
 from scripts.contamination import parse_names, ratio_tag
 from scripts.experiments_report import final_iteration, report
 from scripts.files import write_json
@@ -93,8 +95,8 @@ def run(
         in_process: run the bundle in this process (faster start, for tests) instead of a subprocess per step.
     """
     preset = preset or PRESETS[kind]
-    ratios = [float(r) for r in (RATIOS[kind] if ratios is None else _as_list(ratios))]
-    seeds = [int(s) for s in _as_list(seeds)]
+    ratios = [float(r) for r in (RATIOS[kind] if ratios is None else as_list(ratios))]
+    seeds = [int(s) for s in as_list(seeds)]
     chosen = list(parse_names(variants))
     chosen += ["fixed"] if fixed_threshold and "fixed" not in chosen else []
     unknown = sorted(set(chosen) - set(VARIANTS))
@@ -230,7 +232,7 @@ def bundle(run_id: str, configs: Sequence[str], overrides: dict, log: str, in_pr
     """``python -m monai.bundle run <run_id>`` with config overrides, printed so that it can be rerun by hand."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(list(configs))]
     cmd += [f"--{k}={v!r}" for k, v in overrides.items()]  # fire reads Python literals
-    print(f"[experiments] python {' '.join(_quote(c) for c in cmd[1:])}", flush=True)
+    print(f"[experiments] python {shlex.join(cmd[1:])}", flush=True)
     start = time.time()
     os.makedirs(os.path.dirname(log), exist_ok=True)
     if in_process:
@@ -281,16 +283,6 @@ def _log(exp_dir: str, output_dir: str) -> str:
 
 def _path(config: str) -> str:
     return config if os.path.isabs(config) else os.path.join(BUNDLE_ROOT, config)
-
-
-def _as_list(value: Any) -> list:
-    if isinstance(value, str):
-        return [v for v in value.strip("[]() ").split(",") if v.strip()]
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _quote(arg: str) -> str:
-    return arg if all(c.isalnum() or c in "-_./=#:" for c in arg) else '"' + arg.replace('"', '\\"') + '"'
 
 
 def _quiet(fn: Callable) -> Callable:

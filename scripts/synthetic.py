@@ -39,6 +39,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
+from scripts.cli import as_list
 from scripts.files import write_json
 
 SPLITS = {"training": "train", "validation": "val", "test": "test"}  # datalist section -> file prefix
@@ -72,11 +73,7 @@ def _anomalous_flags(n: int, fraction: float, seed: int, split: str) -> np.ndarr
 
 def _as_tuple(value: Any, cast: type) -> tuple:
     """Fire passes "a,b" or a bare "a"; configs pass lists."""
-    if isinstance(value, str):
-        value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-    elif not isinstance(value, (list, tuple)):
-        value = [value]
-    return tuple(cast(v.strip() if isinstance(v, str) else v) for v in value)
+    return tuple(cast(v.strip() if isinstance(v, str) else v) for v in as_list(value))
 
 
 # ----------------------------------------------------------------------------------------------------------- 2D

@@ -26,6 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast(device: torch.device, enabled: bool, dtype: str = "float16"):
+    """Mixed precision on CUDA only (CPU autocast would run bfloat16 matmuls slower than float32 here)."""
+    return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[dtype], enabled=bool(enabled) and device.type == "cuda")
+
+
 __all__ = ["KVCache", "MaskedTransformer", "masked_cross_entropy", "sequence_loss", "token_log_probs"]
 
 

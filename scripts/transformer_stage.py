@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from scripts import tracking
 from scripts.healing import token_log_likelihood
 from scripts.stages import train_stage
-from scripts.transformer import sequence_loss
+from scripts.transformer import autocast, sequence_loss
 
 
 def _autocast(engine):
-    return torch.autocast(device_type=engine.state.device.type, enabled=engine.amp)
+    return autocast(engine.state.device, engine.amp)
 
 
 def train_step(engine: SupervisedTrainer, batch) -> dict:
