@@ -7,8 +7,10 @@ still come from the config (`transformer` section of configs/train.yaml).
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from ignite.engine import Events
@@ -77,9 +79,15 @@ class MeanLogLikelihood:
 class TransformerStage:
     """Trains a given Transformer on [N, L+1] sequences with [N, L+1] keep masks; resumable, never overwriting.
 
+    ILTM trains a Transformer per iteration, so what must be new each time comes as factories from the config
+    (`transformer` section of configs/train.yaml, MONAI's `_mode_: callable`).
+
     Args:
-        epochs, batch_size, lr, weight_decay: AdamW training settings.
-        val_interval: epochs between validations (the last epoch is always validated).
+        epochs, batch_size, val_interval: epochs, sequences per step, epochs between validations (the last epoch is
+            always validated).
+        optimizer: parameters -> optimiser (default AdamW, lr 5e-4, weight decay 0.01).
+        num_workers: DataLoader workers.
+        train_handlers, val_handlers: factories of extra handlers, each called once per Transformer trained.
         device, amp: where to train; AMP only on CUDA.
         tracking: MLflow settings (scripts/tracking.py) when `--tracking mlflow` is on: one run per call.
     """
@@ -88,17 +96,26 @@ class TransformerStage:
         self,
         epochs: int = 50,
         batch_size: int = 16,
-        lr: float = 5e-4,
-        weight_decay: float = 0.01,
         val_interval: int = 5,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        num_workers: int = 0,
+        train_handlers: Sequence[Callable[[], Any]] = (),
+        val_handlers: Sequence[Callable[[], Any]] = (),
         device: str | torch.device = "cpu",
         amp: bool = False,
         seed: int = 0,
         tracking: Mapping[str, str] | None = None,
     ) -> None:
         self.tracking = tracking
-        self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
-        self.val_interval, self.device, self.amp, self.seed = val_interval, torch.device(device), amp, seed
+        self.epochs, self.batch_size, self.val_interval, self.num_workers = (
+            epochs,
+            batch_size,
+            val_interval,
+            num_workers,
+        )
+        self.optimizer = optimizer or functools.partial(torch.optim.AdamW, lr=5e-4, weight_decay=0.01)
+        self.train_handlers, self.val_handlers = list(train_handlers), list(val_handlers)
+        self.device, self.amp, self.seed = torch.device(device), amp, seed
 
     def __call__(
         self,
@@ -112,9 +129,10 @@ class TransformerStage:
     ) -> nn.Module:
         """Trains `network` in place (or loads it, when `step` is already complete) and returns it."""
         network = network.to(self.device)
-        train_loader = DataLoader(TensorDataset(train_seq, train_keep), batch_size=self.batch_size, shuffle=True)
-        val_loader = DataLoader(TensorDataset(val_seq), batch_size=self.batch_size, shuffle=False)
-        optimizer = torch.optim.AdamW(network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        loader = functools.partial(DataLoader, batch_size=self.batch_size, num_workers=self.num_workers)
+        train_loader = loader(TensorDataset(train_seq, train_keep), shuffle=True)
+        val_loader = loader(TensorDataset(val_seq), shuffle=False)
+        optimizer = self.optimizer(network.parameters())
         board = os.path.join(folder, "tensorboard")
         evaluator = SupervisedEvaluator(
             device=self.device,
@@ -127,6 +145,7 @@ class TransformerStage:
                 MeanLogLikelihood(),
                 StatsHandler(name=f"{step}.val", iteration_log=False),
                 TensorBoardStatsHandler(log_dir=board, iteration_log=False),
+                *(make() for make in self.val_handlers),
             ],
         )
         loss = lambda output: output["loss"]  # noqa: E731 - decollate=False: the output is one dict
@@ -144,6 +163,7 @@ class TransformerStage:
                 ValidationHandler(validator=evaluator, interval=self.val_interval, epoch_level=True),
                 StatsHandler(name=f"{step}.train", tag_name="train_loss", output_transform=loss, iteration_log=False),
                 TensorBoardStatsHandler(log_dir=board, tag_name="train_loss", output_transform=loss),
+                *(make() for make in self.train_handlers),
             ],
         )
         ProgressBar(persist=False, desc=step).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})

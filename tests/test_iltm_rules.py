@@ -1,6 +1,7 @@
 """The ILTM loop's rules on hand-made inputs: threshold schedule, stopping, map -> token masks, masks reach training."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_masks_of_an_iteration_are_used_by_its_training(tmp_path):
     seq = torch.cat([torch.full((n, 1), codes), torch.randint(0, codes, (n, length))], dim=1)
     keep = torch.ones(n, length + 1, dtype=torch.bool)
     keep[:, 5] = False  # sequence position 5 is suspect in every training image
-    stage = TransformerStage(epochs=3, batch_size=8, lr=1e-2, val_interval=3)
+    stage = TransformerStage(epochs=3, batch_size=8, val_interval=3, optimizer=partial(torch.optim.AdamW, lr=1e-2))
     model = MaskedTransformer(codes + 1, length, embed_dim=32, num_layers=2, num_heads=2)
     stage("t", model, seq, keep, seq[:4], str(tmp_path / "t"), str(tmp_path))
     model.eval()
@@ -86,7 +87,7 @@ def test_training_resumes_after_a_kill_with_the_same_result(tmp_path):
         torch.manual_seed(1)
         return MaskedTransformer(codes + 1, length, embed_dim=16, num_layers=1, num_heads=2, resid_dropout=0.1)
 
-    stage = TransformerStage(epochs=4, batch_size=8, lr=1e-2, val_interval=2)
+    stage = TransformerStage(epochs=4, batch_size=8, val_interval=2, optimizer=partial(torch.optim.AdamW, lr=1e-2))
     whole = stage("t", model(), seq, keep, seq[:4], str(tmp_path / "a" / "t"), str(tmp_path / "a"))
 
     class Killed(Exception):
@@ -110,3 +111,36 @@ def test_training_resumes_after_a_kill_with_the_same_result(tmp_path):
     resumed = stage("t", model(), seq, keep, seq[:4], str(tmp_path / "b" / "t"), str(tmp_path / "b"))
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+class Inspect:
+    """A handler factory's product: records what the Transformer's trainer was built with."""
+
+    seen: list[dict] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine) -> None:
+        loader = engine.data_loader
+        Inspect.seen.append({"lr": engine.optimizer.param_groups[0]["lr"], "epochs": engine.state.max_epochs,
+                             "batch_size": loader.batch_size, "num_workers": loader.num_workers})  # fmt: skip
+
+
+def test_every_transformer_training_setting_comes_from_the_config(tmp_path, load_preset) -> None:
+    """optimiser lr, epochs, batch size, num_workers and extra handlers, as command-line overrides set them."""
+    handler = {"_target_": "test_iltm_rules.Inspect", "_mode_": "callable"}
+    parser, _ = load_preset("demo.yaml", **{"transformer#lr": 0.003, "transformer#epochs": 2,
+                                            "transformer#batch_size": 4, "num_workers": 1,
+                                            "transformer#handlers": [handler], "tracking": None})  # fmt: skip
+    stage = parser.get_parsed_content("transformer#stage")
+    torch.manual_seed(0)
+    n, length, codes = 8, 6, 4
+    seq = torch.cat([torch.full((n, 1), codes), torch.randint(0, codes, (n, length))], dim=1)
+    keep = torch.ones(n, length + 1, dtype=torch.bool)
+    Inspect.seen.clear()
+    stage("t", MaskedTransformer(codes + 1, length, embed_dim=8, num_layers=1, num_heads=2), seq, keep, seq[:2],
+          str(tmp_path / "t"), str(tmp_path))  # fmt: skip
+    assert Inspect.seen == [{"lr": 0.003, "epochs": 2, "batch_size": 4, "num_workers": 1}]
