@@ -26,6 +26,16 @@ RUN_ARGUMENTS = {
 }  # fmt: skip
 
 
+# ids renamed in 0.3.0 (metadata.json's changelog): a command line or preset that still uses them is told the new id
+RENAMED = {
+    "iltm_max_iterations": "iltm#max_iterations",
+    "threshold_decay": "iltm#threshold_decay",
+    "fixed_threshold": "iltm#fixed_threshold",
+    "transformer#stage#lr": "transformer#lr",
+    "transformer#stage#weight_decay": "transformer#weight_decay",
+}
+
+
 class UnknownSetting(ValueError):
     """A command-line override that matches no id of the configs."""
 
@@ -77,6 +87,9 @@ def unknown_ids(config_files: Sequence[str], keys: Sequence[str]) -> list[str]:
     known = sorted(set(_ids(parser.get())))
     messages = []
     for key in keys:
+        if key in RENAMED:
+            messages.append(f"--{key}: renamed {RENAMED[key]} in version 0.3.0")
+            continue
         if key.replace("::", "#") in parser or key.lstrip("+") in parser:
             continue
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
@@ -94,9 +107,12 @@ def check_overrides(allow_new_ids: bool = False, argv: Sequence[str] | None = No
             return  # called from Python: not a command line
         argv = sys.argv[1:]
     files, keys = command_line_ids(argv)
-    if not files or not keys:
+    if not files:
         return
-    messages = unknown_ids(files, keys)
+    messages = unknown_ids(files, keys) if keys else []
+    merged = ConfigParser(ConfigParser.load_config_files(list(files)))
+    messages += [f"{', '.join(files)} set {old}: renamed {new} in version 0.3.0" for old, new in RENAMED.items()
+                 if old in merged and merged[old] is not None]  # fmt: skip
     if messages:
         raise UnknownSetting(
             "\n".join(messages) + "\nMONAI would add these as new ids that nothing reads; the run would use the "

@@ -52,9 +52,9 @@ PRESETS = {"2d": "configs/demo.yaml", "3d": "configs/demo3d.yaml"}
 RATIOS = {"2d": (0.0, 0.2, 0.4, 0.6, 0.8), "3d": (0.0, 0.5, 1.0)}
 # variant -> (training overrides, evaluation overrides, shares iteration 0); the VQ-VAE is always the base run's
 VARIANTS = {
-    "fixed": ({"fixed_threshold": True}, {}, True),
+    "fixed": ({"iltm#fixed_threshold": True}, {}, True),
     "unrestricted": ({"restrict_to_flags": False}, {"restrict_to_flags": False}, True),
-    "oracle": ({"iltm#initial_masks": "labels", "iltm_max_iterations": 0}, {}, False),
+    "oracle": ({"iltm#initial_masks": "labels", "iltm#max_iterations": 0}, {}, False),
 }
 # what determines results: a rerun with other values would mix incompatible outputs in one folder
 RECORDED = ("preset", "n_train", "n_test", "overrides", "eval_overrides")

@@ -26,7 +26,7 @@ from scripts.stages import read_record
 logger = logging.getLogger(__name__)
 
 # settings that only decide how far a run goes (or how fast): changing them does not make its completed steps wrong
-EXTENDABLE = ("iltm_max_iterations", "iltm#min_iterations", "iltm#stop_tolerance", "iltm#mask_batch_size")
+EXTENDABLE = ("iltm#max_iterations", "iltm#min_iterations", "iltm#stop_tolerance", "iltm#mask_batch_size")
 SHOWN = 8  # differing files listed by name
 
 

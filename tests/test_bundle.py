@@ -120,7 +120,7 @@ def _pipeline(tmp_path, name, **extra):
         "iltm#export": str(out / "exported.pt"),
         "vqvae#epochs": 2,
         "vqvae#val_interval": 2,
-        "iltm_max_iterations": 2,
+        "iltm#max_iterations": 2,
         "iltm#stop_tolerance": 0.0,
         **TINY_2D,
         **extra,

@@ -43,3 +43,12 @@ def test_the_command_line_stops_before_any_work_and_ends_with_the_cause(tmp_path
     assert last.startswith("Cause: UnknownSetting:") or "did you mean vqvae#epochs" in result.stderr
     assert "did you mean vqvae#epochs" in result.stderr
     assert not out.exists() and not (tmp_path / "no_data").exists()  # nothing was generated or trained
+
+
+def test_renamed_ids_are_named_with_their_new_names(tmp_path) -> None:
+    (message,) = unknown_ids([TRAIN, DEMO], ["iltm_max_iterations"])
+    assert message == "--iltm_max_iterations: renamed iltm#max_iterations in version 0.3.0"
+    old_preset = tmp_path / "mine.yaml"
+    old_preset.write_text("threshold_decay: 0.2\n")
+    with pytest.raises(UnknownSetting, match="set threshold_decay: renamed iltm#threshold_decay"):
+        check_overrides(False, ["run", "--config_file", f"['{TRAIN}','{old_preset}']"])

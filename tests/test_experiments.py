@@ -21,7 +21,7 @@ from scripts.synthetic import make_2d, make_3d
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 run_slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="slow (minutes on CPU); set RUN_SLOW=1")
 
-TINY = {"synthetic#n_val": 2, "vqvae#epochs": 1, "transformer#epochs": 1, "iltm_max_iterations": 1, **TINY_DETECTOR}
+TINY = {"synthetic#n_val": 2, "vqvae#epochs": 1, "transformer#epochs": 1, "iltm#max_iterations": 1, **TINY_DETECTOR}
 
 
 def _test_split(folder: str) -> dict[str, bytes]:
