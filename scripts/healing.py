@@ -30,7 +30,6 @@ __all__ = [
     "LatentSequencer",
     "flag_tokens",
     "heal",
-    "heal_batch",
     "heal_naive",
     "sample_codes",
     "token_log_likelihood",
@@ -124,7 +123,7 @@ def _per_image(seq: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, to
     seq = seq.reshape(1, -1) if seq.dim() == 1 else seq
     flags = flags.reshape(-1)
     if seq.shape[0] != 1:
-        raise ValueError(f"heal takes one image ([L+1] or [1, L+1]); use heal_batch for {seq.shape[0]} images.")
+        raise ValueError(f"heal takes one image ([L+1] or [1, L+1]); call it per image for {seq.shape[0]} images.")
     if flags.shape[0] != seq.shape[1] - 1:
         raise ValueError(f"flags must have one entry per token ({seq.shape[1] - 1}), got {flags.shape[0]}.")
     return seq, torch.nonzero(flags.to(torch.bool)).flatten().tolist()
@@ -190,18 +189,3 @@ def heal_naive(
         logits = transformer(healed[:, : position + 1])[:, -1]
         healed[:, position + 1] = sample_codes(logits, transformer.num_codes, temperature, top_k, generator)
     return healed[:, 1:]
-
-
-def heal_batch(
-    transformer: nn.Module,
-    seqs: torch.Tensor,
-    flags: torch.Tensor,
-    num_samples: int = 60,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-    naive: bool = False,
-) -> torch.Tensor:
-    """[B, L+1] sequences with [B, L] flags -> [B, N, L]: one image at a time (own flags), N samplings batched."""
-    fn = heal_naive if naive else heal
-    return torch.stack([fn(transformer, s, f, num_samples, temperature, top_k, generator) for s, f in zip(seqs, flags)])

@@ -65,11 +65,6 @@ class KVCache:
         """Per-layer values of the consumed tokens, [B, H, length, Dh] (None before the first forward)."""
         return [None if v is None else v[:, :, : self.length] for v in self._v]
 
-    @property
-    def key_keep(self) -> torch.Tensor | None:
-        """Keep flags of the consumed tokens, [B, length]; None when all were kept."""
-        return None if self._keep is None else self._keep[:, : self.length]
-
     def expand(self, n: int) -> KVCache:
         """Repeat each row ``n`` times (rows b*n .. b*n+n-1 copy row b): compute a shared prefix once, sample N ways.
 
@@ -89,7 +84,7 @@ class KVCache:
             out._keep = self._keep.repeat_interleave(n, dim=0)
         return out
 
-    def _record_keep(self, keep: torch.Tensor | None, chunk_len: int) -> torch.Tensor | None:
+    def record_keep(self, keep: torch.Tensor | None, chunk_len: int) -> torch.Tensor | None:
         """Store the chunk's keep flags; return the flags of all keys the chunk sees, [B, length + T], or None."""
         end = self.length + chunk_len
         if keep is None and self._keep is None:
@@ -99,7 +94,7 @@ class KVCache:
         self._keep[:, self.length : end] = True if keep is None else keep
         return self._keep[:, :end]
 
-    def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the chunk's keys/values after the prefix; return keys/values of prefix + chunk."""
         if self._k[layer] is None:
             shape = (k.shape[0], k.shape[1], self.max_seq_len, k.shape[3])
@@ -134,7 +129,7 @@ class CausalSelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in self.qkv(x).split(d, -1))
         if cache is not None:
-            k, v = cache._append(layer, k, v)
+            k, v = cache.append(layer, k, v)
         # A boolean mask (True = may attend) still lets PyTorch pick the memory-efficient kernel on GPU;
         # is_causal without a mask allows flash attention.
         y = F.scaled_dot_product_attention(
@@ -290,7 +285,7 @@ class MaskedTransformer(nn.Module):
             causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
             return causal & keep[:, None, None, :], False  # [B, 1, T, T]
         start = cache.length
-        key_keep = cache._record_keep(keep, t)  # [B, start + t] or None
+        key_keep = cache.record_keep(keep, t)  # [B, start + t] or None
         if key_keep is None and t == 1:
             return None, False  # a single new token may see everything cached
         # is_causal would align the triangle top-left; with a prefix the chunk's diagonal is offset by `start`.

@@ -90,10 +90,6 @@ class DropoutVQVAE(VQVAE):
     def codebook_size(self) -> int:
         return self.num_embeddings
 
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """Reconstruction alone, for inferers and metrics that do not want the quantisation loss."""
-        return self(images)[0]
-
 
 @contextmanager
 def eval_except(module: nn.Module, *active: nn.Module) -> Iterator[nn.Module]:

@@ -11,7 +11,6 @@ from scripts.healing import (
     LatentSequencer,
     flag_tokens,
     heal,
-    heal_batch,
     heal_naive,
     sample_codes,
     token_log_likelihood,
@@ -169,15 +168,15 @@ def test_temperature_sharpens_and_flattens() -> None:
         sample_codes(logits, 4, temperature=0.0)
 
 
-def test_heal_batch_uses_each_images_flags() -> None:
+def test_each_image_is_healed_at_its_own_flags() -> None:
     model, seqs = make_model(), make_seq(batch=2)
     flags = torch.stack([flags_at(0, 1), flags_at(L - 2, L - 1)])
-    out = heal_batch(model, seqs, flags, num_samples=4, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (2, 4, L)
     for b in range(2):
-        assert torch.equal(out[b][:, ~flags[b]], seqs[b, 1:].expand(4, -1)[:, ~flags[b]])
-    naive = heal_batch(model, seqs, flags, num_samples=4, generator=torch.Generator().manual_seed(0), naive=True)
-    assert torch.equal(out, naive)
+        out = heal(model, seqs[b], flags[b], num_samples=4, generator=torch.Generator().manual_seed(0))
+        assert out.shape == (4, L)
+        assert torch.equal(out[:, ~flags[b]], seqs[b, 1:].expand(4, -1)[:, ~flags[b]])
+        naive = heal_naive(model, seqs[b], flags[b], num_samples=4, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out, naive)
 
 
 def test_accepts_batch_one_and_rejects_bad_shapes() -> None:
