@@ -17,34 +17,34 @@ from ignite.engine import Events
 from ignite.handlers import ProgressBar
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import StatsHandler, TensorBoardStatsHandler, ValidationHandler
+from monai.inferers import Inferer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from scripts import tracking
 from scripts.healing import token_log_likelihood
 from scripts.stages import train_stage
-from scripts.transformer import autocast, sequence_loss
+from scripts.transformer import autocast, masked_cross_entropy
 
 
-def _autocast(engine):
-    return autocast(engine.state.device, engine.amp)
+def prepare_sequences(batch, device=None, non_blocking: bool = False, **kwargs):
+    """(sequences [B, L+1], keep masks [B, L+1]) as both inputs and targets of MONAI's supervised step."""
+    seq, keep = (t.to(device, non_blocking=non_blocking) for t in batch)
+    return (seq, keep), (seq, keep)
 
 
-def train_step(engine: SupervisedTrainer, batch) -> dict:
-    """One optimiser step on (sequence, keep): masked tokens leave attention and the loss (scripts.transformer)."""
-    seq, keep = (t.to(engine.state.device) for t in batch)
-    engine.network.train()
-    engine.optimizer.zero_grad(set_to_none=True)
-    with _autocast(engine):
-        loss = engine.loss_function(engine.network, seq, keep)  # scripts.transformer.sequence_loss
-    if engine.amp and engine.scaler is not None:
-        engine.scaler.scale(loss).backward()
-        engine.scaler.step(engine.optimizer)
-        engine.scaler.update()
-    else:
-        loss.backward()
-        engine.optimizer.step()
-    return {"loss": loss.detach()}
+class NextTokenInferer(Inferer):
+    """Logits of every next token: inputs seq[:, :-1] with their keep flags (masked tokens leave attention)."""
+
+    def __call__(self, inputs: tuple[torch.Tensor, torch.Tensor], network: nn.Module, *args, **kwargs) -> torch.Tensor:
+        seq, keep = inputs
+        return network(seq[:, :-1], keep[:, :-1])
+
+
+def next_token_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of seq[:, 1:] over the kept targets only (masked tokens leave the loss)."""
+    seq, keep = targets
+    return masked_cross_entropy(logits, seq[:, 1:], keep[:, 1:])
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def val_step(engine: SupervisedEvaluator, batch) -> dict:
     """Summed token log-likelihood of a batch of (unmasked) validation sequences."""
     seq = batch[0].to(engine.state.device)
     engine.network.eval()
-    with _autocast(engine):
+    with autocast(engine.state.device, engine.amp):
         log_likelihood = token_log_likelihood(engine.network, seq).float()
     return {"sum": log_likelihood.sum(), "count": log_likelihood.numel()}
 
@@ -155,8 +155,10 @@ class TransformerStage:
             train_data_loader=train_loader,
             network=network,
             optimizer=optimizer,
-            loss_function=sequence_loss,
-            iteration_update=train_step,
+            loss_function=next_token_loss,
+            inferer=NextTokenInferer(),
+            prepare_batch=prepare_sequences,
+            optim_set_to_none=True,
             amp=self.amp,
             decollate=False,
             train_handlers=[
