@@ -26,7 +26,8 @@ from tiny import TINY_DETECTOR
 
 from scripts import metrics
 from scripts.checkpoint import detector_record, save_detector
-from scripts.inference import relative_stem, summarise
+from scripts.evaluation import summarise
+from scripts.inference import relative_stem
 from scripts.synthetic import make_2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
