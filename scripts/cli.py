@@ -83,7 +83,14 @@ def command_line_ids(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def unknown_ids(config_files: Sequence[str], keys: Sequence[str]) -> list[str]:
     """One message per key that no id of the merged `config_files` matches, with the closest ids."""
-    parser = ConfigParser(ConfigParser.load_config_files(list(config_files)))
+    return _unknown(_merged(config_files), keys, ", ".join(config_files))
+
+
+def _merged(config_files: Sequence[str]) -> ConfigParser:
+    return ConfigParser(ConfigParser.load_config_files(list(config_files)))
+
+
+def _unknown(parser: ConfigParser, keys: Sequence[str], where: str) -> list[str]:
     known = sorted(set(_ids(parser.get())))
     messages = []
     for key in keys:
@@ -94,7 +101,7 @@ def unknown_ids(config_files: Sequence[str], keys: Sequence[str]) -> list[str]:
             continue
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        messages.append(f"--{key}: no such setting in {', '.join(config_files)}{hint}")
+        messages.append(f"--{key}: no such setting in {where}{hint}")
     return messages
 
 
@@ -109,9 +116,9 @@ def check_overrides(allow_new_ids: bool = False, argv: Sequence[str] | None = No
     files, keys = command_line_ids(argv)
     if not files:
         return
-    messages = unknown_ids(files, keys) if keys else []
-    merged = ConfigParser(ConfigParser.load_config_files(list(files)))
-    messages += [f"{', '.join(files)} set {old}: renamed {new} in version 0.3.0" for old, new in RENAMED.items()
+    merged, where = _merged(files), ", ".join(files)
+    messages = _unknown(merged, keys, where)
+    messages += [f"{where} set {old}: renamed {new} in version 0.3.0" for old, new in RENAMED.items()
                  if old in merged and merged[old] is not None]  # fmt: skip
     if messages:
         raise UnknownSetting(

@@ -110,6 +110,7 @@ def relative_stem(path: str, root: str | None) -> str:
 
 
 def item_filename(item: dict) -> str:
+    """The input file an engine output item came from (its metadata), for output names."""
     for key in ("pred", "image"):
         meta = getattr(item.get(key), "meta", None) or {}
         if "filename_or_obj" in meta:

@@ -73,7 +73,7 @@ class RunGuard:
         output_dir: the run's folder.
         settings: what determines the results, keyed by config id (nested dicts of plain values).
         train_files, val_files: the entries both stages train and validate on.
-        networks: the networks' settings (:func:`scripts.checkpoint.detector_record`), recorded with `settings`.
+        detector: the detector's record (:func:`scripts.checkpoint.detector_record`: networks and data settings).
         version: the bundle's version, recorded (a new version alone does not stop a rerun); None: metadata.json's.
         resume: continue even when the settings or data differ, keeping the completed steps as they are.
         overwrite: move an existing run aside (to ``<output_dir>.replaced-<time>``) and start afresh; nothing is deleted.
@@ -85,7 +85,7 @@ class RunGuard:
         settings: Mapping[str, Any],
         train_files: Sequence[Mapping[str, Any]],
         val_files: Sequence[Mapping[str, Any]],
-        networks: Mapping[str, Any] | None = None,
+        detector: Mapping[str, Any] | None = None,
         version: str | None = None,
         resume: bool = False,
         overwrite: bool = False,
@@ -97,7 +97,7 @@ class RunGuard:
             raise ValueError("resume and overwrite exclude each other: choose one")
         self.output_dir, self.resume, self.overwrite = output_dir, resume, overwrite
         self.record = {
-            "settings": {**flatten(settings), **flatten(networks or {})},
+            "settings": {**flatten(settings), **flatten(detector or {})},
             "training": file_table(train_files),
             "validation": file_table(val_files),
             "version": _bundle_version() if version is None else version,

@@ -2,7 +2,7 @@
 
 Without these checks a wrong value surfaces late and far from its cause: ``--num_samples abc`` as a ``TypeError``
 inside healing, ``--image_size "[0,0]"`` after the VQ-VAE has trained. The configs pass the values they use
-(``checked_settings``) to :func:`check_settings`, which reports every problem at once, each with its id.
+(``detector_settings`` with ``run_settings`` or ``checked_settings``) to :func:`check_settings`, which reports every problem at once, each with its id.
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ def _spacing(v: Any) -> str | None:
 
 
 def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    return lambda v: None if v is None else (None if check(v) is None else f"None or {check(v)}")
+    def optional(v: Any) -> str | None:
+        wrong = None if v is None else check(v)
+        return wrong and f"None or {wrong}"
+
+    return optional
 
 
 def _sizes(v: Any) -> str | None:
@@ -114,10 +118,10 @@ class SettingError(ValueError):
     """Settings outside their domain, each named by its config id."""
 
 
-def check_settings(settings: Mapping[str, Any]) -> None:
-    """Raises one :class:`SettingError` listing every setting of `settings` (nested dicts or flat ids) that is
+def check_settings(*settings: Mapping[str, Any]) -> None:
+    """Raises one :class:`SettingError` listing every setting of `settings` (nested dicts or flat ids, merged) that is
     outside its domain; ids without a known domain pass."""
-    flat = flatten(settings)
+    flat = {k: v for part in settings for k, v in flatten(part).items()}
     problems = []
     for key, value in flat.items():
         check = DOMAINS.get(key)

@@ -122,6 +122,15 @@ def serve(bundle: str, image: str, **request) -> tuple[str, dict, dict]:
     return write(data, request), data.get("result", {}), labels
 
 
+def serve_volume(bundle: str, tmp_path, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """A random SUV-like volume at 4 mm served through the bundle; the label map as read back from its file."""
+    volume = str(tmp_path / "pet.nii.gz")
+    values = np.random.default_rng(seed).uniform(0, 15, shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(values, np.diag([4, 4, 4, 1])), volume)
+    result, _, _ = serve(bundle, volume)
+    return np.asarray(nib.load(result).dataobj)
+
+
 def bundle_trained_with(tmp_path, overrides: dict) -> str:
     """A bundle folder (configs + models/model.pt) whose model was trained with a preset: `overrides` here."""
     bundle = str(tmp_path / "model" / "iltm")
@@ -167,11 +176,7 @@ def test_score_map_on_request(tmp_path, png: str) -> None:
 
 def test_3d_nifti_request(tmp_path) -> None:
     bundle = bundle_trained_with(tmp_path, TINY_3D)
-    volume = str(tmp_path / "pet.nii.gz")
-    rng = np.random.default_rng(0)
-    nib.save(nib.Nifti1Image(rng.uniform(0, 15, (10, 12, 20)).astype(np.float32), np.diag([4, 4, 4, 1])), volume)
-    result, _, _ = serve(bundle, volume)
-    seg = np.asarray(nib.load(result).dataobj)
+    seg = serve_volume(bundle, tmp_path, (10, 12, 20), seed=0)
     assert seg.shape == (10, 12, 20) and set(np.unique(seg)) <= {0, 1}
 
 
@@ -185,11 +190,7 @@ def test_pet_preprocessing_of_the_training_preset_is_served_too(tmp_path) -> Non
     parser.config.update({"bundle_root": bundle})
     assert describe(parser.get_parsed_content("resize"))[1:-1] == ["Orientationd", "Spacingd", "CropForegroundd",
                                                                     "ResizeWithPadOrCropd"]  # fmt: skip
-    volume = str(tmp_path / "pet.nii.gz")
-    rng = np.random.default_rng(1)
-    nib.save(nib.Nifti1Image(rng.uniform(0, 15, (30, 28, 60)).astype(np.float32), np.diag([4, 4, 4, 1])), volume)
-    result, _, _ = serve(bundle, volume)
-    seg = np.asarray(nib.load(result).dataobj)
+    seg = serve_volume(bundle, tmp_path, (30, 28, 60), seed=1)
     assert seg.shape == (30, 28, 60) and set(np.unique(seg)) <= {0, 1}
 
 
