@@ -23,7 +23,7 @@ from scripts.files import atomic_save
 # Settings a checkpoint cannot be used without: its weights' shapes and what its inputs must look like. The others in
 # a record (N, M, thresholds, KDE units) are inference choices: adopted by default, free to change.
 BINDING = ("spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max", "spacing",
-           "foreground_threshold", "resize", "vqvae_def#", "transformer_def#")  # fmt: skip
+           "foreground_threshold", "spatial", "vqvae_def#", "transformer_def#")  # fmt: skip
 
 
 class CheckpointError(RuntimeError):

@@ -26,13 +26,18 @@ RUN_ARGUMENTS = {
 }  # fmt: skip
 
 
-# ids renamed in 0.3.0 (metadata.json's changelog): a command line or preset that still uses them is told the new id
+# renamed ids (metadata.json's changelog) -> (new id, version): a command line or preset that still uses one is told
 RENAMED = {
-    "iltm_max_iterations": "iltm#max_iterations",
-    "threshold_decay": "iltm#threshold_decay",
-    "fixed_threshold": "iltm#fixed_threshold",
-    "transformer#stage#lr": "transformer#lr",
-    "transformer#stage#weight_decay": "transformer#weight_decay",
+    "iltm_max_iterations": ("iltm#max_iterations", "0.3.0"),
+    "threshold_decay": ("iltm#threshold_decay", "0.3.0"),
+    "fixed_threshold": ("iltm#fixed_threshold", "0.3.0"),
+    "transformer#stage#lr": ("transformer#lr", "0.3.0"),
+    "transformer#stage#weight_decay": ("transformer#weight_decay", "0.3.0"),
+    "loading": ("preprocessing", "0.4.0"),
+    "resize": ("spatial", "0.4.0"),
+    "transformer#stage#epochs": ("transformer#epochs", "0.4.0"),
+    "transformer#stage#batch_size": ("transformer#batch_size", "0.4.0"),
+    "transformer#stage#num_workers": ("num_workers", "0.4.0"),
 }
 
 
@@ -95,7 +100,7 @@ def _unknown(parser: ConfigParser, keys: Sequence[str], where: str) -> list[str]
     messages = []
     for key in keys:
         if key in RENAMED:
-            messages.append(f"--{key}: renamed {RENAMED[key]} in version 0.3.0")
+            messages.append(f"--{key}: renamed {RENAMED[key][0]} in version {RENAMED[key][1]}")
             continue
         if key.replace("::", "#") in parser or key.lstrip("+") in parser:
             continue
@@ -116,10 +121,14 @@ def check_overrides(allow_new_ids: bool = False, argv: Sequence[str] | None = No
     files, keys = command_line_ids(argv)
     if not files:
         return
-    merged, where = _merged(files), ", ".join(files)
-    messages = _unknown(merged, keys, where)
-    messages += [f"{where} set {old}: renamed {new} in version 0.3.0" for old, new in RENAMED.items()
-                 if old in merged and merged[old] is not None]  # fmt: skip
+    check_ids(_merged(files), keys, ", ".join(files))
+
+
+def check_ids(parser: ConfigParser, keys: Sequence[str], where: str) -> None:
+    """Stops when `keys` (overrides about to be applied to `parser`) or the configs themselves use unknown or old ids."""
+    messages = _unknown(parser, keys, where)
+    messages += [f"{where} set {old}: renamed {new} in version {version}" for old, (new, version) in RENAMED.items()
+                 if old in parser and parser[old] is not None]  # fmt: skip
     if messages:
         raise UnknownSetting(
             "\n".join(messages) + "\nMONAI would add these as new ids that nothing reads; the run would use the "

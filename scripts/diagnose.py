@@ -22,6 +22,7 @@ from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from scripts.checkpoint import load_detector
+from scripts.cli import check_ids
 from scripts.data import load_datalist
 from scripts.files import write_json
 from scripts.iltm import precision_recall, tokens_from_map
@@ -49,14 +50,15 @@ def diagnose(
     """Prints and returns the two diagnostics; `overrides` are config ids, as on the bundle command line."""
     parser = ConfigParser()
     parser.read_config(config_file)
+    check_ids(parser, list(overrides), str(config_file))  # `--json out.json` would otherwise become a config id
     parser.update(overrides)
     detector = parser.get_parsed_content("network_def").to(parser.get_parsed_content("device"))
     load_detector(detector, checkpoint)
     files = load_datalist(
         parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), section, labels="require"
     )
-    loading = parser.get_parsed_content("loading")
-    items = [loading(f) for f in tqdm(files, desc="loading", leave=False)]
+    preprocessing = parser.get_parsed_content("preprocessing")
+    items = [preprocessing(f) for f in tqdm(files, desc="loading", leave=False)]
     labels = torch.stack([item["label"] for item in items]) > 0
     results: dict = {"checkpoint": checkpoint, "section": section, "n_images": len(items)}
     for name, resample in (("full", True), ("no_resampling", False)):

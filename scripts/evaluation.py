@@ -1,24 +1,28 @@
 """Scores of a labelled set for configs/evaluate.yaml: the exact metrics of :mod:`scripts.metrics` over every map,
-written to ``metrics.json`` (set level and per category) and a per-image CSV."""
+written to ``metrics.json`` (set level and per category); per-image values go to MONAI's ``MetricsSaver``."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from ignite.engine import Engine, Events
 
 from scripts import metrics
 from scripts.data import DataError
 from scripts.detector import segment
 from scripts.files import write_json
-from scripts.inference import item_filename, relative_stem
+from scripts.inference import item_filename, output_name
 
 logger = logging.getLogger(__name__)
+
+# per-image values (MONAI's metric details): 1 if the label has any anomalous voxel, the image score (maximum of the
+# map), the mean score, labelled and segmented voxels, and the Dice of the detector's own segmentation
+PER_IMAGE = ("anomalous", "image_score", "mean_score", "label_voxels", "segmented_voxels", "dice_at_density_threshold")
 
 
 def summarise(
@@ -39,39 +43,41 @@ def summarise(
     except ValueError as e:
         logger.warning(f"image AUROC undefined: {e}")
         out["image_auroc"] = None
-    tp = fp = fn = 0
-    for s, lab in zip(scores, labels):
-        seg, lab = segment(s, density_threshold), lab.astype(bool)
-        tp, fp, fn = tp + int(np.sum(seg & lab)), fp + int(np.sum(seg & ~lab)), fn + int(np.sum(~seg & lab))
-    out["dice_at_density_threshold"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    counts = np.sum([overlap(segment(s, density_threshold), lab) for s, lab in zip(scores, labels)], axis=0)
+    out["dice_at_density_threshold"] = dice(*map(int, counts)) if len(scores) else None
     return out
+
+
+def overlap(seg: np.ndarray, label: np.ndarray) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) of a binary segmentation."""
+    seg, label = seg.astype(bool), label.astype(bool)
+    return int(np.sum(seg & label)), int(np.sum(seg & ~label)), int(np.sum(~seg & label))
+
+
+def dice(tp: int, fp: int, fn: int) -> float | None:
+    """2TP / (2TP + FP + FN); None when both the segmentation and the label are empty."""
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+
+
+def image_names(batch: Sequence[dict], root: str | None) -> list[dict]:
+    """MetricsSaver's `batch_transform`: each image by the name its maps have (folders below `root` kept)."""
+    return [{"filename_or_obj": output_name(item_filename(entry), root)} for entry in batch]
 
 
 class AnomalyMetrics:
     """Handler: keeps each map and label (numpy, the network's grid) and scores the set when the epoch ends.
 
-    Writes ``metrics.json`` (set-level and per-category metrics, see :func:`summarise`) and ``metrics_per_image.csv``.
+    Writes ``metrics.json`` (set-level and per-category metrics, see :func:`summarise`) and puts the set-level scalars
+    in ``engine.state.metrics`` and the per-image values (:data:`PER_IMAGE`) in ``engine.state.metric_details``, where
+    MONAI's ``MetricsSaver`` (configs/evaluate.yaml) writes them as ``<name>_raw.csv`` with a summary.
     Metrics need every map of the set at once; they are kept as float32 arrays and bool labels, nothing else.
     """
 
-    def __init__(
-        self,
-        output_dir: str,
-        density_threshold: float,
-        root: str | None = None,
-        fpr_limit: float = 0.3,
-        extra: dict | None = None,
-    ) -> None:
-        self.output_dir, self.density_threshold, self.root, self.fpr_limit = (
-            output_dir,
-            density_threshold,
-            root,
-            fpr_limit,
-        )
+    def __init__(self, output_dir: str, density_threshold: float, fpr_limit: float = 0.3, extra: dict | None = None):
+        self.output_dir, self.density_threshold, self.fpr_limit = output_dir, density_threshold, fpr_limit
         self.extra = dict(extra or {})
         self.scores: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
-        self.rows: list[dict] = []
         self.categories: list[str | None] = []
         self.results: dict | None = None
 
@@ -81,31 +87,28 @@ class AnomalyMetrics:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
-        self.scores, self.labels, self.rows, self.categories = [], [], [], []
+        self.scores, self.labels, self.categories = [], [], []
 
     def _collect(self, engine: Engine) -> None:
         batches = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(engine.state.output)
         for entry, item in zip(batches, engine.state.output):
             if item.get("label") is None:
                 raise DataError(f"{item_filename(item)}: evaluation needs a label for every image")
-            score = item["score"][0].detach().cpu().float().numpy()
-            label = item["label"][0].detach().cpu().numpy() > 0
             category = entry.get("category")
-            self.scores.append(score)
-            self.labels.append(label)
+            self.scores.append(item["score"][0].detach().cpu().float().numpy())
+            self.labels.append(item["label"][0].detach().cpu().numpy() > 0)
             self.categories.append(None if category is None else str(category))
+
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """Each of :data:`PER_IMAGE` as an [N, 1] tensor, MONAI's layout of metric details."""
+        rows = []
+        for score, label in zip(self.scores, self.labels):
             seg = segment(score, self.density_threshold)
-            inter, total = int(np.sum(seg & label)), int(seg.sum() + label.sum())
-            self.rows.append({
-                "image": relative_stem(item_filename(item), self.root),
-                "category": "" if category is None else category,
-                "anomalous": int(label.any()),
-                "image_score": float(score.max()),
-                "mean_score": float(score.mean()),
-                "label_voxels": int(label.sum()),
-                "segmented_voxels": int(seg.sum()),
-                "dice_at_density_threshold": 2 * inter / total if total else float("nan"),
-            })  # fmt: skip
+            per_image_dice = dice(*overlap(seg, label))
+            rows.append([float(label.any()), float(score.max()), float(score.mean()), float(label.sum()),
+                         float(seg.sum()), float("nan") if per_image_dice is None else per_image_dice])  # fmt: skip
+        table = torch.tensor(rows, dtype=torch.float64).reshape(-1, len(PER_IMAGE))
+        return {name: table[:, i : i + 1] for i, name in enumerate(PER_IMAGE)}
 
     def _write(self, engine: Engine) -> None:
         results: dict[str, Any] = {
@@ -121,10 +124,7 @@ class AnomalyMetrics:
             }
         os.makedirs(self.output_dir, exist_ok=True)
         write_json(os.path.join(self.output_dir, "metrics.json"), results)
-        with open(os.path.join(self.output_dir, "metrics_per_image.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]) if self.rows else ["image"])
-            writer.writeheader()
-            writer.writerows(self.rows)
+        engine.state.metric_details.update(self.per_image())
         shown = {k: v for k, v in results.items() if k != "per_category"}
         # scalars as engine metrics too: MONAI's handlers (e.g. MLFlowHandler under `--tracking mlflow`) log those
         engine.state.metrics.update(

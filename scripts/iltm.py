@@ -32,7 +32,7 @@ from scripts.detector import AnomalyDetector, check_density_threshold, segment
 from scripts.files import atomic_save
 from scripts.healing import LatentSequencer, token_log_likelihood
 from scripts.iltm_report import write_report
-from scripts.stages import RunState
+from scripts.steps import RunState
 from scripts.tokens import cached_tokens, latent_shape, load_token_masks, save_token_masks
 from scripts.transformer_stage import TransformerStage
 

@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from scripts import iltm_checks
 from scripts.plots import figure
-from scripts.stages import RunState
+from scripts.steps import RunState
 from scripts.tokens import load_token_masks
 
 COLUMNS = (

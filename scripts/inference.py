@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.utils import create_file_basename
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
@@ -29,11 +30,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".
 
 
 def input_files(
-    folder: str | None, datalist: str | None, dataset_dir: str, section: str = "test", labels: str = "auto"
+    folder: str | None,
+    datalist: str | None,
+    dataset_dir: str,
+    section: str = "test",
+    labels: str = "auto",
+    root: str | None = None,
 ) -> list[dict]:
     """The images to process: every image file in `folder` (sorted) when given, else a datalist section.
 
     `labels` as in :func:`scripts.data.load_datalist` ("require" for evaluation, "auto" for plain inference).
+    `root`: the folder output names are relative to (MONAI's `data_root_dir`; default `folder` or `dataset_dir`).
     """
     if not folder:
         files = load_datalist(datalist, dataset_dir, section, labels)
@@ -44,7 +51,7 @@ def input_files(
         if not names:
             raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
         files = [{"image": os.path.join(folder, n)} for n in names]
-    check_inputs(files, folder or dataset_dir)
+    check_inputs(files, root or folder or dataset_dir)
     return files
 
 
@@ -83,8 +90,11 @@ def check_inputs(files: Sequence[dict], root: str | None) -> None:
                 if key in entry and (why := unreadable(str(entry[key])))]  # fmt: skip
     names: dict[str, str] = {}
     for entry in files:
-        name = relative_stem(str(entry["image"]), root)
-        if name in names:
+        name = output_name(str(entry["image"]), root)
+        if name.startswith(".."):
+            problems.append(f"{entry['image']}: not below {root}, so MONAI's writers would put its maps outside the "
+                            "output folder; set --input_root to a folder that holds every input")  # fmt: skip
+        elif name in names:
             problems.append(f"{entry['image']}: its maps would overwrite those of {names[name]} (both <{name}>_*)")
         names.setdefault(name, str(entry["image"]))
     if problems:
@@ -92,21 +102,14 @@ def check_inputs(files: Sequence[dict], root: str | None) -> None:
         raise DataError(
             f"{len(problems)} of {len(files)} inputs cannot be processed; nothing was written:\n  "
             + "\n  ".join(shown)
-            + "\nRemove or replace these files (rename one of each pair with the same name) and run again."
+            + "\nRemove or replace these files (rename one of each pair with the same name), or set --input_root, and "
+            "run again."
         )
 
 
-def relative_stem(path: str, root: str | None) -> str:
-    """`root`-relative path without extension: output names keep the input's folders (MVTec repeats file names)."""
-    path = os.path.abspath(str(path))
-    if root and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
-        path = os.path.relpath(path, os.path.abspath(root))
-    else:
-        path = os.path.basename(path)
-    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
-        if path.lower().endswith(ext):
-            return path[: -len(ext)]
-    return os.path.splitext(path)[0]
+def output_name(path: str, root: str | None) -> str:
+    """The name MONAI's writers give an input's outputs (before the postfix), e.g. "bottle/test/good/000"."""
+    return create_file_basename("", os.path.abspath(str(path)), "", root or "", separate_folder=False, makedirs=False)
 
 
 def item_filename(item: dict) -> str:

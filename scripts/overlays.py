@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.detector import segment
-from scripts.inference import item_filename, relative_stem
+from scripts.inference import item_filename, output_name
 from scripts.plots import figure
 
 
@@ -28,7 +28,7 @@ class SaveOverlays:
 
     def __call__(self, engine: Engine) -> None:
         for item in engine.state.output:
-            path = os.path.join(self.output_dir, relative_stem(item_filename(item), self.root) + "_overlay.png")
+            path = os.path.join(self.output_dir, output_name(item_filename(item), self.root) + "_overlay.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_overlay(path, item["image"], item["score"], self.density_threshold, item.get("label"), self.dpi)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from scripts.checkpoint import flatten
 from scripts.files import write_json
-from scripts.stages import read_record
+from scripts.steps import read_record
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ def autocast(device: torch.device, enabled: bool, dtype: str = "float16"):
     return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[dtype], enabled=bool(enabled) and device.type == "cuda")
 
 
-__all__ = ["KVCache", "MaskedTransformer", "masked_cross_entropy", "sequence_loss", "token_log_probs"]
+__all__ = ["KVCache", "MaskedTransformer", "masked_cross_entropy", "next_token_loss", "token_log_probs"]
 
 
 class KVCache:
@@ -105,8 +105,8 @@ class KVCache:
         return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention; the caller decides causality and masking (mask or is_causal)."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, not causal by itself: the caller passes the causal and masked-token mask."""
 
     def __init__(self, embed_dim: int, num_heads: int, attn_dropout: float, resid_dropout: float, bias: bool) -> None:
         super().__init__()
@@ -144,7 +144,7 @@ class Block(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, attn_dropout: float, resid_dropout: float, bias: bool) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(embed_dim, bias=bias)
-        self.attn = CausalSelfAttention(embed_dim, num_heads, attn_dropout, resid_dropout, bias)
+        self.attn = SelfAttention(embed_dim, num_heads, attn_dropout, resid_dropout, bias)
         self.ln2 = nn.LayerNorm(embed_dim, bias=bias)
         self.mlp = nn.Sequential(
             nn.Linear(embed_dim, 4 * embed_dim, bias=bias),
@@ -313,10 +313,10 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, keep: torc
     return torch.where(flat_keep, losses, torch.zeros_like(losses)).sum() / flat_keep.sum().clamp_min(1)
 
 
-def sequence_loss(model: MaskedTransformer, seq: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Next-token loss of a [B, L+1] sequence with BOS at 0: inputs seq[:, :-1], targets seq[:, 1:]."""
-    in_keep, target_keep = (None, None) if keep is None else (keep[:, :-1], keep[:, 1:])
-    return masked_cross_entropy(model(seq[:, :-1], in_keep), seq[:, 1:], target_keep)
+def next_token_loss(logits: torch.Tensor, seq: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Loss of the logits a model gave for inputs seq[:, :-1] ([B, L+1], BOS at 0) against targets seq[:, 1:],
+    over kept targets only."""
+    return masked_cross_entropy(logits, seq[:, 1:], None if keep is None else keep[:, 1:])
 
 
 def token_log_probs(logits: torch.Tensor, num_codes: int) -> torch.Tensor:

@@ -1,13 +1,13 @@
 """Training one masked Transformer on cached token sequences with MONAI's ignite engines.
 
 ILTM trains a Transformer many times (iteration 0 and once per ILTM iteration, from scratch by default), each time
-with other token masks, so the engines are built per call here rather than once in the config; the hyperparameters
-still come from the config (`transformer` section of configs/train.yaml).
+with other token masks, so the config gives factories of the engines, loaders and optimiser (`transformer` section of
+configs/train.yaml) and :class:`TransformerStage` calls them per Transformer. The step's parts live here: batches of
+(sequence, keep mask), the next-token inferer, the loss and the validation step.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from scripts import tracking
 from scripts.healing import token_log_likelihood
-from scripts.stages import train_stage
-from scripts.transformer import autocast, masked_cross_entropy
+from scripts.steps import train_stage
+from scripts.transformer import autocast, next_token_loss
 
 
 def prepare_sequences(batch, device=None, non_blocking: bool = False, **kwargs):
@@ -41,10 +41,9 @@ class NextTokenInferer(Inferer):
         return network(seq[:, :-1], keep[:, :-1])
 
 
-def next_token_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of seq[:, 1:] over the kept targets only (masked tokens leave the loss)."""
-    seq, keep = targets
-    return masked_cross_entropy(logits, seq[:, 1:], keep[:, 1:])
+def masked_next_token_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The next-token loss over kept targets only (masked tokens leave the loss), as MONAI's step calls a loss."""
+    return next_token_loss(logits, *targets)
 
 
 @torch.no_grad()
@@ -79,43 +78,37 @@ class MeanLogLikelihood:
 class TransformerStage:
     """Trains a given Transformer on [N, L+1] sequences with [N, L+1] keep masks; resumable, never overwriting.
 
-    ILTM trains a Transformer per iteration, so what must be new each time comes as factories from the config
-    (`transformer` section of configs/train.yaml, MONAI's `_mode_: callable`).
+    ILTM trains a Transformer per iteration, so every engine part that must be new each time is a factory from the
+    config (`transformer` section of configs/train.yaml, MONAI's `_mode_: callable`); this class only connects them
+    and adds the handlers every Transformer gets (validation, logs, TensorBoard, progress bar, MLflow).
 
     Args:
-        epochs, batch_size, val_interval: epochs, sequences per step, epochs between validations (the last epoch is
-            always validated).
-        optimizer: parameters -> optimiser (default AdamW, lr 5e-4, weight decay 0.01).
-        num_workers: DataLoader workers.
+        trainer: (train_data_loader, network, optimizer, train_handlers) -> SupervisedTrainer.
+        evaluator: (val_data_loader, network, val_handlers) -> SupervisedEvaluator; its device is the training's.
+        optimizer: parameters -> optimiser.
+        train_loader, val_loader: dataset -> DataLoader.
+        val_interval: epochs between validations (the last epoch is always validated).
         train_handlers, val_handlers: factories of extra handlers, each called once per Transformer trained.
-        device, amp: where to train; AMP only on CUDA.
         tracking: MLflow settings (scripts/tracking.py) when `--tracking mlflow` is on: one run per call.
     """
 
     def __init__(
         self,
-        epochs: int = 50,
-        batch_size: int = 16,
+        trainer: Callable[..., SupervisedTrainer],
+        evaluator: Callable[..., SupervisedEvaluator],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        train_loader: Callable[..., DataLoader],
+        val_loader: Callable[..., DataLoader],
         val_interval: int = 5,
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        num_workers: int = 0,
         train_handlers: Sequence[Callable[[], Any]] = (),
         val_handlers: Sequence[Callable[[], Any]] = (),
-        device: str | torch.device = "cpu",
-        amp: bool = False,
         seed: int = 0,
         tracking: Mapping[str, str] | None = None,
     ) -> None:
-        self.tracking = tracking
-        self.epochs, self.batch_size, self.val_interval, self.num_workers = (
-            epochs,
-            batch_size,
-            val_interval,
-            num_workers,
-        )
-        self.optimizer = optimizer or functools.partial(torch.optim.AdamW, lr=5e-4, weight_decay=0.01)
+        self.trainer, self.evaluator, self.optimizer = trainer, evaluator, optimizer
+        self.train_loader, self.val_loader, self.val_interval = train_loader, val_loader, val_interval
         self.train_handlers, self.val_handlers = list(train_handlers), list(val_handlers)
-        self.device, self.amp, self.seed = torch.device(device), amp, seed
+        self.seed, self.tracking = seed, tracking
 
     def __call__(
         self,
@@ -128,19 +121,10 @@ class TransformerStage:
         output_dir: str,
     ) -> nn.Module:
         """Trains `network` in place (or loads it, when `step` is already complete) and returns it."""
-        network = network.to(self.device)
-        loader = functools.partial(DataLoader, batch_size=self.batch_size, num_workers=self.num_workers)
-        train_loader = loader(TensorDataset(train_seq, train_keep), shuffle=True)
-        val_loader = loader(TensorDataset(val_seq), shuffle=False)
-        optimizer = self.optimizer(network.parameters())
         board = os.path.join(folder, "tensorboard")
-        evaluator = SupervisedEvaluator(
-            device=self.device,
-            val_data_loader=val_loader,
+        evaluator = self.evaluator(
+            val_data_loader=self.val_loader(TensorDataset(val_seq)),
             network=network,
-            iteration_update=val_step,
-            amp=self.amp,
-            decollate=False,
             val_handlers=[
                 MeanLogLikelihood(),
                 StatsHandler(name=f"{step}.val", iteration_log=False),
@@ -148,19 +132,12 @@ class TransformerStage:
                 *(make() for make in self.val_handlers),
             ],
         )
+        network.to(evaluator.state.device)
         loss = lambda output: output["loss"]  # noqa: E731 - decollate=False: the output is one dict
-        trainer = SupervisedTrainer(
-            device=self.device,
-            max_epochs=self.epochs,
-            train_data_loader=train_loader,
+        trainer = self.trainer(
+            train_data_loader=self.train_loader(TensorDataset(train_seq, train_keep)),
             network=network,
-            optimizer=optimizer,
-            loss_function=next_token_loss,
-            inferer=NextTokenInferer(),
-            prepare_batch=prepare_sequences,
-            optim_set_to_none=True,
-            amp=self.amp,
-            decollate=False,
+            optimizer=self.optimizer(network.parameters()),
             train_handlers=[
                 ValidationHandler(validator=evaluator, interval=self.val_interval, epoch_level=True),
                 StatsHandler(name=f"{step}.train", tag_name="train_loss", output_transform=loss, iteration_log=False),
@@ -168,8 +145,8 @@ class TransformerStage:
                 *(make() for make in self.train_handlers),
             ],
         )
-        ProgressBar(persist=False, desc=step).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
-        if self.epochs % self.val_interval:
+        ProgressBar(persist=False, desc=step).attach(trainer, output_transform=lambda out: {"loss": out["loss"].item()})
+        if trainer.state.max_epochs % self.val_interval:
             trainer.add_event_handler(Events.COMPLETED, lambda _: evaluator.run())
         tracked = tracking.engine_handlers(self.tracking, step, lambda _: trainer.state.epoch)
         if tracked:

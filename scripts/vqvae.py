@@ -86,10 +86,6 @@ class DropoutVQVAE(VQVAE):
             shared = block(shared)
         return shared
 
-    @property
-    def codebook_size(self) -> int:
-        return self.num_embeddings
-
 
 @contextmanager
 def eval_except(module: nn.Module, *active: nn.Module) -> Iterator[nn.Module]:
@@ -203,6 +199,6 @@ class ReconstructionStats:
         for name in self.sums:
             if self.counts[name]:
                 engine.state.metrics[f"{self.prefix}_l1_{name}"] = self.sums[name] / self.counts[name]
-        used, perplexity = codebook_usage(torch.cat([c.flatten() for c in self.codes]), engine.network.codebook_size)
+        used, perplexity = codebook_usage(torch.cat([c.flatten() for c in self.codes]), engine.network.num_embeddings)
         engine.state.metrics[f"{self.prefix}_codes_used"] = used
         engine.state.metrics[f"{self.prefix}_perplexity"] = perplexity

@@ -16,12 +16,12 @@ from monai.bundle import run
 from PIL import Image
 from tiny import TINY_DETECTOR
 
-from scripts import stages
+from scripts import steps
 from scripts.checkpoint import CheckpointError, atomic_save
 from scripts.data import DataError, load_datalist
 from scripts.inference import check_inputs
 from scripts.settings import SettingError
-from scripts.stages import RunState
+from scripts.steps import RunState
 from scripts.synthetic import ensure_dataset, make_2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +111,7 @@ def test_inputs_on_another_intensity_scale(tmp_path, data, caplog, monkeypatch) 
 
     parser = ConfigParser()
     parser.read_config(INFERENCE)
-    loading = parser.get_parsed_content("loading")
+    loading = parser.get_parsed_content("preprocessing")
     with pytest.raises(Exception) as err:
         loading({"image": str(sixteen)})
     assert "of its intensities lie outside [0, 255]" in str(cause(err.value)) and "sixteen.png" in str(cause(err.value))
@@ -132,7 +132,7 @@ def test_corrupt_run_state_and_resume_checkpoints(tmp_path) -> None:
     folder.mkdir()
     (folder / "checkpoint_3.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"(?s)checkpoint_3.pt: the checkpoint file is empty.*Delete it to train"):
-        stages.train_stage("vqvae", Trainer(), str(folder / "vqvae.pt"), str(tmp_path / "other"))
+        steps.train_stage("vqvae", Trainer(), str(folder / "vqvae.pt"), str(tmp_path / "other"))
 
 
 def test_a_failed_write_names_the_file(tmp_path, monkeypatch) -> None:
@@ -175,10 +175,12 @@ def test_check_inputs_accepts_good_files(data) -> None:
     check_inputs(entries, data)
     with pytest.raises(DataError, match="would overwrite"):
         check_inputs(entries + entries[:1], data)
+    with pytest.raises(DataError, match="not below .*--input_root"):  # MONAI's writers would climb out with `..`
+        check_inputs(entries, os.path.join(data, "elsewhere"))
 
 
 def test_resume_checkpoints_of_a_killed_process_do_not_pile_up(tmp_path) -> None:
     for epoch in (3, 4, 5):
         (tmp_path / f"checkpoint_{epoch}.pt").write_bytes(b"x")
-    stages._keep_only(str(tmp_path), str(tmp_path / "checkpoint_5.pt"))
+    steps._keep_only(str(tmp_path), str(tmp_path / "checkpoint_5.pt"))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_5.pt"]

@@ -52,3 +52,16 @@ def test_renamed_ids_are_named_with_their_new_names(tmp_path) -> None:
     old_preset.write_text("threshold_decay: 0.2\n")
     with pytest.raises(UnknownSetting, match="set threshold_decay: renamed iltm#threshold_decay"):
         check_overrides(False, ["run", "--config_file", f"['{TRAIN}','{old_preset}']"])
+    (message,) = unknown_ids([TRAIN, DEMO], ["transformer#stage#epochs"])
+    assert message == "--transformer#stage#epochs: renamed transformer#epochs in version 0.4.0"
+    old_preset.write_text("loading:\n  _target_: Compose\n  transforms: []\n")
+    with pytest.raises(UnknownSetting, match="set loading: renamed preprocessing in version 0.4.0"):
+        check_overrides(False, ["run", "--config_file", f"['{TRAIN}','{old_preset}']"])
+
+
+def test_diagnose_refuses_an_argument_it_does_not_have(tmp_path) -> None:
+    """`--json out.json` (the argument is `--json_path`) must not become a silent config id."""
+    from scripts.diagnose import diagnose
+
+    with pytest.raises(UnknownSetting, match="--json: no such setting"):
+        diagnose([TRAIN, DEMO], checkpoint=str(tmp_path / "none.pt"), json=str(tmp_path / "out.json"))

@@ -60,7 +60,7 @@ def _error(parser, section="train#dataset#data"):
 def test_any_size_is_resized_and_labels_binarised(tmp_path):
     parser = _parser(tmp_path, _dataset(tmp_path, size=(50, 37)))
     files = parser.get_parsed_content("train#dataset#data")
-    item = parser.get_parsed_content("loading")(files[0])
+    item = parser.get_parsed_content("preprocessing")(files[0])
     assert tuple(item["image"].shape) == (1, 64, 64)
     assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
     assert set(np.unique(item["label"].numpy())) == {0.0, 1.0}
@@ -69,7 +69,7 @@ def test_any_size_is_resized_and_labels_binarised(tmp_path):
 def test_grey_images_are_repeated_for_an_rgb_bundle_and_rgb_loads(tmp_path):
     for rgb in (False, True):
         parser = _parser(tmp_path, _dataset(tmp_path, rgb=rgb), in_channels=3)
-        item = parser.get_parsed_content("loading")(parser.get_parsed_content("train#dataset#data")[0])
+        item = parser.get_parsed_content("preprocessing")(parser.get_parsed_content("train#dataset#data")[0])
         assert tuple(item["image"].shape) == (3, 64, 64)
 
 

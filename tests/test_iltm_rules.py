@@ -1,7 +1,6 @@
 """The ILTM loop's rules on hand-made inputs: threshold schedule, stopping, map -> token masks, masks reach training."""
 
 import math
-from functools import partial
 
 import pytest
 import torch
@@ -9,6 +8,12 @@ import torch
 from scripts.iltm import precision_recall, should_stop, threshold_schedule, tokens_from_map
 from scripts.transformer import MaskedTransformer
 from scripts.transformer_stage import TransformerStage
+
+
+def config_stage(load_preset, **settings) -> TransformerStage:
+    """The Transformer stage as train.yaml builds it, with `transformer#<key>` overrides."""
+    parser, _ = load_preset("demo.yaml", tracking=None, **{f"transformer#{k}": v for k, v in settings.items()})
+    return parser.get_parsed_content("transformer#stage")
 
 
 def test_threshold_schedule_decreases_by_the_paper_rate_or_stays_fixed():
@@ -55,14 +60,14 @@ def test_precision_recall_of_token_masks():
     assert math.isnan(p) and r == 0.0
 
 
-def test_masks_of_an_iteration_are_used_by_its_training(tmp_path):
+def test_masks_of_an_iteration_are_used_by_its_training(tmp_path, load_preset):
     """A token masked in every image cannot influence the trained model's logits at kept positions."""
     torch.manual_seed(0)
     n, length, codes = 24, 12, 6
     seq = torch.cat([torch.full((n, 1), codes), torch.randint(0, codes, (n, length))], dim=1)
     keep = torch.ones(n, length + 1, dtype=torch.bool)
     keep[:, 5] = False  # sequence position 5 is suspect in every training image
-    stage = TransformerStage(epochs=3, batch_size=8, val_interval=3, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    stage = config_stage(load_preset, epochs=3, batch_size=8, val_interval=3, lr=1e-2)
     model = MaskedTransformer(codes + 1, length, embed_dim=32, num_layers=2, num_heads=2)
     stage("t", model, seq, keep, seq[:4], str(tmp_path / "t"), str(tmp_path))
     model.eval()
@@ -77,7 +82,7 @@ def test_masks_of_an_iteration_are_used_by_its_training(tmp_path):
         assert not torch.allclose(model(probe)[:, 5:], model(altered)[:, 5:], atol=1e-4)
 
 
-def test_training_resumes_after_a_kill_with_the_same_result(tmp_path):
+def test_training_resumes_after_a_kill_with_the_same_result(tmp_path, load_preset):
     torch.manual_seed(0)
     n, length, codes = 32, 10, 5
     seq = torch.cat([torch.full((n, 1), codes), torch.randint(0, codes, (n, length))], dim=1)
@@ -87,7 +92,7 @@ def test_training_resumes_after_a_kill_with_the_same_result(tmp_path):
         torch.manual_seed(1)
         return MaskedTransformer(codes + 1, length, embed_dim=16, num_layers=1, num_heads=2, resid_dropout=0.1)
 
-    stage = TransformerStage(epochs=4, batch_size=8, val_interval=2, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    stage = config_stage(load_preset, epochs=4, batch_size=8, val_interval=2, lr=1e-2)
     whole = stage("t", model(), seq, keep, seq[:4], str(tmp_path / "a" / "t"), str(tmp_path / "a"))
 
     class Killed(Exception):

@@ -21,13 +21,14 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle import run as bundle_run
 from monai.bundle import verify_net_in_out
+from monai.transforms import LoadImaged, SaveImaged
 from PIL import Image
 from tiny import TINY_DETECTOR
 
 from scripts import metrics
 from scripts.checkpoint import detector_record, save_detector
 from scripts.evaluation import summarise
-from scripts.inference import relative_stem
+from scripts.inference import output_name
 from scripts.synthetic import make_2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ TINY = TINY_DETECTOR
 # ids training and inference must define identically (the detector and everything its input depends on): raw, and
 # those inference.yaml reads through `@trained` (a checkpoint's record, see scripts/checkpoint.py) by their values
 SHARED = (
-    "latent_shape", "network_def", "kde_epsilon", "density_threshold", "resize", "seed", "amp", "device",
+    "latent_shape", "network_def", "kde_epsilon", "density_threshold", "spatial", "seed", "amp", "device",
     "bundle_root", "dataset_dir", "synthetic", "output_dir", "detector_settings",
 )  # fmt: skip
 SHARED_VALUES = (
@@ -92,8 +93,8 @@ def checkpoint(tmp_path_factory) -> str:
 def test_detector_is_defined_exactly_as_in_training() -> None:
     train, infer = parser("train.yaml"), parser("inference.yaml")
     assert_same_detector(infer, train)
-    loading = [t for t in infer["loading"]["transforms"]]
-    trained = [t for t in train["loading"]["transforms"]]
+    loading = [t for t in infer["preprocessing"]["transforms"]]
+    trained = [t for t in train["preprocessing"]["transforms"]]
     assert len(loading) == len(trained)
     for ours, theirs in zip(loading, trained):
         if isinstance(ours, dict) and ours.get("_target_") == "EnsureTyped":
@@ -146,9 +147,13 @@ def test_evaluation_writes_metrics_maps_and_overlays(dataset: str, checkpoint: s
         assert key in result
     assert result["n_images"] == 4 and result["checkpoint"] == checkpoint and result["resample"] is True
     assert set(result["per_category"]) == {"brick", "grass"}
-    with open(os.path.join(out, "metrics_per_image.csv")) as f:
+    with open(os.path.join(out, "image_score_raw.csv")) as f:  # MONAI's MetricsSaver, one file per value
         rows = list(csv.DictReader(f))
-    assert [r["image"] for r in rows] == [f"images/test_{i:04d}" for i in range(4)]
+    assert [r["filename"] for r in rows] == [f"images/test_{i:04d}" for i in range(4)]
+    with open(os.path.join(out, "anomalous_raw.csv")) as f:
+        assert sum(float(r["class0"]) for r in csv.DictReader(f)) == result["n_anomalous_images"]
+    with open(os.path.join(out, "metrics.csv")) as f:
+        assert f"aupro,{result['aupro']}" in f.read().splitlines()
     maps = os.path.join(out, "evaluation", "images")
     for name in ("test_0000_score.nii.gz", "test_0000_seg.nii.gz", "test_0003_overlay.png"):
         assert os.path.isfile(os.path.join(maps, name)), name
@@ -204,7 +209,18 @@ def test_summarise_matches_metrics_and_marks_undefined_as_none() -> None:
     assert normal_only["aupro"] is None and normal_only["image_auroc"] is None
 
 
-def test_relative_stem_keeps_folders_below_the_root() -> None:
-    assert relative_stem("/d/bottle/test/good/000.png", "/d") == "bottle/test/good/000"
-    assert relative_stem("/d/a/scan.nii.gz", "/d/a") == "scan"
-    assert relative_stem("/elsewhere/x.nii", "/d") == "x"
+def test_output_names_are_those_of_monai_writers(tmp_path) -> None:
+    """Overlays, collision checks and metric tables name an input as SaveImaged names its maps."""
+    root = tmp_path / "d"
+    for path, expected in ((root / "bottle" / "test" / "good" / "000.png", "bottle/test/good/000"),
+                           (root / "scan.nii.gz", "scan")):  # fmt: skip
+        assert output_name(str(path), str(root)) == expected
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".png":
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+        else:
+            nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), path)
+        item = LoadImaged("image", ensure_channel_first=True)({"image": str(path)})
+        SaveImaged("image", output_dir=str(tmp_path / "out"), output_postfix="score", output_ext=".nii.gz",
+                   data_root_dir=str(root), separate_folder=False, print_log=False)(item)  # fmt: skip
+        assert (tmp_path / "out" / f"{expected}_score.nii.gz").is_file()

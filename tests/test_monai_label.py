@@ -188,7 +188,7 @@ def test_pet_preprocessing_of_the_training_preset_is_served_too(tmp_path) -> Non
     parser = ConfigParser()
     parser.read_config(os.path.join(bundle, "configs", "inference.yaml"))
     parser.config.update({"bundle_root": bundle})
-    assert describe(parser.get_parsed_content("resize"))[1:-1] == ["Orientationd", "Spacingd", "CropForegroundd",
+    assert describe(parser.get_parsed_content("spatial"))[1:-1] == ["Orientationd", "Spacingd", "CropForegroundd",
                                                                     "ResizeWithPadOrCropd"]  # fmt: skip
     seg = serve_volume(bundle, tmp_path, (30, 28, 60), seed=1)
     assert seg.shape == (30, 28, 60) and set(np.unique(seg)) <= {0, 1}

@@ -230,7 +230,7 @@ def test_preset_preprocesses_prepared_data(autopet, tmp_path, load_preset):
     assert preset["kde_units"] == {"intensity_scale": 1.0, "epsilon": 0.05, "density_threshold": 0.005}
     assert parser.get_parsed_content("density_threshold") == 0.005 and preset["resample_threshold"] == 0.005
     assert preset["image_size"] == [128, 128, 256] and preset["spatial_dims"] == 3
-    loading = parser.get_parsed_content("loading")
+    loading = parser.get_parsed_content("preprocessing")
     entry = load_datalist(datalist, autopet, "test", labels="require")[-1]  # a diseased subject
     item = loading(entry)
     assert item["image"].shape == (1, *grid) and item["label"].shape == (1, *grid)

@@ -204,7 +204,7 @@ def test_preset_loads_prepared_data(mvtec, tmp_path, load_preset):
     assert parser.get_parsed_content("kde_epsilon") == pytest.approx(12.75 / 255) and preset["image_size"] == [256, 256]
     assert parser.get_parsed_content("density_threshold") == pytest.approx(0.005 * 255)
     assert (preset["num_samples"], preset["num_decodes"], preset["iltm#threshold_decay"]) == (60, 5, 0.125)
-    loading = parser.get_parsed_content("loading")
+    loading = parser.get_parsed_content("preprocessing")
     for section in ("training", "test"):
         entries = load_datalist(datalist, mvtec, section, labels="require")
         item = loading(entries[-1])  # the last entry is anomalous; grey images become 3 channels

@@ -12,7 +12,7 @@ import pytest
 from monai.bundle import run
 
 from scripts.runs import RunConflict, RunGuard
-from scripts.stages import RecordError
+from scripts.steps import RecordError
 from scripts.synthetic import make_2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,10 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.transformer import KVCache, MaskedTransformer, masked_cross_entropy, sequence_loss, token_log_probs
+from scripts.transformer import KVCache, MaskedTransformer, masked_cross_entropy, next_token_loss, token_log_probs
 
 NUM_CODES = 11
 L = 16
+
+
+def model_loss(model: MaskedTransformer, seq: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The training loss as the Transformer stage computes it: inputs seq[:, :-1] with their keep flags."""
+    return next_token_loss(model(seq[:, :-1], None if keep is None else keep[:, :-1]), seq, keep)
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float64, **kwargs) -> MaskedTransformer:
@@ -92,7 +97,7 @@ def test_no_gradient_reaches_masked_token_embeddings(use_mask_token: bool) -> No
     masked_pos = [(0, 2), (0, 3), (1, 5), (1, 16), (2, 9), (2, 10), (2, 11)]
     for i, (b, p) in enumerate(masked_pos):  # ...and ids 8, 9 only at masked positions (inputs and targets)
         seq[b, p], keep[b, p] = 8 + i % 2, False
-    loss = sequence_loss(model, seq, keep)
+    loss = model_loss(model, seq, keep)
     loss.backward()
     grad = model.tok_emb.weight.grad
     assert grad[:8].abs().sum(dim=1).gt(0).all()  # kept ids do get gradient
@@ -187,7 +192,7 @@ def test_loss_without_masking_is_plain_cross_entropy(keep_kind: str) -> None:
         if keep is not None:
             assert torch.allclose(model(seq[:, :-1], keep[:, :-1]), logits, atol=1e-10, rtol=0)
         expected = F.cross_entropy(logits.reshape(-1, NUM_CODES + 1), seq[:, 1:].reshape(-1))
-        assert torch.allclose(sequence_loss(model, seq, keep), expected, atol=1e-10, rtol=0)
+        assert torch.allclose(model_loss(model, seq, keep), expected, atol=1e-10, rtol=0)
 
 
 def test_masked_cross_entropy_averages_kept_targets_only() -> None:
@@ -204,7 +209,7 @@ def test_no_kept_target_gives_finite_zero_loss() -> None:
     model = make_model()
     seq = torch.cat([make_tokens(), torch.randint(0, NUM_CODES, (3, 1))], dim=1)
     keep = torch.zeros_like(seq, dtype=torch.bool)
-    loss = sequence_loss(model, seq, keep)
+    loss = model_loss(model, seq, keep)
     assert torch.isfinite(loss) and loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -258,7 +263,7 @@ def test_tiny_model_overfits_fixed_sequences() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(60):
-        loss = sequence_loss(model, seq, keep)
+        loss = model_loss(model, seq, keep)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

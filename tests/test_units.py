@@ -79,7 +79,7 @@ def test_same_image_at_two_intensity_scales_gives_the_same_segmentation_and_mask
         parser.update({"bundle_root": ROOT, "intensity_max": top, "num_samples": 4, "num_decodes": 2})
         torch.manual_seed(0)
         detector = parser.get_parsed_content("network_def").eval()
-        image = parser.get_parsed_content("loading")({"image": str(tmp_path / name)})["image"]
+        image = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / name)})["image"]
         out = detector.infer(image[None], resample_threshold=0.05)
         masks = tokens_from_map(out["log_density"] < math.log(parser.get_parsed_content("iltm#mask_density_threshold")),
                                 tuple(out["latent_flags"].shape[1:]))  # fmt: skip

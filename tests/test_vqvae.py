@@ -55,7 +55,7 @@ def test_codebook_starts_from_data_and_does_not_collapse():
         VQVAELoss()(model(x), x).backward()
         optimizer.step()
     model.eval()
-    used, perplexity = codebook_usage(model.index_quantize(x), model.codebook_size)
+    used, perplexity = codebook_usage(model.index_quantize(x), model.num_embeddings)
     assert used > 4 and perplexity > 2
 
 

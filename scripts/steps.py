@@ -1,4 +1,4 @@
-"""Stage bookkeeping for long runs: what is finished is never redone or overwritten, and a killed stage resumes."""
+"""Resumable steps of a run (`state.json`): a finished step is never redone or overwritten, a killed one resumes."""
 
 from __future__ import annotations
 
