@@ -23,7 +23,9 @@ from scripts.files import atomic_save
 # Settings a checkpoint cannot be used without: its weights' shapes and what its inputs must look like. The others in
 # a record (N, M, thresholds, KDE units) are inference choices: adopted by default, free to change.
 BINDING = ("spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max", "spacing",
-           "foreground_threshold", "spatial", "vqvae_def#", "transformer_def#")  # fmt: skip
+           "foreground_threshold", "resize_mode", "spatial", "vqvae_def#", "transformer_def#")  # fmt: skip
+# record keys of older versions -> today's (0.4.0 renamed the spatial chain's id `resize` to `spatial`)
+OLD_KEYS = {"resize": "spatial"}
 
 
 class CheckpointError(RuntimeError):
@@ -104,15 +106,20 @@ class TrainedSettings:
             except Exception:  # unreadable: the checkpoint loader names the problem when it loads the weights
                 obj = None
             if isinstance(obj, dict) and isinstance(obj.get("settings"), dict):
-                self.record = dict(obj["settings"])
+                self.record = current_keys(obj["settings"])
 
     def __call__(self, key: str, default: Any) -> Any:
         return self.record.get(key.replace("::", "#"), default)  # MONAI rewrites '#' in config strings as '::'
 
 
+def current_keys(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record written by an older version, with today's keys (:data:`OLD_KEYS`)."""
+    return {OLD_KEYS.get(key, key): value for key, value in record.items()}
+
+
 def mismatches(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Binding settings whose recorded value differs from the current one, as "id: trained X, here Y" lines."""
-    lines = []
+    recorded, lines = current_keys(recorded), []
     for key in sorted(set(recorded) | set(current)):
         if not key.startswith(BINDING) or key not in recorded or key not in current:
             continue

@@ -38,6 +38,8 @@ RENAMED = {
     "transformer#stage#epochs": ("transformer#epochs", "0.4.0"),
     "transformer#stage#batch_size": ("transformer#batch_size", "0.4.0"),
     "transformer#stage#num_workers": ("num_workers", "0.4.0"),
+    "transformer#stage#device": ("device", "0.4.0"),
+    "transformer#stage#amp": ("amp", "0.4.0"),
 }
 
 
@@ -125,7 +127,7 @@ def check_overrides(allow_new_ids: bool = False, argv: Sequence[str] | None = No
 
 
 def check_ids(parser: ConfigParser, keys: Sequence[str], where: str) -> None:
-    """Stops when `keys` (overrides about to be applied to `parser`) or the configs themselves use unknown or old ids."""
+    """Stops when `keys` (overrides about to be applied to `parser`) or the configs use unknown or old ids."""
     messages = _unknown(parser, keys, where)
     messages += [f"{where} set {old}: renamed {new} in version {version}" for old, (new, version) in RENAMED.items()
                  if old in parser and parser[old] is not None]  # fmt: skip

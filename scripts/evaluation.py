@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from scripts import metrics
+from scripts import distributed, metrics
 from scripts.data import DataError
 from scripts.detector import segment
 from scripts.files import write_json
@@ -111,6 +111,13 @@ class AnomalyMetrics:
         return {name: table[:, i : i + 1] for i, name in enumerate(PER_IMAGE)}
 
     def _write(self, engine: Engine) -> None:
+        if distributed.active():  # every rank's maps to rank 0, in rank order (as MetricsSaver gathers the names)
+            self.scores, self.labels, self.categories = (
+                [x for part in distributed.gather(kept) for x in part]
+                for kept in (self.scores, self.labels, self.categories)
+            )
+            if not distributed.is_main():
+                return
         results: dict[str, Any] = {
             **self.extra,
             "density_threshold": self.density_threshold,

@@ -26,7 +26,7 @@ from monai.data import DataLoader, Dataset
 from torch import nn
 from tqdm import tqdm
 
-from scripts import iltm_checks, metrics, tracking
+from scripts import distributed, iltm_checks, metrics, tracking
 from scripts.checkpoint import detector_record, load_checkpoint, save_detector
 from scripts.detector import AnomalyDetector, check_density_threshold, segment
 from scripts.files import atomic_save
@@ -37,6 +37,8 @@ from scripts.tokens import cached_tokens, latent_shape, load_token_masks, save_t
 from scripts.transformer_stage import TransformerStage
 
 logger = logging.getLogger(__name__)
+
+MASK_CHUNK = 32  # training images per file of a mask pass: the unit a killed pass resumes from and ranks share out
 
 
 def threshold_schedule(t0: float, iterations: int, decay: float = 0.125, fixed: bool = False) -> list[float]:
@@ -156,12 +158,8 @@ class ILTMWorkflow:
         initial = self._initial_weights(transformer)
         sequencer = LatentSequencer(self.grid, transformer.bos_id)
         tokens = os.path.join(self.output_dir, "tokens")
-        train_seq = sequencer.to_sequence(
-            cached_tokens(self.detector.vqvae, self.train_files, self.transform, self.device, f"{tokens}/train.pt")
-        )
-        val_seq = sequencer.to_sequence(
-            cached_tokens(self.detector.vqvae, self.val_files, self.transform, self.device, f"{tokens}/val.pt")
-        )
+        train_seq = sequencer.to_sequence(self._tokens(self.train_files, f"{tokens}/train.pt"))
+        val_seq = sequencer.to_sequence(self._tokens(self.val_files, f"{tokens}/val.pt"))
         truth = self._true_tokens()
 
         suspect = torch.zeros((len(train_seq), *self.grid), dtype=torch.bool)
@@ -184,9 +182,14 @@ class ILTMWorkflow:
             keep = torch.cat([torch.ones(len(suspect), 1, dtype=torch.bool), ~sequencer.to_tokens(suspect)], dim=1)
             self.stage(f"transformer_{k:02d}", transformer, train_seq, keep, val_seq, self.folder(k), self.output_dir)
             model = os.path.join(self.folder(k), "model.pt")
-            if not os.path.isfile(model):
+            if distributed.is_main() and not os.path.isfile(model):
                 save_detector(self.detector, detector_record(self.detector, self.detector_settings), model)
             final = k
+        report = distributed.main_first(lambda: self._finish(state, final, truth, val_seq))
+        return report or {}
+
+    def _finish(self, state: RunState, final: int, truth: torch.Tensor | None, val_seq: torch.Tensor) -> dict:
+        """Export, checks, report and tracking of a finished loop: rank 0's work under torchrun."""
         self._export(final)
         checks = self._checks(state, final, truth, val_seq)
         report = write_report(self.output_dir, state, final, self.train_files, self.transform, truth, self.grid, checks)
@@ -195,44 +198,77 @@ class ILTMWorkflow:
         tracking.log_table(self.tracking, os.path.join(self.output_dir, "iltm"), params)
         return report
 
+    def _tokens(self, files: Sequence[dict], path: str) -> torch.Tensor:
+        """Token grids of `files`, quantised once by rank 0 and read from its cache by the other ranks."""
+        distributed.main_first(lambda: cached_tokens(self.detector.vqvae, files, self.transform, self.device, path))
+        return cached_tokens(self.detector.vqvae, files, self.transform, self.device, path)
+
     def _masks(self, state: RunState, k: int, truth: torch.Tensor | None) -> torch.Tensor:
         """Token masks for iteration k from Transformer k-1 (computed once; loaded when the step is complete).
 
         The validation images get masks too (``val_token_masks.pt``), never used in training: they let the run
         check, without labels, whether the retrained Transformer unlearns what was masked (:mod:`scripts.iltm_checks`).
+        Under torchrun the ranks share the images (see :meth:`_sharded_pass`); rank 0 writes the merged files.
         """
         path = os.path.join(self.folder(k), "token_masks.pt")
         step = f"masks_{k:02d}"
         if state.done(step):
             return load_token_masks(path, self.train_files, self.grid)
         start, threshold = time.time(), self.thresholds[k - 1]
-        suspect, flags = self._mask_pass(self.train_files, threshold, f"ILTM {k}: masks (t={threshold:.2e})")
-        val_suspect, _ = self._mask_pass(self.val_files, threshold, f"ILTM {k}: validation masks")
-        save_token_masks(os.path.join(self.folder(k), "val_token_masks.pt"), self.val_files, val_suspect)
-        save_token_masks(path, self.train_files, suspect)
-        info = {
-            "threshold": threshold,
-            "density_threshold": self.mask_density_threshold,
-            "masked_tokens": int(suspect.sum()),
-            "total_tokens": suspect.numel(),
-            "resampled_tokens": int(flags.sum()),
-            "val_masked_tokens": int(val_suspect.sum()),
-        }
-        if truth is not None:
-            info["precision"], info["recall"] = precision_recall(suspect, truth)
-            info["flag_precision"], info["flag_recall"] = precision_recall(flags, truth)
-        info["wall_time_s"] = round(time.time() - start, 1)
-        info["seconds_per_image"] = round(info["wall_time_s"] / len(self.train_files), 3)
-        state.complete(step, **info)
+        chunks = os.path.join(self.folder(k), "mask_chunks")
+        suspect, flags = self._sharded_pass(self.train_files, threshold, f"ILTM {k}: masks (t={threshold:.2e})", chunks)
+        val_suspect, _ = self._sharded_pass(self.val_files, threshold, f"ILTM {k}: validation masks", chunks, "val")
+        if distributed.is_main():
+            save_token_masks(os.path.join(self.folder(k), "val_token_masks.pt"), self.val_files, val_suspect)
+            save_token_masks(path, self.train_files, suspect)
+            info = {
+                "threshold": threshold,
+                "density_threshold": self.mask_density_threshold,
+                "masked_tokens": int(suspect.sum()),
+                "total_tokens": suspect.numel(),
+                "resampled_tokens": int(flags.sum()),
+                "val_masked_tokens": int(val_suspect.sum()),
+            }
+            if truth is not None:
+                info["precision"], info["recall"] = precision_recall(suspect, truth)
+                info["flag_precision"], info["flag_recall"] = precision_recall(flags, truth)
+            info["wall_time_s"] = round(time.time() - start, 1)
+            info["seconds_per_image"] = round(info["wall_time_s"] / len(self.train_files), 3)
+            state.complete(step, **info)
+            shutil.rmtree(chunks, ignore_errors=True)
+        distributed.barrier()
         return suspect
+
+    def _sharded_pass(
+        self, files: Sequence[dict], threshold: float, desc: str, folder: str, name: str = "train"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_mask_pass` over chunks of MASK_CHUNK images, chunk i on rank i % world size, each written once.
+
+        A killed pass resumes at the first chunk not on disk, whatever the number of processes; every rank then
+        reads all chunks. Maps do not depend on the batch (the detector seeds each image), so the masks equal a
+        single process's.
+        """
+        chunks = [files[i : i + MASK_CHUNK] for i in range(0, len(files), MASK_CHUNK)]
+        paths = [os.path.join(folder, f"{name}_{i:05d}.pt") for i in range(len(chunks))]
+        for i in range(distributed.rank(), len(chunks), distributed.world_size()):
+            if not os.path.isfile(paths[i]):
+                suspect, flags = self._mask_pass(chunks[i], threshold, f"{desc} [{i + 1}/{len(chunks)}]")
+                images = [str(e["image"]) for e in chunks[i]]
+                atomic_save({"images": images, "suspect": suspect, "flags": flags}, paths[i])
+        distributed.barrier()
+        parts = [load_checkpoint(path) for path in paths]
+        for part, chunk, path in zip(parts, chunks, paths):
+            if part.get("images") != [str(e["image"]) for e in chunk]:
+                raise RuntimeError(f"{path}: masks of other images than this run's; delete {folder} and rerun")
+        empty = torch.zeros((0, *self.grid), dtype=torch.bool)
+        return tuple(torch.cat([empty, *(p[key] for p in parts)]) for key in ("suspect", "flags"))
 
     def _mask_pass(self, files: Sequence[dict], threshold: float, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Suspect tokens and resampling flags [N, *grid] of `files` under the current Transformer."""
-        masks, flags = [torch.zeros((0, *self.grid), dtype=torch.bool)], [
-            torch.zeros((0, *self.grid), dtype=torch.bool)
-        ]
+        empty = torch.zeros((0, *self.grid), dtype=torch.bool)
+        masks, flags = [empty], [empty]
         loader = DataLoader(Dataset(list(files), self.transform), batch_size=self.mask_batch_size)
-        for batch in tqdm(loader, desc=desc, leave=False):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not distributed.is_main()):
             out = self.detector.infer(batch["image"].to(self.device), resample_threshold=threshold, **self.mask_counts)
             flags.append(out["latent_flags"].cpu())
             suspect = segment(out["score"], self.mask_density_threshold)
@@ -317,10 +353,11 @@ class ILTMWorkflow:
         self.detector.transformer.load_state_dict(load_checkpoint(path, self.device))
 
     def _initial_weights(self, transformer: nn.Module) -> dict:
-        """The weights every from-scratch retraining starts from, stored so that a resumed run uses the same ones."""
+        """The weights every from-scratch retraining starts from, stored so that a resumed run (and every rank) uses
+        the same ones."""
         path = os.path.join(self.output_dir, "iltm", "transformer_init.pt")
         if not os.path.isfile(path):
-            atomic_save(transformer.state_dict(), path)
+            distributed.main_first(lambda: atomic_save(transformer.state_dict(), path))
         initial = load_checkpoint(path, self.device)
         transformer.load_state_dict(initial)
         return initial

@@ -91,9 +91,11 @@ def check_inputs(files: Sequence[dict], root: str | None) -> None:
     names: dict[str, str] = {}
     for entry in files:
         name = output_name(str(entry["image"]), root)
-        if name.startswith(".."):
+        if name == os.pardir or name.startswith(os.pardir + os.sep):
+            common = os.path.commonpath([os.path.dirname(os.path.abspath(str(e["image"]))) for e in files])
             problems.append(f"{entry['image']}: not below {root}, so MONAI's writers would put its maps outside the "
-                            "output folder; set --input_root to a folder that holds every input")  # fmt: skip
+                            f"output folder; set --input_root to a folder that holds every input (--input_root "
+                            f"{common})")  # fmt: skip
         elif name in names:
             problems.append(f"{entry['image']}: its maps would overwrite those of {names[name]} (both <{name}>_*)")
         names.setdefault(name, str(entry["image"]))

@@ -19,7 +19,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from scripts.checkpoint import flatten
+from scripts import distributed
+from scripts.checkpoint import current_keys, flatten
 from scripts.files import write_json
 from scripts.steps import read_record
 
@@ -107,8 +108,13 @@ class RunGuard:
         self.started = False
 
     def start(self) -> None:
+        """Checks and records the run, and takes the lock: rank 0's work under torchrun, the others wait for it."""
         if self.started:  # `training` runs `train_vqvae` and `train_iltm`, each of which starts the guard
             return
+        distributed.main_first(self._start)
+        self.started = True
+
+    def _start(self) -> None:
         if self.overwrite and os.path.isdir(self.output_dir) and os.listdir(self.output_dir):
             self._acquire()  # nobody else may be writing into what is moved
             os.remove(self.lock)
@@ -122,7 +128,6 @@ class RunGuard:
             raise RunConflict(f"{self.output_dir}: cannot write into the output folder ({e}); use a writable "
                               "--output_dir") from None  # fmt: skip
         self._compare()
-        self.started = True
 
     def finish(self) -> None:
         """Releases the lock (a crash leaves it behind; the next run sees that its process is gone)."""
@@ -134,6 +139,8 @@ class RunGuard:
         has_steps = os.path.isfile(os.path.join(self.output_dir, "state.json"))
         if os.path.isfile(self.path):
             old = read_record(self.path, f"what the run in {self.output_dir} was started with")
+            if isinstance(old.get("settings"), dict):
+                old["settings"] = current_keys(old["settings"])  # a run an older version started
             differ = _differences(old, self.record)
             if differ and not self.resume:
                 self.finish()

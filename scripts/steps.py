@@ -14,6 +14,7 @@ from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
+from scripts import distributed
 from scripts.checkpoint import CheckpointError, load_checkpoint, state_dict
 from scripts.files import atomic_save, write_json
 
@@ -87,9 +88,10 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
     command after a kill resumes from it. Only when training ends are the final weights written and the step, with
     the last validation metrics of `evaluator`, recorded in `state.json`; a completed step is never rerun.
     The global RNG is re-seeded from (seed, epoch) at every epoch start, so shuffling and dropout after a resume are
-    those of an uninterrupted run.
+    those of an uninterrupted run. Under torchrun every rank trains and resumes from the same checkpoint; only rank 0
+    writes (scripts/distributed.py), and every rank returns after the step is recorded.
     """
-    network, state = trainer.network, RunState(output_dir)
+    network, state = distributed.unwrap(trainer.network), RunState(output_dir)
     if state.done(step):
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"{weights}: step {step!r} is complete in {state.path} but its weights are gone")
@@ -111,14 +113,17 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
     trainer.add_event_handler(
         Events.EPOCH_STARTED, lambda engine: torch.manual_seed(seed * 100_003 + engine.state.epoch)
     )
-    saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=1)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_only(folder, saver.last_checkpoint))
+    if distributed.is_main():
+        saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=1)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_only(folder, saver.last_checkpoint))
     start = time.time()
     trainer.run()
-    atomic_save(network.state_dict(), weights)
-    metrics = {k: float(v) for k, v in (evaluator.state.metrics if evaluator is not None else {}).items()}
-    state.complete(
-        step, weights=os.path.relpath(weights, output_dir), wall_time_s=round(time.time() - start, 1), **metrics
-    )
+    if distributed.is_main():
+        atomic_save(network.state_dict(), weights)
+        metrics = {k: float(v) for k, v in (evaluator.state.metrics if evaluator is not None else {}).items()}
+        state.complete(
+            step, weights=os.path.relpath(weights, output_dir), wall_time_s=round(time.time() - start, 1), **metrics
+        )
+    distributed.barrier()
     return network

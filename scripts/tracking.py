@@ -2,7 +2,8 @@
 
 ``python -m monai.bundle run training ... --tracking mlflow`` adds MONAI's ``MLFlowHandler`` to the standard engines,
 here the VQ-VAE's trainer and evaluator (``train#handlers``, ``validate#handlers``). The Transformer is trained once
-per ILTM iteration by engines built in Python (scripts/transformer_stage.py), so they get their own MLFlowHandlers,
+per ILTM iteration by engines built per iteration from the config's factories (scripts/transformer_stage.py), so they
+get their own MLFlowHandlers,
 one MLflow run per iteration (``transformer_KK``) in the same experiment and store, and the ILTM workflow logs its
 per-iteration table (``iltm/summary.csv``) as one more run (``iltm``) with the summary and plots as artifacts.
 mlflow is imported only when tracking is on; it is not needed otherwise.

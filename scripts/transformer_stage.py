@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from ignite.engine import Events
 from ignite.handlers import ProgressBar
+from monai.data import DistributedSampler
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import StatsHandler, TensorBoardStatsHandler, ValidationHandler
 from monai.inferers import Inferer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from scripts import tracking
+from scripts import distributed, tracking
 from scripts.healing import token_log_likelihood
 from scripts.steps import train_stage
 from scripts.transformer import autocast, next_token_loss
@@ -110,6 +111,12 @@ class TransformerStage:
         self.train_handlers, self.val_handlers = list(train_handlers), list(val_handlers)
         self.seed, self.tracking = seed, tracking
 
+    def _train_loader(self, dataset: TensorDataset) -> DataLoader:
+        """The config's loader; under torchrun each rank draws its shard through MONAI's DistributedSampler."""
+        if not distributed.active():
+            return self.train_loader(dataset)
+        return self.train_loader(dataset, sampler=DistributedSampler(dataset, shuffle=True), shuffle=False)
+
     def __call__(
         self,
         step: str,
@@ -122,33 +129,39 @@ class TransformerStage:
     ) -> nn.Module:
         """Trains `network` in place (or loads it, when `step` is already complete) and returns it."""
         board = os.path.join(folder, "tensorboard")
+        main = distributed.is_main()  # under torchrun: rank 0 validates, logs and writes; every rank trains
         evaluator = self.evaluator(
             val_data_loader=self.val_loader(TensorDataset(val_seq)),
             network=network,
             val_handlers=[
                 MeanLogLikelihood(),
-                StatsHandler(name=f"{step}.val", iteration_log=False),
-                TensorBoardStatsHandler(log_dir=board, iteration_log=False),
+                *(
+                    [StatsHandler(name=f"{step}.val", iteration_log=False),
+                     TensorBoardStatsHandler(log_dir=board, iteration_log=False)] if main else []
+                ),  # fmt: skip
                 *(make() for make in self.val_handlers),
             ],
         )
         network.to(evaluator.state.device)
         loss = lambda output: output["loss"]  # noqa: E731 - decollate=False: the output is one dict
+        reporting = [
+            ValidationHandler(validator=evaluator, interval=self.val_interval, epoch_level=True),
+            StatsHandler(name=f"{step}.train", tag_name="train_loss", output_transform=loss, iteration_log=False),
+            TensorBoardStatsHandler(log_dir=board, tag_name="train_loss", output_transform=loss),
+        ] if main else []  # fmt: skip
         trainer = self.trainer(
-            train_data_loader=self.train_loader(TensorDataset(train_seq, train_keep)),
-            network=network,
+            train_data_loader=self._train_loader(TensorDataset(train_seq, train_keep)),
+            network=distributed.wrap(network, find_unused_parameters=True),  # the mask token may sit out a batch
             optimizer=self.optimizer(network.parameters()),
-            train_handlers=[
-                ValidationHandler(validator=evaluator, interval=self.val_interval, epoch_level=True),
-                StatsHandler(name=f"{step}.train", tag_name="train_loss", output_transform=loss, iteration_log=False),
-                TensorBoardStatsHandler(log_dir=board, tag_name="train_loss", output_transform=loss),
-                *(make() for make in self.train_handlers),
-            ],
+            train_handlers=[*reporting, *(make() for make in self.train_handlers)],
         )
-        ProgressBar(persist=False, desc=step).attach(trainer, output_transform=lambda out: {"loss": out["loss"].item()})
-        if trainer.state.max_epochs % self.val_interval:
+        if main:
+            ProgressBar(persist=False, desc=step).attach(
+                trainer, output_transform=lambda out: {"loss": out["loss"].item()}
+            )
+        if main and trainer.state.max_epochs % self.val_interval:
             trainer.add_event_handler(Events.COMPLETED, lambda _: evaluator.run())
-        tracked = tracking.engine_handlers(self.tracking, step, lambda _: trainer.state.epoch)
+        tracked = tracking.engine_handlers(self.tracking, step, lambda _: trainer.state.epoch) if main else None
         if tracked:
             tracked[0].attach(trainer)
             tracked[1].attach(evaluator)

@@ -17,6 +17,8 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import VQVAE
 from torch import nn
 
+from scripts import distributed
+
 
 class DropoutVQVAE(VQVAE):
     """`monai.networks.nets.VQVAE` plus one channel-wise dropout before the decoder's last layer.
@@ -66,11 +68,13 @@ class DropoutVQVAE(VQVAE):
             self.codebook_initialised.fill_(True)
         else:
             dead = quantizer.ema_cluster_size < self.dead_code_threshold
-        if dead.any():
+        if dead.any():  # the same on every rank: MONAI's EMA quantiser all-reduces its statistics under DDP
             picks = flat[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)]
             quantizer.embedding.weight.data[dead] = picks
             quantizer.ema_w.data[dead] = picks
             quantizer.ema_cluster_size.data[dead] = 1.0
+            # each rank picked from its own batch: rank 0's picks everywhere, so the codebooks stay identical
+            distributed.broadcast_([quantizer.embedding.weight.data, quantizer.ema_w.data])
 
     def decode_shared(self, embedding_indices: torch.Tensor) -> torch.Tensor:
         """Token grids -> the decoder's features just before its dropout: the same for all M dropout decodes of a
@@ -193,12 +197,17 @@ class ReconstructionStats:
             for name, region in (("anomaly", mask), ("normal", ~mask)):
                 self.sums[name] += float(error[region].sum())
                 self.counts[name] += int(region.sum())
-        self.codes.append(engine.network.index_quantize(image).cpu())
+        # ITERATION_COMPLETED comes after the evaluator has put the network back in training mode, where quantising
+        # would move the EMA codebook (and restart codes) with validation images: quantise in eval mode
+        with eval_except(engine.network):
+            self.codes.append(engine.network.index_quantize(image).cpu())
 
     def _complete(self, engine) -> None:
-        for name in self.sums:
-            if self.counts[name]:
-                engine.state.metrics[f"{self.prefix}_l1_{name}"] = self.sums[name] / self.counts[name]
-        used, perplexity = codebook_usage(torch.cat([c.flatten() for c in self.codes]), engine.network.num_embeddings)
+        parts = distributed.gather((self.sums, self.counts, torch.cat([c.flatten() for c in self.codes])))
+        for name in self.sums:  # every rank's shard of the validation images (one part in a single process)
+            total, count = sum(p[0][name] for p in parts), sum(p[1][name] for p in parts)
+            if count:
+                engine.state.metrics[f"{self.prefix}_l1_{name}"] = total / count
+        used, perplexity = codebook_usage(torch.cat([p[2] for p in parts]), engine.network.num_embeddings)
         engine.state.metrics[f"{self.prefix}_codes_used"] = used
         engine.state.metrics[f"{self.prefix}_perplexity"] = perplexity

@@ -90,3 +90,12 @@ def test_weights_of_another_shape_without_a_record(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="do not fit") as err:
         load_detector(other.get_parsed_content("network_def"), path)
     assert len(str(err.value).splitlines()) < 10
+
+
+def test_records_of_older_versions_are_read_with_todays_keys() -> None:
+    """0.3.0 recorded the spatial chain as `resize`; it is still compared, as `spatial`."""
+    from scripts.checkpoint import mismatches
+
+    old = {"resize": ["Resized"], "resize_mode": "resize"}
+    now = {"spatial": ["ResizeWithPadOrCropd"], "resize_mode": "pad_crop"}
+    assert [line.split(":")[0] for line in mismatches(old, now)] == ["resize_mode", "spatial"]

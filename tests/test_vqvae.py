@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from scripts.tokens import latent_shape, load_token_masks, save_token_masks
-from scripts.vqvae import DropoutVQVAE, VQVAELoss, codebook_usage, decoder_dropout_only
+from scripts.vqvae import DropoutVQVAE, ReconstructionStats, VQVAELoss, codebook_usage, decoder_dropout_only
 
 
 def make(spatial_dims=2, **kwargs):
@@ -79,3 +79,23 @@ def test_latent_shape_comes_from_the_model_and_token_masks_round_trip(tmp_path):
     assert torch.equal(load_token_masks(str(tmp_path / "m.pt"), files[::-1], (8, 6)), masks.flip(0))
     with pytest.raises(ValueError, match="shape"):
         load_token_masks(str(tmp_path / "m.pt"), files, (4, 4))
+
+
+def test_validation_leaves_the_codebook_alone() -> None:
+    """The evaluator's handlers run after MONAI has put the network back in training mode; quantising there would
+    move the EMA codebook with validation images."""
+    from ignite.engine import Engine
+
+    model = make()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = Engine(lambda *_: None)
+    engine.network = model
+    image = torch.rand(2, 1, 16, 16)
+    engine.state.output, engine.state.batch = {"image": image, "pred": image}, {}
+    stats = ReconstructionStats()
+    stats._reset(engine)
+    stats._update(engine)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -1,0 +1,105 @@
+"""Several processes, one run: what `torchrun` needs from the bundle beyond MONAI's own DDP support.
+
+`configs/multi_gpu_train.yaml` and `configs/multi_gpu_evaluate.yaml` start the process group (NCCL on GPUs, gloo on
+CPU) and shard the data with MONAI's `DistributedSampler`. The rules kept here: every rank computes, only rank 0
+writes what the run keeps (checkpoints, `state.json`, reports, exports), and a barrier follows each such write so that
+no rank reads a file before it is complete. In a single process every function is a no-op or the identity.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import ignite.distributed as idist
+import torch
+import torch.distributed as dist
+from torch import nn
+
+T = TypeVar("T")
+
+
+def initialise() -> torch.device:
+    """Joins the process group `torchrun` describes (env:// rendezvous) and returns this rank's device."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    # ignite sets up its view of the group lazily with a collective call: on every rank now, not first on rank 0
+    # inside a handler only rank 0 builds (which would wait for the others forever)
+    idist.sync()
+    return device()
+
+
+def device() -> torch.device:
+    return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def finalise() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def main_first(write: Callable[[], T]) -> T | None:
+    """Runs `write` on rank 0 only (a file the run keeps), then lets every rank on; rank 0 gets its result."""
+    result = write() if is_main() else None
+    barrier()
+    return result
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's items: every world_size-th from its rank on (the order DistributedSampler uses unshuffled)."""
+    return list(items[rank() :: world_size()])
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (a list of one in a single process)."""
+    if not active():
+        return [value]
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast_(tensors: Sequence[torch.Tensor]) -> None:
+    """Rank 0's values in place on every rank: state a rank changed on its own (e.g. random codebook restarts)."""
+    if active():
+        for tensor in tensors:
+            dist.broadcast(tensor, 0)
+
+
+def wrap(network: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel around `network` when several processes train it, else `network` itself."""
+    if not active():
+        return network
+    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    return nn.parallel.DistributedDataParallel(
+        network, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+    )
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (whose state_dict keys have no `module.` prefix)."""
+    return network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
