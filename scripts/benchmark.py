@@ -63,10 +63,13 @@ def cluster_flags(grid: Sequence[int], fraction: float, clusters: int, generator
     return flags
 
 
-def timed_median(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
-    """Median wall time over ``repeats`` calls (a shared CPU is noisy) and the last result."""
+def timed_spread(
+    fn: Callable[[], object], device: torch.device, repeats: int
+) -> tuple[tuple[float, float, float], object]:
+    """(median, min, max) wall time over ``repeats`` calls, and the last result."""
     runs = [timed(fn, device) for _ in range(max(1, repeats))]
-    return statistics.median(seconds for seconds, _ in runs), runs[-1][1]
+    seconds = [s for s, _ in runs]
+    return (statistics.median(seconds), min(seconds), max(seconds)), runs[-1][1]
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
@@ -97,7 +100,7 @@ def bench_healing(
     cached_tokens = first + 1 + num_samples * (last - first)
     with autocast(device, amp):
         heal(transformer, seq, flags, 2)  # warm-up (kernels, allocator)
-        cached_s, cached = timed_median(
+        (cached_s, cached_min, cached_max), cached = timed_spread(
             lambda: heal(transformer, seq, flags, num_samples, generator=torch.Generator(device).manual_seed(0)),
             device,
             repeats,
@@ -107,32 +110,43 @@ def bench_healing(
             "flagged_percent": 100.0 * len(positions) / flags.numel(),
             "span": last - first + 1,
             "cached_s": cached_s,
+            "cached_min_s": cached_min,
+            "cached_max_s": cached_max,
+            "cached_tokens": cached_tokens,  # the floor: tokens any exact healing must feed through the Transformer
+            "naive_tokens": naive_tokens,
             "token_ratio": naive_tokens / cached_tokens,
         }
         if naive:
-            naive_s, reference = timed_median(
+            (naive_s, naive_min, naive_max), reference = timed_spread(
                 lambda: heal_naive(
                     transformer, seq, flags, num_samples, generator=torch.Generator(device).manual_seed(0)
                 ),
                 device,
                 repeats,
             )
-            result.update(naive_s=naive_s, ratio=naive_s / cached_s, identical=bool(torch.equal(cached, reference)))
+            result.update(naive_s=naive_s, naive_min_s=naive_min, naive_max_s=naive_max, ratio=naive_s / cached_s,
+                          identical=bool(torch.equal(cached, reference)))  # fmt: skip
     return result
 
 
-def bench_kde(image: torch.Tensor, num_reconstructions: int, max_bytes: int, repeats: int = 1) -> float:
-    """KDE over R reconstructions of one image [C, *S] (random values: the cost does not depend on them)."""
+def bench_kde(image: torch.Tensor, num_reconstructions: int, max_bytes: int, repeats: int = 1) -> dict[str, float]:
+    """KDE over R reconstructions of one image [C, *S] (random values: the cost does not depend on them): time and
+    throughput, in kernel evaluations (R per voxel and channel, the floor of any exact KDE) per second."""
     g = torch.Generator(image.device).manual_seed(0)
     recons = image + 0.05 * torch.randn((num_reconstructions, *image.shape), generator=g, device=image.device)
     kde_log_density(image, recons[:2], max_bytes=max_bytes)  # warm-up
-    return timed_median(lambda: kde_log_density(image, recons, max_bytes=max_bytes), image.device, repeats)[0]
+    (median, low, high), _ = timed_spread(
+        lambda: kde_log_density(image, recons, max_bytes=max_bytes), image.device, repeats
+    )
+    evaluations = num_reconstructions * image.numel()
+    return {"kde_s": median, "kde_min_s": low, "kde_max_s": high, "kde_evals": evaluations,
+            "kde_evals_per_s": evaluations / median}  # fmt: skip
 
 
 @contextmanager
 def stage_timers(detector: AnomalyDetector, device: torch.device) -> Iterator[dict[str, float]]:
-    """Accumulate the time the detector spends healing, decoding (the part the M decodes of a latent share, and the
-    dropout and last layer each decode runs) and in the KDE (wrapped, synchronised calls)."""
+    """Accumulate the time the detector spends healing, decoding (what the M decodes of a latent share: the decoder
+    before its dropout and the last layer's per-channel responses; and what each decode runs) and in the KDE."""
     totals = {"heal": 0.0, "decode_shared": 0.0, "decode_dropout": 0.0, "kde": 0.0}
 
     def wrap(name: str, fn: Callable) -> Callable:
@@ -147,26 +161,58 @@ def stage_timers(detector: AnomalyDetector, device: torch.device) -> Iterator[di
         mock.patch.object(scripts.detector, "heal", wrap("heal", scripts.detector.heal)),
         mock.patch.object(scripts.detector, "kde_log_density", wrap("kde", scripts.detector.kde_log_density)),
         mock.patch.object(detector.vqvae, "decode_shared", wrap("decode_shared", detector.vqvae.decode_shared)),
+        mock.patch.object(detector.vqvae, "channel_responses", wrap("decode_shared", detector.vqvae.channel_responses)),
         mock.patch.object(detector.vqvae, "decode_dropout", wrap("decode_dropout", detector.vqvae.decode_dropout)),
+        mock.patch.object(detector.vqvae, "decode_responses", wrap("decode_dropout", detector.vqvae.decode_responses)),
     ):
         yield totals
 
 
-def bench_map(detector: AnomalyDetector, image: torch.Tensor, flag_fraction: float) -> dict[str, float]:
-    """Whole anomaly map of one image, the detector flagging ``flag_fraction`` of its tokens, with a breakdown."""
+def decode_every_reconstruction(detector: AnomalyDetector) -> Callable:
+    """The decoding of versions up to 0.2.0, for the before/after comparison: each of the R reconstructions through
+    the whole decoder, in batches of `decode_batch_size` (same dropout masks in the same order, same images)."""
+
+    def decode(latents: torch.Tensor, num_decodes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
+        every = latents.repeat_interleave(num_decodes, dim=0)
+        size = detector.decode_batch_size
+        return torch.cat(
+            [detector.vqvae.decode_samples(every[i : i + size]).float() for i in range(0, len(every), size)]
+        )
+
+    return decode
+
+
+def bench_map(
+    detector: AnomalyDetector, image: torch.Tensor, flag_fraction: float, repeats: int = 1, before: bool = True
+):
+    """Whole anomaly map of one image, the detector flagging ``flag_fraction`` of its tokens: median, min and max of
+    ``repeats`` runs, a breakdown of the last one, and (``before``) the same map with 0.2.0's decoding in the same run.
+
+    An ILTM mask pass runs this map once per training image (with the mask settings' N and M), so its time per image
+    is this one's."""
     with torch.no_grad():
         indices = detector.vqvae.index_quantize(image)
         seq = detector.sequencer(tuple(indices.shape[1:])).to_sequence(indices)
         probs = token_log_likelihood(detector.transformer.eval(), seq).exp().flatten()
     detector.resample_threshold = float(torch.quantile(probs.float(), flag_fraction)) * (1 + 1e-6)
     with stage_timers(detector, image.device) as stages:
-        seconds, out = timed(lambda: detector.infer(image), image.device)
-    return {
-        "map_s": seconds,
+        (median, low, high), out = timed_spread(lambda: detector.infer(image), image.device, repeats)
+        stages = {name: value / max(1, repeats) for name, value in stages.items()}
+    result = {
+        "map_s": median,
+        "map_min_s": low,
+        "map_max_s": high,
         "map_flagged": int(out["num_flagged"][0]),
         "map_R": detector.num_samples * detector.num_decodes,
         **{f"map_{name}_s": value for name, value in stages.items()},
     }
+    if before:
+        with mock.patch.object(detector, "_decode", decode_every_reconstruction(detector)):
+            (b_median, b_low, b_high), old = timed_spread(lambda: detector.infer(image), image.device, repeats)
+        result.update(map_before_s=b_median, map_before_min_s=b_low, map_before_max_s=b_high,
+                      map_speedup=b_median / median,
+                      map_same=bool(torch.allclose(old["score"], out["score"], rtol=1e-4, atol=1e-3)))  # fmt: skip
+    return result
 
 
 def run_case(case: str, device: torch.device, args: argparse.Namespace) -> dict[str, object]:
@@ -194,7 +240,7 @@ def run_case(case: str, device: torch.device, args: argparse.Namespace) -> dict[
     row["N"] = args.num_samples
     row.update(bench_healing(transformer, seq, flags, args.num_samples, args.amp, not args.skip_naive, args.repeats))
     row["kde_R"] = args.kde_reconstructions or args.num_samples * args.num_decodes
-    row["kde_s"] = bench_kde(image[0], row["kde_R"], args.kde_max_bytes, args.repeats)
+    row.update(bench_kde(image[0], row["kde_R"], args.kde_max_bytes, args.repeats))
     if not args.skip_map:
         detector = AnomalyDetector(
             vqvae,
@@ -205,7 +251,7 @@ def run_case(case: str, device: torch.device, args: argparse.Namespace) -> dict[
             decode_batch_size=args.decode_batch_size,
             amp=args.amp,
         )
-        row.update(bench_map(detector, image, args.flag_fraction))
+        row.update(bench_map(detector, image, args.flag_fraction, args.repeats, not args.skip_before))
     return row
 
 
@@ -224,9 +270,15 @@ def print_table(rows: list[dict[str, object]]) -> None:
         ("identical", "{}"),
         ("kde_R", "{}"),
         ("kde_s", "{:.3f}"),
+        ("kde_evals_per_s", "{:.2e}"),
         ("map_R", "{}"),
         ("map_flagged", "{}"),
         ("map_s", "{:.2f}"),
+        ("map_min_s", "{:.2f}"),
+        ("map_max_s", "{:.2f}"),
+        ("map_before_s", "{:.2f}"),
+        ("map_speedup", "{:.2f}x"),
+        ("map_same", "{}"),
         ("map_heal_s", "{:.2f}"),
         ("map_decode_shared_s", "{:.2f}"),
         ("map_decode_dropout_s", "{:.2f}"),
@@ -262,8 +314,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="float32 on CUDA too")
     p.add_argument("--skip-naive", action="store_true", help="the naive path can take minutes at paper scale on CPU")
     p.add_argument("--skip-map", action="store_true", help="skip the whole-map timing")
+    p.add_argument("--skip-before", action="store_true", help="skip the map with 0.2.0's decoding (for comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--repeats", type=int, default=1, help="median of this many runs (healing both ways, KDE)")
+    p.add_argument("--repeats", type=int, default=3, help="median (and min-max) of this many runs of each timing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows (and the settings) to this JSON file")
     return p.parse_args(argv)

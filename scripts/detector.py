@@ -28,6 +28,8 @@ from scripts.kde import kde_log_density
 from scripts.transformer import AMP_DTYPES, autocast
 from scripts.vqvae import DropoutVQVAE, decoder_dropout_only, eval_except
 
+LINEAR_DECODE_MAX_BYTES = 2**28  # responses per distinct latent: 256 x 256 pixels x 128 channels in float32 is 2**25
+
 __all__ = ["AnomalyDetector"]
 
 
@@ -258,23 +260,36 @@ class AnomalyDetector(nn.Module):
 
         Decoded in batches of `decode_batch_size` reconstructions, the dropout drawing the same masks in the same
         order as decoding all R at once would. What the M decodes of a latent share (everything before the dropout,
-        `decode_shared`) is computed once per distinct latent: healed latents often repeat, and the ablation's are
-        all one.
+        `decode_shared`, and the last layer's response to each channel, `channel_responses`) is computed once per
+        distinct latent: healed latents often repeat, and the ablation's are all one. Each decode is then a weighted
+        sum of those responses (`decode_responses`; the plain last layer where the responses would not fit in
+        LINEAR_DECODE_MAX_BYTES per latent).
         """
         distinct, which = torch.unique(latents.flatten(1), dim=0, return_inverse=True)
         distinct = distinct.view(-1, *latents.shape[1:])
         rows = which.repeat_interleave(num_decodes)  # reconstruction -> distinct latent
         out = torch.empty((len(rows), *image_shape), dtype=torch.float32, device=latents.device)
-        shared: dict[int, torch.Tensor] = {}  # kept for the next batch only (a latent's decodes may straddle two)
+        kept: dict[int, torch.Tensor] = {}  # per distinct latent, for the next batch only (its decodes may straddle)
+        linear = None  # last layer per channel (vqvae.channel_responses) unless that would take too much memory
         for start in range(0, len(rows), self.decode_batch_size):
             ids = rows[start : start + self.decode_batch_size].tolist()
             needed = sorted(set(ids))
-            missing = [i for i in needed if i not in shared]
+            missing = [i for i in needed if i not in kept]
             with self._autocast(latents.device):
                 if missing:
-                    shared.update(zip(missing, self.vqvae.decode_shared(distinct[missing])))
-                decoded = self.vqvae.decode_dropout(torch.stack([shared[i] for i in ids]))
-            shared = {i: shared[i] for i in needed}
+                    shared = self.vqvae.decode_shared(distinct[missing])
+                    if linear is None:
+                        size = shared.shape[1] * math.prod(image_shape) * shared.element_size()
+                        linear = size <= LINEAR_DECODE_MAX_BYTES
+                    responses = self.vqvae.channel_responses(shared) if linear else None
+                    linear = responses is not None
+                    kept.update(zip(missing, shared if responses is None else responses))
+                if linear:
+                    local = torch.tensor([needed.index(i) for i in ids], device=latents.device)
+                    decoded = self.vqvae.decode_responses(torch.stack([kept[i] for i in needed]), local)
+                else:
+                    decoded = self.vqvae.decode_dropout(torch.stack([kept[i] for i in ids]))
+            kept = {i: kept[i] for i in needed}
             if tuple(decoded.shape[1:]) != image_shape:
                 raise ValueError(f"decoded shape {tuple(decoded.shape[1:])} differs from the image's {image_shape}.")
             out[start : start + len(ids)] = decoded

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from monai.losses import JukeboxLoss
 from monai.networks.blocks import Convolution
 from monai.networks.nets import VQVAE
@@ -89,6 +90,56 @@ class DropoutVQVAE(VQVAE):
         for block in self.decoder.blocks[self.dropout_at :]:
             shared = block(shared)
         return shared
+
+    def _last_conv(self) -> nn.Module | None:
+        """The decoder's last layer when it is a bare (transposed) convolution, else None."""
+        blocks = self.decoder.blocks[self.dropout_at + 1 :]
+        conv = getattr(blocks[0], "conv", None) if len(blocks) == 1 else None
+        plain = len(list(blocks[0].children())) == 1 if conv is not None else False
+        return (
+            conv if plain and isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv2d, nn.Conv3d)) else None
+        )
+
+    def channel_responses(self, shared: torch.Tensor) -> torch.Tensor | None:
+        """The last layer applied to each of its input channels alone, without bias: [n, C_in, C_out, *S], or None
+        when that layer is not a bare convolution.
+
+        A convolution is linear in its input channels, and channel-wise dropout scales whole channels, so a decode
+        with dropout noise z [C_in] is sum_c z_c r_c + bias (:meth:`decode_responses`): the M decodes of a latent
+        cost one pass of the layer plus M weighted sums, instead of M passes.
+        """
+        conv = self._last_conv()
+        if conv is None:
+            return None
+        c_in, dims = shared.shape[1], shared.dim() - 2
+        if conv.transposed:  # weight [C_in, C_out, *k]: groups=C_in keeps input channel c in outputs c*C_out + o
+            fn = F.conv_transpose2d if dims == 2 else F.conv_transpose3d
+            out = fn(shared, conv.weight, None, conv.stride, conv.padding, conv.output_padding, c_in, conv.dilation)
+        else:  # weight [C_out, C_in, *k] -> [C_in * C_out, 1, *k], input channel major
+            fn = F.conv2d if dims == 2 else F.conv3d
+            weight = conv.weight.transpose(0, 1).reshape(-1, 1, *conv.weight.shape[2:])
+            out = fn(shared, weight, None, conv.stride, conv.padding, conv.dilation, c_in)
+        return out.view(len(shared), c_in, -1, *out.shape[2:])
+
+    def decode_responses(self, responses: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Images [B, C_out, *S] of B decodes, decode b of the latent whose responses are ``responses[rows[b]]``.
+
+        The dropout noise is drawn as `nn.Dropout2d/3d` draws it for a batch of B (one Bernoulli tensor [B, C_in, 1..]
+        from the global RNG), so with the same seed the images equal :meth:`decode_dropout`'s up to rounding.
+        """
+        drop, conv = self.decoder_dropout, self._last_conv()
+        b, c_in = len(rows), responses.shape[1]
+        noise = torch.ones((b, c_in), dtype=responses.dtype, device=responses.device)
+        if drop.training and drop.p > 0:
+            shape = (b, c_in) + (1,) * (responses.dim() - 3)
+            noise = responses.new_empty(shape).bernoulli_(1 - drop.p).div_(1 - drop.p).view(b, c_in)
+        out = torch.empty((b, *responses.shape[2:]), dtype=responses.dtype, device=responses.device)
+        for i in rows.unique().tolist():
+            at = (rows == i).nonzero().flatten()
+            out[at] = (noise[at] @ responses[i].flatten(1)).view(len(at), *responses.shape[2:])
+        if conv.bias is not None:
+            out += conv.bias.view(1, -1, *([1] * (responses.dim() - 3)))
+        return out
 
 
 @contextmanager

@@ -7,10 +7,16 @@ def test_benchmark_reports_every_stage(tmp_path, single_thread) -> None:
     args = ["--device", "cpu", "--cases", "2d,3d", "--size-2d", "32", "--size-3d", "16", "--levels", "2",
             "--vqvae-channels", "8", "--codebook", "16", "--embedding-dim", "4", "--embed-dim", "16", "--layers", "1",
             "--heads", "2", "--num-samples", "3", "--num-decodes", "2", "--kde-reconstructions", "12",
-            "--json", str(tmp_path / "b.json")]  # fmt: skip
+            "--repeats", "2", "--json", str(tmp_path / "b.json")]  # fmt: skip
     rows = benchmark.main(args)
     assert [r["case"] for r in rows] == ["2d", "3d"]
     for row in rows:
         assert row["identical"] is True and row["map_R"] == 6
         assert row["map_decode_shared_s"] > 0 and row["map_decode_dropout_s"] > 0 and row["map_s"] > 0
+        assert row["map_min_s"] <= row["map_s"] <= row["map_max_s"] and row["cached_min_s"] <= row["cached_s"]
+        assert row["map_same"] is True and row["map_before_s"] > 0  # 0.2.0's decoding, same map, same run
+        assert row["kde_evals"] == 12 * 32 ** (2 if row["case"] == "2d" else 0) * 16 ** (
+            3 if row["case"] == "3d" else 0
+        )
+        assert row["cached_tokens"] <= row["naive_tokens"]
     assert (tmp_path / "b.json").is_file()

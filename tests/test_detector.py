@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import scripts.detector
 from scripts.detector import AnomalyDetector, _seeded_rng, segment
 from scripts.kde import kde_log_density
 from scripts.transformer import MaskedTransformer
@@ -46,7 +47,8 @@ def image(spatial_dims: int = 2, batch: int = 2) -> torch.Tensor:
     return torch.rand((batch, 1, *([size] * spatial_dims)), generator=torch.Generator().manual_seed(7))
 
 
-def test_only_decoder_dropout_is_active_and_modes_are_restored() -> None:
+def test_only_decoder_dropout_is_active_and_modes_are_restored(monkeypatch) -> None:
+    monkeypatch.setattr(scripts.detector, "LINEAR_DECODE_MAX_BYTES", 0)  # the last layer as a module, to be seen
     detector = make_detector()
     detector.train()
     detector.transformer.blocks[0].eval()  # a mixed state must come back as it was
@@ -80,17 +82,23 @@ def test_dropout_makes_decodes_differ() -> None:
     assert decodes.std(0).max() > 0
 
 
-@pytest.mark.parametrize("num_decodes, batch", [(5, 30), (3, 4), (1, 7)])
-def test_shared_decoding_equals_decoding_every_reconstruction(num_decodes: int, batch: int) -> None:
-    """The decoder's part before its dropout is computed once per distinct latent; with the same seed the
-    reconstructions equal those of running the whole decoder on all R = N*M (the path of version 0.2), because the
-    dropout draws the same masks in the same order. Batches that split a latent's decodes are included."""
-    detector = make_detector(num_samples=6, num_decodes=num_decodes)
+@pytest.mark.parametrize("linear", [True, False])
+@pytest.mark.parametrize("num_decodes, batch, spatial_dims", [(5, 30, 2), (3, 4, 2), (1, 7, 2), (3, 4, 3)])
+def test_shared_decoding_equals_decoding_every_reconstruction(
+    num_decodes: int, batch: int, spatial_dims: int, linear: bool, monkeypatch
+) -> None:
+    """The decoder's part before its dropout, and its last layer's response to each channel, are computed once per
+    distinct latent; with the same seed the reconstructions equal those of running the whole decoder on all R = N*M
+    (the path of version 0.2), because the dropout draws the same masks in the same order. Batches that split a
+    latent's decodes are included, and the plain last layer used where the responses would not fit."""
+    if not linear:
+        monkeypatch.setattr(scripts.detector, "LINEAR_DECODE_MAX_BYTES", 0)
+    detector = make_detector(spatial_dims, num_samples=6, num_decodes=num_decodes)
     detector.decode_batch_size = batch
-    x = image(batch=1)
+    x = image(spatial_dims, batch=1)
     with torch.no_grad(), decoder_dropout_only(detector.vqvae):
         latent = detector.vqvae.index_quantize(x)
-        latents = torch.cat([latent.expand(3, -1, -1), latent.roll(1, dims=-1).expand(3, -1, -1)])  # 2 distinct
+        latents = torch.cat([latent.expand(3, *latent.shape[1:]), latent.roll(1, -1).expand(3, *latent.shape[1:])])
         torch.manual_seed(0)
         shared = detector._decode(latents, num_decodes, tuple(x.shape[1:]))
         torch.manual_seed(0)

@@ -149,3 +149,32 @@ def test_every_transformer_training_setting_comes_from_the_config(tmp_path, load
     stage("t", MaskedTransformer(codes + 1, length, embed_dim=8, num_layers=1, num_heads=2), seq, keep, seq[:2],
           str(tmp_path / "t"), str(tmp_path))  # fmt: skip
     assert Inspect.seen == [{"lr": 0.003, "epochs": 2, "batch_size": 4, "num_workers": 1}]
+
+
+def test_a_killed_mask_pass_resumes_at_the_first_missing_chunk(tmp_path, monkeypatch) -> None:
+    """Mask passes are written in chunks (shared out over torchrun's ranks); a rerun computes only what is missing,
+    and a chunk of other images is refused rather than used."""
+    from scripts import iltm
+
+    monkeypatch.setattr(iltm, "MASK_CHUNK", 2)
+    workflow = object.__new__(iltm.ILTMWorkflow)
+    workflow.grid = (2, 2)
+    files = [{"image": f"img_{i}.png"} for i in range(5)]
+    computed = []
+
+    def mask_pass(chunk, threshold, desc):
+        if len(computed) == 1 and not getattr(mask_pass, "resumed", False):
+            raise KeyboardInterrupt  # killed during the second chunk
+        computed.append([e["image"] for e in chunk])
+        masks = torch.stack([torch.full((2, 2), int(e["image"][4]) % 2 == 1) for e in chunk])
+        return masks, ~masks
+
+    monkeypatch.setattr(workflow, "_mask_pass", mask_pass)
+    with pytest.raises(KeyboardInterrupt):
+        workflow._sharded_pass(files, 0.005, "masks", str(tmp_path))
+    mask_pass.resumed = True
+    suspect, flags = workflow._sharded_pass(files, 0.005, "masks", str(tmp_path))
+    assert computed == [["img_0.png", "img_1.png"], ["img_2.png", "img_3.png"], ["img_4.png"]]  # chunk 0 once
+    assert suspect[:, 0, 0].tolist() == [False, True, False, True, False] and torch.equal(flags, ~suspect)
+    with pytest.raises(RuntimeError, match="other images"):
+        workflow._sharded_pass([{"image": "other.png"}, *files[1:]], 0.005, "masks", str(tmp_path))
