@@ -356,8 +356,12 @@ class ILTMWorkflow:
         """The weights every from-scratch retraining starts from, stored so that a resumed run (and every rank) uses
         the same ones."""
         path = os.path.join(self.output_dir, "iltm", "transformer_init.pt")
-        if not os.path.isfile(path):
-            distributed.main_first(lambda: atomic_save(transformer.state_dict(), path))
+
+        def write() -> None:
+            if not os.path.isfile(path):
+                atomic_save(transformer.state_dict(), path)
+
+        distributed.main_first(write)  # every rank reaches the barrier, whether or not the file exists yet
         initial = load_checkpoint(path, self.device)
         transformer.load_state_dict(initial)
         return initial

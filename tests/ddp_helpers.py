@@ -18,5 +18,7 @@ class KillRank:
         engine.add_event_handler(Events.EPOCH_STARTED(once=self.epoch), self)
 
     def __call__(self, engine) -> None:
-        if os.environ.get("ILTM_TEST_KILL") and distributed.rank() == self.rank:
-            os._exit(9)
+        if os.environ.get("ILTM_TEST_KILL"):
+            distributed.barrier()  # rank 0 has written the previous epoch's checkpoint before this epoch starts
+            if distributed.rank() == self.rank:
+                os._exit(9)

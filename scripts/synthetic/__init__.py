@@ -53,6 +53,9 @@ def ensure_dataset(dataset_dir: str, kind: str = "2d", **params: Any) -> str:
         _check_params(dataset_dir, kind, params)
         return datalist
     if os.path.isdir(dataset_dir) and os.listdir(dataset_dir):
+        if os.path.isfile(datalist):  # a concurrent caller renamed its complete folder into place meanwhile
+            _check_params(dataset_dir, kind, params)
+            return datalist
         raise FileExistsError(f"{dataset_dir}: folder exists without datalist.json; remove it or point elsewhere")
     parent = os.path.dirname(os.path.abspath(dataset_dir))
     os.makedirs(parent, exist_ok=True)
