@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import difflib
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -104,12 +105,33 @@ def _unknown(parser: ConfigParser, keys: Sequence[str], where: str) -> list[str]
         if key in RENAMED:
             messages.append(f"--{key}: renamed {RENAMED[key][0]} in version {RENAMED[key][1]}")
             continue
+        source = passed_on(parser, key.replace("::", "#"))
+        if source:
+            messages.append(f"--{key}: only passes on {source} to its component; set --{source}, the one id of "
+                            "that setting (the id the run records)")  # fmt: skip
+            continue
         if key.replace("::", "#") in parser or key.lstrip("+") in parser:
             continue
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         messages.append(f"--{key}: no such setting in {where}{hint}")
     return messages
+
+
+def passed_on(parser: ConfigParser, key: str) -> str | None:
+    """The setting a component's argument takes its value from (``arg: "@id"`` inside a ``_target_`` dict), or None.
+
+    Such an argument is not a setting of its own: overriding it would bypass the setting, and the run's record
+    (run.json) would show the setting's value, not the one used.
+    """
+    parent = key.rpartition("#")[0]
+    if not parent or key not in parser or parent not in parser:
+        return None
+    component, value = parser[parent], parser[key]
+    if isinstance(component, dict) and "_target_" in component and isinstance(value, str):
+        match = re.fullmatch(r"@([\w#]+)", value.strip())
+        return match.group(1) if match else None
+    return None
 
 
 def check_overrides(allow_new_ids: bool = False, argv: Sequence[str] | None = None) -> None:
@@ -133,6 +155,6 @@ def check_ids(parser: ConfigParser, keys: Sequence[str], where: str) -> None:
                  if old in parser and parser[old] is not None]  # fmt: skip
     if messages:
         raise UnknownSetting(
-            "\n".join(messages) + "\nMONAI would add these as new ids that nothing reads; the run would use the "
-            "defaults. Fix the names, or pass --allow_new_ids True to add new ids on purpose."
+            "\n".join(messages) + "\nFix these names (MONAI would add an unknown id as a new one that nothing reads, "
+            "and the run would use the defaults), or pass --allow_new_ids True to add new ids on purpose."
         )

@@ -65,3 +65,15 @@ def test_diagnose_refuses_an_argument_it_does_not_have(tmp_path) -> None:
 
     with pytest.raises(UnknownSetting, match="--json: no such setting"):
         diagnose([TRAIN, DEMO], checkpoint=str(tmp_path / "none.pt"), json=str(tmp_path / "out.json"))
+
+
+def test_an_argument_that_only_passes_a_setting_on_is_refused() -> None:
+    """One id per setting: `iltm#workflow#min_iterations` is `@iltm#min_iterations`; overriding it would bypass the
+    setting that run.json records. A setting whose default is another setting stays a setting of its own."""
+    (message,) = unknown_ids([TRAIN, DEMO], ["iltm#workflow#min_iterations"])
+    assert "set --iltm#min_iterations" in message
+    (message,) = unknown_ids([TRAIN, DEMO], ["transformer#trainer#max_epochs"])
+    assert "set --transformer#epochs" in message
+    assert unknown_ids([TRAIN, DEMO], ["iltm#mask_density_threshold", "transformer#epochs", "num_samples"]) == []
+    (message,) = unknown_ids([INFERENCE], ["network_def#num_samples"])
+    assert "set --num_samples" in message
