@@ -262,8 +262,8 @@ class AnomalyDetector(nn.Module):
         order as decoding all R at once would. What the M decodes of a latent share (everything before the dropout,
         `decode_shared`, and the last layer's response to each channel, `channel_responses`) is computed once per
         distinct latent: healed latents often repeat, and the ablation's are all one. Each decode is then a weighted
-        sum of those responses (`decode_responses`; the plain last layer where the responses would not fit in
-        LINEAR_DECODE_MAX_BYTES per latent).
+        sum of those responses (`decode_responses`; the plain last layer on a GPU, where it is faster, and where the
+        responses would not fit in LINEAR_DECODE_MAX_BYTES per latent).
         """
         distinct, which = torch.unique(latents.flatten(1), dim=0, return_inverse=True)
         distinct = distinct.view(-1, *latents.shape[1:])
@@ -278,9 +278,9 @@ class AnomalyDetector(nn.Module):
             with self._autocast(latents.device):
                 if missing:
                     shared = self.vqvae.decode_shared(distinct[missing])
-                    if linear is None:
+                    if linear is None:  # on a GPU the last layer itself is faster than M weighted sums (measured)
                         size = shared.shape[1] * math.prod(image_shape) * shared.element_size()
-                        linear = size <= LINEAR_DECODE_MAX_BYTES
+                        linear = latents.device.type == "cpu" and size <= LINEAR_DECODE_MAX_BYTES
                     responses = self.vqvae.channel_responses(shared) if linear else None
                     linear = responses is not None
                     kept.update(zip(missing, shared if responses is None else responses))
