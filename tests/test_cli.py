@@ -77,3 +77,9 @@ def test_an_argument_that_only_passes_a_setting_on_is_refused() -> None:
     assert unknown_ids([TRAIN, DEMO], ["iltm#mask_density_threshold", "transformer#epochs", "num_samples"]) == []
     (message,) = unknown_ids([INFERENCE], ["network_def#num_samples"])
     assert "set --num_samples" in message
+
+
+def test_the_documented_ablation_override_is_a_setting() -> None:
+    """`--network_def#resample False` (the sweep's no-resampling ablation) must pass the command-line check."""
+    assert unknown_ids([INFERENCE, os.path.join(ROOT, "configs", "evaluate.yaml")], ["network_def#resample"]) == []
+    assert unknown_ids([TRAIN, DEMO], ["network_def#resample"]) == []
