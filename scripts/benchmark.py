@@ -113,6 +113,7 @@ def bench_healing(
             "cached_min_s": cached_min,
             "cached_max_s": cached_max,
             "cached_tokens": cached_tokens,  # the floor: tokens any exact healing must feed through the Transformer
+            "cached_tokens_per_s": cached_tokens / cached_s,
             "naive_tokens": naive_tokens,
             "token_ratio": naive_tokens / cached_tokens,
         }
@@ -270,6 +271,7 @@ def print_table(rows: list[dict[str, object]]) -> None:
         ("naive_s", "{:.3f}"),
         ("ratio", "{:.1f}x"),
         ("token_ratio", "{:.1f}x"),
+        ("cached_tokens_per_s", "{:.0f}"),
         ("identical", "{}"),
         ("kde_R", "{}"),
         ("kde_s", "{:.3f}"),

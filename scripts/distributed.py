@@ -69,11 +69,6 @@ def main_first(write: Callable[[], T]) -> T | None:
     return result
 
 
-def shard(items: Sequence[T]) -> list[T]:
-    """This rank's items: every world_size-th from its rank on (the order DistributedSampler uses unshuffled)."""
-    return list(items[rank() :: world_size()])
-
-
 def gather(value: Any) -> list[Any]:
     """Every rank's `value`, in rank order (a list of one in a single process)."""
     if not active():

@@ -200,8 +200,12 @@ class ILTMWorkflow:
 
     def _tokens(self, files: Sequence[dict], path: str) -> torch.Tensor:
         """Token grids of `files`, quantised once by rank 0 and read from its cache by the other ranks."""
-        distributed.main_first(lambda: cached_tokens(self.detector.vqvae, files, self.transform, self.device, path))
-        return cached_tokens(self.detector.vqvae, files, self.transform, self.device, path)
+
+        def tokens() -> torch.Tensor:
+            return cached_tokens(self.detector.vqvae, files, self.transform, self.device, path)
+
+        quantised = distributed.main_first(tokens)
+        return tokens() if quantised is None else quantised
 
     def _masks(self, state: RunState, k: int, truth: torch.Tensor | None) -> torch.Tensor:
         """Token masks for iteration k from Transformer k-1 (computed once; loaded when the step is complete).

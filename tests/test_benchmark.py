@@ -1,5 +1,7 @@
 """scripts/benchmark.py runs end to end at toy sizes and reports every stage of the map, both decoding parts included."""
 
+import pytest
+
 from scripts import benchmark
 
 
@@ -19,4 +21,5 @@ def test_benchmark_reports_every_stage(tmp_path, single_thread) -> None:
             3 if row["case"] == "3d" else 0
         )
         assert row["cached_tokens"] <= row["naive_tokens"]
+        assert row["cached_tokens_per_s"] == pytest.approx(row["cached_tokens"] / row["cached_s"])
     assert (tmp_path / "b.json").is_file()
