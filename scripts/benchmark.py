@@ -147,7 +147,7 @@ def bench_kde(image: torch.Tensor, num_reconstructions: int, max_bytes: int, rep
 @contextmanager
 def stage_timers(detector: AnomalyDetector, device: torch.device) -> Iterator[dict[str, float]]:
     """Accumulate the time the detector spends healing, decoding (what the M decodes of a latent share: the decoder
-    before its dropout and the last layer's per-channel responses; and what each decode runs) and in the KDE."""
+    before its dropout; and the last layer, which gives a latent's M decodes in one pass) and in the KDE."""
     totals = {"heal": 0.0, "decode_shared": 0.0, "decode_dropout": 0.0, "kde": 0.0}
 
     def wrap(name: str, fn: Callable) -> Callable:
@@ -162,16 +162,16 @@ def stage_timers(detector: AnomalyDetector, device: torch.device) -> Iterator[di
         mock.patch.object(scripts.detector, "heal", wrap("heal", scripts.detector.heal)),
         mock.patch.object(scripts.detector, "kde_log_density", wrap("kde", scripts.detector.kde_log_density)),
         mock.patch.object(detector.vqvae, "decode_shared", wrap("decode_shared", detector.vqvae.decode_shared)),
-        mock.patch.object(detector.vqvae, "channel_responses", wrap("decode_shared", detector.vqvae.channel_responses)),
-        mock.patch.object(detector.vqvae, "decode_dropout", wrap("decode_dropout", detector.vqvae.decode_dropout)),
-        mock.patch.object(detector.vqvae, "decode_responses", wrap("decode_dropout", detector.vqvae.decode_responses)),
+        mock.patch.object(detector.vqvae, "decode_many", wrap("decode_dropout", detector.vqvae.decode_many)),
     ):
         yield totals
 
 
-def decode_every_reconstruction(detector: AnomalyDetector) -> Callable:
-    """The decoding of versions up to 0.2.0, for the before/after comparison: each of the R reconstructions through
-    the whole decoder, in batches of `decode_batch_size` (same dropout masks in the same order, same images)."""
+@contextmanager
+def as_in_version_0_2(detector: AnomalyDetector) -> Iterator[None]:
+    """The map as versions up to 0.2.0 computed it, for the before/after comparison: each of the R reconstructions
+    through the whole decoder in batches of `decode_batch_size` (same dropout masks in the same order, same images),
+    and healing steps that run every position through every Transformer block (no ``last_only``)."""
 
     def decode(latents: torch.Tensor, num_decodes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
         every = latents.repeat_interleave(num_decodes, dim=0)
@@ -180,14 +180,23 @@ def decode_every_reconstruction(detector: AnomalyDetector) -> Callable:
             [detector.vqvae.decode_samples(every[i : i + size]).float() for i in range(0, len(every), size)]
         )
 
-    return decode
+    forward = detector.transformer.forward
+
+    def every_position(*args, last_only: bool = False, **kwargs) -> torch.Tensor:
+        logits = forward(*args, **kwargs)
+        return logits[:, -1:] if last_only else logits
+
+    with mock.patch.object(detector, "_decode", decode), mock.patch.object(
+        detector.transformer, "forward", every_position
+    ):
+        yield
 
 
 def bench_map(
     detector: AnomalyDetector, image: torch.Tensor, flag_fraction: float, repeats: int = 1, before: bool = True
 ):
     """Whole anomaly map of one image, the detector flagging ``flag_fraction`` of its tokens: median, min and max of
-    ``repeats`` runs, a breakdown of the last one, and (``before``) the same map with 0.2.0's decoding in the same run.
+    ``repeats`` runs, a breakdown of the last one, and (``before``) the same map computed as 0.2.0 did, in the same run.
 
     An ILTM mask pass runs this map once per training image (with the mask settings' N and M), so its time per image
     is this one's."""
@@ -209,7 +218,7 @@ def bench_map(
         **{f"map_{name}_s": value for name, value in stages.items()},
     }
     if before:
-        with mock.patch.object(detector, "_decode", decode_every_reconstruction(detector)):
+        with as_in_version_0_2(detector):
             detector.infer(image)  # warm-up, as above
             (b_median, b_low, b_high), old = timed_spread(lambda: detector.infer(image), image.device, repeats)
         result.update(map_before_s=b_median, map_before_min_s=b_low, map_before_max_s=b_high,
@@ -319,7 +328,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="float32 on CUDA too")
     p.add_argument("--skip-naive", action="store_true", help="the naive path can take minutes at paper scale on CPU")
     p.add_argument("--skip-map", action="store_true", help="skip the whole-map timing")
-    p.add_argument("--skip-before", action="store_true", help="skip the map with 0.2.0's decoding (for comparison)")
+    p.add_argument("--skip-before", action="store_true", help="skip the map computed as in 0.2.0 (for comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--repeats", type=int, default=3, help="median (and min-max) of this many runs of each timing")
     p.add_argument("--seed", type=int, default=0)

@@ -28,8 +28,6 @@ from scripts.kde import kde_log_density
 from scripts.transformer import AMP_DTYPES, autocast
 from scripts.vqvae import DropoutVQVAE, decoder_dropout_only, eval_except
 
-LINEAR_DECODE_MAX_BYTES = 2**28  # responses per distinct latent: 256 x 256 pixels x 128 channels in float32 is 2**25
-
 __all__ = ["AnomalyDetector"]
 
 
@@ -260,35 +258,23 @@ class AnomalyDetector(nn.Module):
 
         Decoded in batches of `decode_batch_size` reconstructions, the dropout drawing the same masks in the same
         order as decoding all R at once would. What the M decodes of a latent share (everything before the dropout,
-        `decode_shared`, and the last layer's response to each channel, `channel_responses`) is computed once per
-        distinct latent: healed latents often repeat, and the ablation's are all one. Each decode is then a weighted
-        sum of those responses (`decode_responses`; the plain last layer on a GPU, where it is faster, and where the
-        responses would not fit in LINEAR_DECODE_MAX_BYTES per latent).
+        `decode_shared`) is computed once per distinct latent: healed latents often repeat, and the ablation's are
+        all one. The last layer then gives all decodes of a latent in one pass (`decode_many`).
         """
         distinct, which = torch.unique(latents.flatten(1), dim=0, return_inverse=True)
         distinct = distinct.view(-1, *latents.shape[1:])
         rows = which.repeat_interleave(num_decodes)  # reconstruction -> distinct latent
         out = torch.empty((len(rows), *image_shape), dtype=torch.float32, device=latents.device)
         kept: dict[int, torch.Tensor] = {}  # per distinct latent, for the next batch only (its decodes may straddle)
-        linear = None  # last layer per channel (vqvae.channel_responses) unless that would take too much memory
         for start in range(0, len(rows), self.decode_batch_size):
-            ids = rows[start : start + self.decode_batch_size].tolist()
-            needed = sorted(set(ids))
+            ids = rows[start : start + self.decode_batch_size]
+            needed = sorted(set(ids.tolist()))
             missing = [i for i in needed if i not in kept]
             with self._autocast(latents.device):
                 if missing:
-                    shared = self.vqvae.decode_shared(distinct[missing])
-                    if linear is None:  # on a GPU the last layer itself is faster than M weighted sums (measured)
-                        size = shared.shape[1] * math.prod(image_shape) * shared.element_size()
-                        linear = latents.device.type == "cpu" and size <= LINEAR_DECODE_MAX_BYTES
-                    responses = self.vqvae.channel_responses(shared) if linear else None
-                    linear = responses is not None
-                    kept.update(zip(missing, shared if responses is None else responses))
-                if linear:
-                    local = torch.tensor([needed.index(i) for i in ids], device=latents.device)
-                    decoded = self.vqvae.decode_responses(torch.stack([kept[i] for i in needed]), local)
-                else:
-                    decoded = self.vqvae.decode_dropout(torch.stack([kept[i] for i in ids]))
+                    kept.update(zip(missing, self.vqvae.decode_shared(distinct[missing])))
+                local = torch.searchsorted(torch.tensor(needed, device=ids.device), ids)
+                decoded = self.vqvae.decode_many([kept[i] for i in needed], local)
             kept = {i: kept[i] for i in needed}
             if tuple(decoded.shape[1:]) != image_shape:
                 raise ValueError(f"decoded shape {tuple(decoded.shape[1:])} differs from the image's {image_shape}.")

@@ -160,13 +160,13 @@ def heal(
         return healed[:, 1:]
     cache = transformer.new_cache(1)
     first = flagged[0]
-    logits = transformer(seq[:, : first + 1], cache=cache)[:, -1]  # shared prefix, computed once
+    logits = transformer(seq[:, : first + 1], cache=cache, last_only=True)[:, -1]  # shared prefix, once
     cache = cache.expand(num_samples)
     logits = logits.expand(num_samples, -1)
     previous = first
     for position in flagged:
         if position != first:
-            logits = transformer(healed[:, previous + 1 : position + 1], cache=cache)[:, -1]
+            logits = transformer(healed[:, previous + 1 : position + 1], cache=cache, last_only=True)[:, -1]
         healed[:, position + 1] = sample_codes(logits, transformer.num_codes, temperature, top_k, generator)
         previous = position
     return healed[:, 1:]
@@ -186,6 +186,6 @@ def heal_naive(
     seq, flagged = _per_image(seq, flags)
     healed = seq.expand(num_samples, -1).clone()
     for position in flagged:
-        logits = transformer(healed[:, : position + 1])[:, -1]
+        logits = transformer(healed[:, : position + 1], last_only=True)[:, -1]
         healed[:, position + 1] = sample_codes(logits, transformer.num_codes, temperature, top_k, generator)
     return healed[:, 1:]

@@ -8,6 +8,7 @@ metadata on the map (so that MONAI's writers and ``Invertd`` know the file and i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -21,8 +22,10 @@ from monai.data.utils import create_file_basename
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
+from scripts import distributed
 from scripts.data import DataError, load_datalist
 from scripts.detector import segment
+from scripts.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,58 @@ def check_inputs(files: Sequence[dict], root: str | None) -> None:
             + "\nRemove or replace these files (rename one of each pair with the same name), or set --input_root, and "
             "run again."
         )
+
+
+def unfinished(
+    files: Sequence[dict], maps_dir: str, root: str | None, record: dict, outputs: Sequence[str], resume: bool = True
+) -> list[dict]:
+    """The inputs still to map. A rerun of the same inference (the same checkpoint file, settings and inputs, recorded
+    in ``<maps_dir>/inference.json``) skips every input whose last output (`outputs`, in the order they are written)
+    is complete, so a killed run over a large folder resumes where it stopped; any other run maps every input.
+
+    Every rank decides from the folder as it was before rank 0 records this run (a barrier in between), so the ranks
+    of a torchrun agree on the list they shard.
+    """
+    path = os.path.join(maps_dir, "inference.json")
+    record = json.loads(json.dumps({**record, "inputs": [str(entry["image"]) for entry in files]}, default=str))
+    todo = list(files)
+    if resume and outputs and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                same = json.load(f) == record
+        except (OSError, ValueError):
+            same = False
+        if same:
+            todo = [
+                e for e in files if not complete(os.path.join(maps_dir, output_name(e["image"], root) + outputs[-1]))
+            ]
+            if len(todo) < len(files):
+                logger.info(f"{maps_dir}: {len(files) - len(todo)} of {len(files)} inputs already mapped by this "
+                            f"inference; mapping the other {len(todo)} (--resume_maps False maps them all)")  # fmt: skip
+    distributed.barrier()
+    if outputs and distributed.is_main():
+        os.makedirs(maps_dir, exist_ok=True)
+        write_json(path, record)
+    return todo
+
+
+def complete(path: str) -> bool:
+    """Whether an output file was written to its end (a killed run can leave the file it was writing cut short)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return False
+    try:
+        if path.endswith(".png"):
+            from PIL import Image
+
+            with Image.open(path) as image:
+                image.load()
+        else:
+            import nibabel as nib
+
+            np.asarray(nib.load(path).dataobj)
+    except Exception:  # noqa: BLE001 - any reader error means the file is not usable
+        return False
+    return True
 
 
 def output_name(path: str, root: str | None) -> str:

@@ -111,6 +111,7 @@ DOMAINS: dict[str, Callable[[Any], str | None]] = {
     "save_maps": _bool,
     "save_overlays": _bool,
     "invert_maps": _bool,
+    "resume_maps": _bool,
 }
 
 

@@ -125,11 +125,17 @@ class SelfAttention(nn.Module):
         is_causal: bool,
         cache: KVCache | None = None,
         layer: int = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D], or [B, 1, D] for the last position alone (``last_only``: every position still
+        gives its key and value)."""
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in self.qkv(x).split(d, -1))
         if cache is not None:
             k, v = cache.append(layer, k, v)
+        if last_only and t > 1:  # the last query sees every key: its row of the mask, and no causal triangle
+            q, t, is_causal = q[:, :, -1:], 1, False
+            attn_mask = None if attn_mask is None else attn_mask[..., -1:, :]
         # A boolean mask (True = may attend) still lets PyTorch pick the memory-efficient kernel on GPU;
         # is_causal without a mask allows flash attention.
         y = F.scaled_dot_product_attention(
@@ -154,9 +160,16 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+        layer: int,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), attn_mask, is_causal, cache, layer)
+        y = self.attn(self.ln1(x), attn_mask, is_causal, cache, layer, last_only)
+        x = (x[:, -1:] if last_only else x) + y
         return x + self.mlp(self.ln2(x))
 
 
@@ -235,7 +248,11 @@ class MaskedTransformer(nn.Module):
         return KVCache(self.num_layers, batch_size, self.max_seq_len)
 
     def forward(
-        self, tokens: torch.Tensor, keep: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, L, num_tokens]; logits[:, i] predict the token after tokens[:, i].
 
@@ -244,6 +261,8 @@ class MaskedTransformer(nn.Module):
             keep: [B, L] bool, True = the token is used; None = all used. BOS (position 0) is always kept.
             cache: if given, ``tokens`` continue the cached sequence at position ``cache.length``: they attend to
                 the whole (kept) prefix and causally within the chunk, and their keys/values are appended.
+            last_only: logits [B, 1, num_tokens] of the last position only, as healing needs: the last block then
+                runs its attention output and MLP for that position alone (the others only give keys and values).
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, L], got shape {tuple(tokens.shape)}.")
@@ -269,7 +288,7 @@ class MaskedTransformer(nn.Module):
 
         attn_mask, is_causal = self._attention_mask(keep, t, cache, tokens.device)
         for layer, block in enumerate(self.blocks):
-            x = block(x, attn_mask, is_causal, cache, layer)
+            x = block(x, attn_mask, is_causal, cache, layer, last_only and layer == self.num_layers - 1)
         if cache is not None:
             cache.length += t
         return self.head(self.ln_f(x))

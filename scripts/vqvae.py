@@ -20,6 +20,13 @@ from torch import nn
 
 from scripts import distributed
 
+CONV_FUNCTIONS = {
+    nn.Conv2d: F.conv2d,
+    nn.Conv3d: F.conv3d,
+    nn.ConvTranspose2d: F.conv_transpose2d,
+    nn.ConvTranspose3d: F.conv_transpose3d,
+}
+
 
 class DropoutVQVAE(VQVAE):
     """`monai.networks.nets.VQVAE` plus one channel-wise dropout before the decoder's last layer.
@@ -79,8 +86,12 @@ class DropoutVQVAE(VQVAE):
 
     def decode_shared(self, embedding_indices: torch.Tensor) -> torch.Tensor:
         """Token grids -> the decoder's features just before its dropout: the same for all M dropout decodes of a
-        latent, so computed once per latent (the rest is `decode_dropout`)."""
+        latent, so computed once per latent (the rest is `decode_dropout`).
+
+        Channels-last: oneDNN's convolutions run faster in it (`scripts.benchmark`, docs/README.md "Benchmark"), and
+        the per-channel responses it yields are laid out for :meth:`decode_responses`' weighted sums."""
         x = self.quantizer.embed(embedding_indices)
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
         for block in self.decoder.blocks[: self.dropout_at]:
             x = block(x)
         return x
@@ -92,53 +103,46 @@ class DropoutVQVAE(VQVAE):
         return shared
 
     def _last_conv(self) -> nn.Module | None:
-        """The decoder's last layer when it is a bare (transposed) convolution, else None."""
+        """The decoder's last layer when it is a bare, ungrouped (transposed) convolution, else None."""
         blocks = self.decoder.blocks[self.dropout_at + 1 :]
         conv = getattr(blocks[0], "conv", None) if len(blocks) == 1 else None
         plain = len(list(blocks[0].children())) == 1 if conv is not None else False
-        return (
-            conv if plain and isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv2d, nn.Conv3d)) else None
-        )
+        bare = type(conv) in CONV_FUNCTIONS and conv.groups == 1 and conv.padding_mode == "zeros"
+        return conv if plain and bare else None
 
-    def channel_responses(self, shared: torch.Tensor) -> torch.Tensor | None:
-        """The last layer applied to each of its input channels alone, without bias: [n, C_in, C_out, *S], or None
-        when that layer is not a bare convolution.
+    def decode_many(self, shared: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """Images [B, C_out, *S] of B dropout decodes; decode b is of the latent whose `decode_shared` features
+        ([C, *s]) are ``shared[rows[b]]``.
 
-        A convolution is linear in its input channels, and channel-wise dropout scales whole channels, so a decode
-        with dropout noise z [C_in] is sum_c z_c r_c + bias (:meth:`decode_responses`): the M decodes of a latent
-        cost one pass of the layer plus M weighted sums, instead of M passes.
+        The dropout noise is drawn as `nn.Dropout2d/3d` draws it for a batch of B (one Bernoulli tensor [B, C, 1..]
+        from the global RNG), so with the same seed the images equal :meth:`decode_dropout`'s up to rounding. A
+        convolution is linear in its input channels and the dropout scales whole channels, so the decodes of one
+        latent are one convolution of its features whose weights carry each decode's noise: C_out outputs per
+        decode, instead of one pass of the layer per decode (docs/README.md, "Benchmark").
         """
-        conv = self._last_conv()
-        if conv is None:
-            return None
-        c_in, dims = shared.shape[1], shared.dim() - 2
-        if conv.transposed:  # weight [C_in, C_out, *k]: groups=C_in keeps input channel c in outputs c*C_out + o
-            fn = F.conv_transpose2d if dims == 2 else F.conv_transpose3d
-            out = fn(shared, conv.weight, None, conv.stride, conv.padding, conv.output_padding, c_in, conv.dilation)
-        else:  # weight [C_out, C_in, *k] -> [C_in * C_out, 1, *k], input channel major
-            fn = F.conv2d if dims == 2 else F.conv3d
-            weight = conv.weight.transpose(0, 1).reshape(-1, 1, *conv.weight.shape[2:])
-            out = fn(shared, weight, None, conv.stride, conv.padding, conv.dilation, c_in)
-        return out.view(len(shared), c_in, -1, *out.shape[2:])
-
-    def decode_responses(self, responses: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Images [B, C_out, *S] of B decodes, decode b of the latent whose responses are ``responses[rows[b]]``.
-
-        The dropout noise is drawn as `nn.Dropout2d/3d` draws it for a batch of B (one Bernoulli tensor [B, C_in, 1..]
-        from the global RNG), so with the same seed the images equal :meth:`decode_dropout`'s up to rounding.
-        """
-        drop, conv = self.decoder_dropout, self._last_conv()
-        b, c_in = len(rows), responses.shape[1]
-        noise = torch.ones((b, c_in), dtype=responses.dtype, device=responses.device)
+        conv, drop, first = self._last_conv(), self.decoder_dropout, shared[0]
+        if conv is None:  # not a bare convolution: the layer itself, once per decode
+            return self.decode_dropout(torch.stack([shared[i] for i in rows.tolist()]))
+        b, c_in, dims = len(rows), first.shape[0], first.dim() - 1
+        noise = torch.ones((b, c_in), dtype=first.dtype, device=first.device)
         if drop.training and drop.p > 0:
-            shape = (b, c_in) + (1,) * (responses.dim() - 3)
-            noise = responses.new_empty(shape).bernoulli_(1 - drop.p).div_(1 - drop.p).view(b, c_in)
-        out = torch.empty((b, *responses.shape[2:]), dtype=responses.dtype, device=responses.device)
+            noise = first.new_empty((b, c_in) + (1,) * dims).bernoulli_(1 - drop.p).div_(1 - drop.p).view(b, c_in)
+        weight, kernel, out = conv.weight.to(first.dtype), conv.weight.shape[2:], None
         for i in rows.unique().tolist():
             at = (rows == i).nonzero().flatten()
-            out[at] = (noise[at] @ responses[i].flatten(1)).view(len(at), *responses.shape[2:])
+            z = noise[at]  # [m, C_in]
+            if conv.transposed:  # weight [C_in, C_out, *k] -> [C_in, m * C_out, *k]
+                w = (weight[:, None] * z.T.reshape(c_in, len(at), 1, *[1] * dims)).reshape(c_in, -1, *kernel)
+                args = (conv.stride, conv.padding, conv.output_padding, 1, conv.dilation)
+            else:  # weight [C_out, C_in, *k] -> [m * C_out, C_in, *k]
+                w = (weight[None] * z.reshape(len(at), 1, c_in, *[1] * dims)).reshape(-1, c_in, *kernel)
+                args = (conv.stride, conv.padding, conv.dilation)
+            y = CONV_FUNCTIONS[type(conv)](shared[i][None], w, None, *args)
+            y = y.view(len(at), conv.out_channels, *y.shape[2:])
+            out = y.new_empty((b, *y.shape[1:])) if out is None else out
+            out[at] = y
         if conv.bias is not None:
-            out += conv.bias.view(1, -1, *([1] * (responses.dim() - 3)))
+            out += conv.bias.to(out.dtype).view(1, -1, *[1] * dims)
         return out
 
 

@@ -48,7 +48,7 @@ def image(spatial_dims: int = 2, batch: int = 2) -> torch.Tensor:
 
 
 def test_only_decoder_dropout_is_active_and_modes_are_restored(monkeypatch) -> None:
-    monkeypatch.setattr(scripts.detector, "LINEAR_DECODE_MAX_BYTES", 0)  # the last layer as a module, to be seen
+    monkeypatch.setattr(DropoutVQVAE, "_last_conv", lambda self: None)  # the last layer as a module, to be seen
     detector = make_detector()
     detector.train()
     detector.transformer.blocks[0].eval()  # a mixed state must come back as it was
@@ -82,17 +82,18 @@ def test_dropout_makes_decodes_differ() -> None:
     assert decodes.std(0).max() > 0
 
 
-@pytest.mark.parametrize("linear", [True, False])
+@pytest.mark.parametrize("folded", [True, False])
 @pytest.mark.parametrize("num_decodes, batch, spatial_dims", [(5, 30, 2), (3, 4, 2), (1, 7, 2), (3, 4, 3)])
 def test_shared_decoding_equals_decoding_every_reconstruction(
-    num_decodes: int, batch: int, spatial_dims: int, linear: bool, monkeypatch
+    num_decodes: int, batch: int, spatial_dims: int, folded: bool, monkeypatch
 ) -> None:
-    """The decoder's part before its dropout, and its last layer's response to each channel, are computed once per
-    distinct latent; with the same seed the reconstructions equal those of running the whole decoder on all R = N*M
-    (the path of version 0.2), because the dropout draws the same masks in the same order. Batches that split a
-    latent's decodes are included, and the plain last layer used where the responses would not fit."""
-    if not linear:
-        monkeypatch.setattr(scripts.detector, "LINEAR_DECODE_MAX_BYTES", 0)
+    """The decoder's part before its dropout is computed once per distinct latent, and the last layer gives all
+    decodes of a latent in one pass with the dropout noise in its weights; with the same seed the reconstructions
+    equal those of running the whole decoder on all R = N*M (the path of version 0.2), because the dropout draws the
+    same masks in the same order. Batches that split a latent's decodes are included, and the plain last layer
+    used where it is not a bare convolution."""
+    if not folded:
+        monkeypatch.setattr(DropoutVQVAE, "_last_conv", lambda self: None)
     detector = make_detector(spatial_dims, num_samples=6, num_decodes=num_decodes)
     detector.decode_batch_size = batch
     x = image(spatial_dims, batch=1)

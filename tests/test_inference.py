@@ -189,9 +189,41 @@ def test_folder_inference_needs_no_datalist(dataset: str, checkpoint: str, tmp_p
     )  # fmt: skip
     written = sorted(os.listdir(os.path.join(out, "inference")))
     assert written == sorted(
-        f"part{i}_{kind}" for i in range(2) for kind in ("overlay.png", "score.nii.gz", "seg.nii.gz")
+        [f"part{i}_{kind}" for i in range(2) for kind in ("overlay.png", "score.nii.gz", "seg.nii.gz")]
+        + ["inference.json"]
     )
     assert not os.path.exists(unused)  # the synthetic set was not generated
+
+
+def test_killed_inference_resumes_without_remapping(dataset: str, checkpoint: str, tmp_path) -> None:
+    """A rerun of the same inference keeps the maps already written and maps the rest: the input whose last output
+    (its overlay) is missing, and the one whose overlay a kill cut short. Other settings map every input again."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.open(os.path.join(dataset, "images", f"test_000{i}.png")).save(folder / f"part{i}.png")
+    out = str(tmp_path / "out")
+    maps = os.path.join(out, "inference")
+
+    def infer(**overrides) -> dict[str, int]:
+        bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=checkpoint, output_dir=out,
+                   **TINY, **overrides)  # fmt: skip
+        return {n: os.stat(os.path.join(maps, n)).st_mtime_ns for n in os.listdir(maps) if n.startswith("part")}
+
+    first = infer()
+    os.remove(os.path.join(maps, "part1_overlay.png"))  # killed before its overlay was written
+    overlay = os.path.join(maps, "part2_overlay.png")
+    with open(overlay, "r+b") as f:  # killed while writing it
+        f.truncate(os.path.getsize(overlay) // 2)
+    second = infer()
+    assert len(second) == 9
+    assert all(second[n] == first[n] for n in first if n.startswith("part0"))
+    assert all(second[n] != first[n] for n in first if not n.startswith("part0"))
+    assert Image.open(overlay).load() is not None
+    third = infer(**{"network_def#resample": False})  # another inference: every map again
+    assert all(third[n] != second[n] for n in second)
+    fourth = infer(**{"network_def#resample": False, "resume_maps": False})
+    assert all(fourth[n] != third[n] for n in third)
 
 
 def test_summarise_matches_metrics_and_marks_undefined_as_none() -> None:

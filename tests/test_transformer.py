@@ -147,6 +147,28 @@ def test_kv_cache_with_keep_matches_full_forward() -> None:
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_last_only_gives_the_last_logits_and_the_same_cache(masked: bool) -> None:
+    """Healing's shortcut: the last block runs its attention output and MLP for the last position alone, yet every
+    position's keys and values still reach the cache, so later chunks see the same prefix."""
+    model = make_model()
+    tokens, keep = make_tokens(), (make_keep() if masked else None)
+    with torch.no_grad():
+        full = model(tokens, keep)
+        assert torch.allclose(model(tokens, keep, last_only=True), full[:, -1:], atol=1e-10, rtol=0)
+        caches = model.new_cache(3), model.new_cache(3)
+        chunks = [(0, 6), (6, 7), (7, 11), (11, L)]
+        for a, b in chunks:
+            part = None if keep is None else keep[:, a:b]
+            plain = model(tokens[:, a:b], part, cache=caches[0])
+            short = model(tokens[:, a:b], part, cache=caches[1], last_only=True)
+            assert short.shape == (3, 1, NUM_CODES + 1)
+            assert torch.allclose(short, plain[:, -1:], atol=1e-10, rtol=0)
+    for layer in range(model.num_layers):
+        assert torch.equal(caches[0].keys[layer], caches[1].keys[layer])
+        assert torch.equal(caches[0].values[layer], caches[1].values[layer])
+
+
 def test_kv_cache_expand_continues_each_row() -> None:
     """(d) A batch-1 prefix expanded to N rows, each continued differently, matches each row's full forward."""
     model = make_model()
