@@ -23,7 +23,8 @@ from scripts.files import atomic_save
 # Settings a checkpoint cannot be used without: its weights' shapes and what its inputs must look like. The others in
 # a record (N, M, thresholds, KDE units) are inference choices: adopted by default, free to change.
 BINDING = ("spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max", "spacing",
-           "foreground_threshold", "resize_mode", "spatial", "vqvae_def#", "transformer_def#")  # fmt: skip
+           "foreground_threshold", "resize_mode", "spatial", "vqvae_def#", "transformer_def#",
+           "autoencoder_def#")  # fmt: skip
 # record keys of older versions -> today's (0.4.0 renamed the spatial chain's id `resize` to `spatial`)
 OLD_KEYS = {"resize": "spatial"}
 
@@ -59,7 +60,10 @@ def describe(transform: Any) -> list[str]:
 def detector_record(detector: nn.Module, data: Mapping[str, Any]) -> dict[str, Any]:
     """The record of a detector: its networks' constructor settings plus the data settings the config passes."""
     record = flatten(data)
-    record.update(flatten({"vqvae_def": detector.vqvae.settings, "transformer_def": detector.transformer.settings}))
+    networks = {f"{name}_def": m.settings for name, m in detector.named_children() if hasattr(m, "settings")}
+    record.update(
+        flatten(networks)
+    )  # ILTM: vqvae_def, transformer_def; a baseline (scripts/baselines.py): autoencoder_def
     return record
 
 

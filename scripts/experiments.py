@@ -11,6 +11,7 @@ Evaluated per seed and ratio (:data:`scripts.experiments_report.LABELS`):
   reconstruction error finds on its own; ILTM can only improve on what the Transformer's healing adds.
 - ``transformer``: ILTM iteration 0, the plain VQ-VAE + Transformer (``iltm/iter_00/model.pt``).
 - ``iltm``: the final ILTM iteration; with ``all_iterations`` every iteration (Figure 3).
+- baselines (``methods``, :data:`scripts.baselines.METHODS`): the dense AE and dense VAE, trained on the same data.
 - variants (``variants``), each sharing the VQ-VAE (and iteration 0, where the variant does not change it) of the
   seed and ratio, so that a comparison isolates the one setting: ``fixed`` (a fixed resampling threshold, paper
   Fig. 3), ``unrestricted`` (the anomaly map without the prior work's restriction to flagged tokens, in training's
@@ -24,6 +25,7 @@ evaluation (``metrics.json``) is skipped, an interrupted training resumes; more 
     python -m scripts.experiments run --seeds "[0,1]"                         # 2D demo preset, ratios 0-0.8
     python -m scripts.experiments run --kind 3d --seeds "[0,1]"               # 3D demo preset, ratios 0, 0.5, 1
     python -m scripts.experiments run --ratios "[0.0,0.8]" --variants "fixed,unrestricted,oracle" --all_iterations True
+    python -m scripts.experiments run --methods "iltm,dense_ae,dense_vae" --seeds "[0,1]"  # with the baselines
     python -m scripts.experiments run --overrides "{'vqvae#epochs': 10, 'transformer#epochs': 5}"
     python -m scripts.experiments report --exp_dir runs/experiments           # tables and figures only
 """
@@ -42,6 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from scripts.baselines import METHODS, SECTIONS
 from scripts.cli import as_list
 from scripts.contamination import parse_names, ratio_tag
 from scripts.experiments_report import final_iteration, report
@@ -69,6 +72,7 @@ def run(
     n_train: int | None = None,
     n_test: int | None = None,
     variants: Sequence[str] | str = (),
+    methods: Sequence[str] | str = ("iltm",),
     fixed_threshold: bool = False,
     ablation: bool = True,
     all_iterations: bool = False,
@@ -86,6 +90,9 @@ def run(
         preset: config layered on train/inference (default configs/demo.yaml or configs/demo3d.yaml).
         n_train, n_test: override the preset's synthetic set sizes (a smaller test set is faster to evaluate).
         variants: names from :data:`VARIANTS` ("fixed", "unrestricted", "oracle"), comma-separated or a list.
+        methods: "iltm" (its iteration 0, final iteration, ablation and variants) and the baselines of
+            :data:`scripts.baselines.METHODS` ("dense_ae", "dense_vae"), comma-separated or a list; each trained on
+            the same data with the same seed and evaluated on the same test set.
         fixed_threshold: shorthand for the "fixed" variant.
         ablation: also evaluate the no-resampling ablation (``network_def#resample: false``).
         all_iterations: evaluate every ILTM iteration, not only iteration 0 and the final one.
@@ -102,6 +109,10 @@ def run(
     unknown = sorted(set(chosen) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(VARIANTS)}")
+    methods = list(parse_names(methods))
+    unknown = sorted(set(methods) - {"iltm", *METHODS})
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown or methods}; available: iltm, {', '.join(METHODS)}")
     overrides, eval_overrides = dict(overrides or {}), dict(eval_overrides or {})
     exp_dir = os.path.abspath(exp_dir)
     _record(
@@ -118,14 +129,23 @@ def run(
             base = os.path.join(root, "runs", tag)
             train_data = dict(data, anomalous_fraction=ratio, n_test=0)
             common = {**model_overrides, "seed": seed}
-            train(base, os.path.join(root, "data", tag), train_data, preset, common, exp_dir, in_process)
+            data_dir = os.path.join(root, "data", tag)
+            for method in (m for m in methods if m != "iltm"):
+                layer, method_overrides, _ = METHODS[method]
+                folder = f"{base}_{method}"
+                train(folder, data_dir, train_data, preset, {**common, **method_overrides}, exp_dir, in_process, layer)
+                evaluate(os.path.join(folder, "model.pt"), os.path.join(root, "eval", tag, method), test_datalist,
+                         preset, {**common, **eval_overrides, **method_overrides}, exp_dir, in_process, layer)  # fmt: skip
+            if "iltm" not in methods:
+                continue
+            common = {k: v for k, v in common.items() if k.split("#", 1)[0] not in SECTIONS}
+            train(base, data_dir, train_data, preset, common, exp_dir, in_process)
             runs = {"": (base, {})}
             for name in chosen:
                 train_over, eval_over, share_iteration_0 = VARIANTS[name]
                 folder = f"{base}_{name}"
                 share_first_stage(base, folder, share_iteration_0)
-                train(folder, os.path.join(root, "data", tag), train_data, preset, {**common, **train_over}, exp_dir,
-                      in_process)  # fmt: skip
+                train(folder, data_dir, train_data, preset, {**common, **train_over}, exp_dir, in_process)
                 runs[name] = (folder, eval_over)
             for name, checkpoint, extra in evaluations(runs, ablation, all_iterations):
                 out = os.path.join(root, "eval", tag, name)
@@ -160,9 +180,17 @@ def shared_test_set(folder: str, synthetic: dict) -> str:
 
 
 def train(
-    output_dir: str, dataset_dir: str, synthetic: dict, preset: str, overrides: dict, exp_dir: str, in_process: bool
+    output_dir: str,
+    dataset_dir: str,
+    synthetic: dict,
+    preset: str,
+    overrides: dict,
+    exp_dir: str,
+    in_process: bool,
+    layer: str | None = None,
 ) -> None:
-    """The bundle's training (VQ-VAE + ILTM) for one ratio; skipped when its final model.pt exists."""
+    """The bundle's training for one ratio (VQ-VAE + ILTM, or a baseline's `layer`); skipped when its final model.pt
+    exists."""
     if os.path.isfile(os.path.join(output_dir, "model.pt")):
         return
     args = {
@@ -172,7 +200,10 @@ def train(
         "iltm#export": "",
         **overrides,
     }
-    bundle("training", ["configs/train.yaml", preset], args, _log(exp_dir, output_dir), in_process)
+    configs, run_id = ["configs/train.yaml", preset, *([layer] if layer else [])], (
+        "train_baseline" if layer else "training"
+    )
+    bundle(run_id, configs, args, _log(exp_dir, output_dir), in_process)
 
 
 def share_first_stage(source: str, target: str, iteration_0: bool = True) -> None:
@@ -215,7 +246,14 @@ def evaluations(runs: dict[str, tuple[str, dict]], ablation: bool, all_iteration
 
 
 def evaluate(
-    checkpoint: str, output_dir: str, datalist: str, preset: str, overrides: dict, exp_dir: str, in_process: bool
+    checkpoint: str,
+    output_dir: str,
+    datalist: str,
+    preset: str,
+    overrides: dict,
+    exp_dir: str,
+    in_process: bool,
+    layer: str | None = None,
 ) -> None:
     """The bundle's evaluation of one checkpoint on the shared test set; skipped when its metrics.json exists."""
     if os.path.isfile(os.path.join(output_dir, "metrics.json")):
@@ -224,7 +262,7 @@ def evaluate(
         "dataset_dir": os.path.dirname(datalist), "datalist": datalist, "checkpoint": checkpoint,
         "output_dir": output_dir, "save_maps": False, "save_overlays": False, **overrides,
     }  # fmt: skip
-    configs = ["configs/inference.yaml", preset, "configs/evaluate.yaml"]
+    configs = ["configs/inference.yaml", preset, "configs/evaluate.yaml", *([layer] if layer else [])]
     bundle("evaluating", configs, args, _log(exp_dir, output_dir), in_process)
 
 

@@ -15,12 +15,14 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from scripts.baselines import METHODS
 from scripts.plots import figure
 
 METRICS = ("aupro", "best_dice", "pixel_auroc", "image_auroc", "dice_at_density_threshold")
 MASK_COLUMNS = ("masked_pct", "precision", "recall", "flag_precision", "flag_recall")
 # (method, variant) -> label, in table order; variant "" is the base run
 LABELS = {
+    **{(name, ""): label for name, (_, _, label) in METHODS.items()},
     ("vqvae_dropout", ""): "VQ-VAE, dropout only (no resampling)",
     ("transformer", ""): "VQ-VAE + Transformer (ILTM iteration 0)",
     ("iltm", ""): "ILTM (final iteration)",
@@ -60,17 +62,18 @@ def collect(exp_dir: str) -> list[dict]:
 def _row(exp_dir: str, seed_dir: str, tag: str, name: str, path: str) -> dict:
     with open(path) as f:
         result = json.load(f)
-    if name == "vqvae_dropout":
+    single = name == "vqvae_dropout" or name in METHODS  # one model: no ILTM iterations, no masks
+    if single:
         variant, iteration = "", 0
     else:
         variant, _, number = name.rpartition("iter_")
         variant, iteration = variant.rstrip("_"), int(number)
     run_dir = os.path.join(exp_dir, seed_dir, "runs", tag + (f"_{variant}" if variant else ""))
-    method = "vqvae_dropout" if name == "vqvae_dropout" else ("transformer" if iteration == 0 else "iltm")
-    masks = {} if method == "vqvae_dropout" else {int(r["iteration"]): r for r in _summary(run_dir)}.get(iteration, {})
+    method = name if single else ("transformer" if iteration == 0 else "iltm")
+    masks = {} if single else {int(r["iteration"]): r for r in _summary(run_dir)}.get(iteration, {})
     return {
         "seed": int(seed_dir.split("_", 1)[1]), "ratio": float(tag[1:]), "method": method, "variant": variant,
-        "iteration": iteration, "final": method != "vqvae_dropout" and iteration == final_iteration(run_dir),
+        "iteration": iteration, "final": name in METHODS or (not single and iteration == final_iteration(run_dir)),
         **{m: result.get(m) for m in METRICS}, **{c: _float(masks.get(c)) for c in MASK_COLUMNS},
         "n_images": result.get("n_images"), "checkpoint": os.path.relpath(result.get("checkpoint", ""), exp_dir),
     }  # fmt: skip
@@ -180,7 +183,7 @@ def plot_iterations(rows: Sequence[dict], path: str) -> None:
     fig, axes = _figure(1, 4, (15, 3.6))
     panels = (("aupro", "test AUPRO"), ("precision", "token-mask precision"), ("recall", "token-mask recall"),
               ("flag_recall", "flag recall (resampled tokens)"))  # fmt: skip
-    models = [r for r in rows if r["method"] != "vqvae_dropout"]
+    models = [r for r in rows if r["method"] in ("transformer", "iltm")]
     for ratio in sorted({r["ratio"] for r in models}):
         for variant, style in (("", "o-"), ("fixed", "s--")):
             chosen = [r for r in models if r["ratio"] == ratio and r["variant"] in (variant, "")

@@ -168,6 +168,29 @@ def test_end_to_end_tiny_and_resumable(tmp_path) -> None:
     assert stamps == {p: os.path.getmtime(p) for p in stamps}
 
 
+def test_baselines_beside_iltm_with_their_own_settings(tmp_path) -> None:
+    """--methods trains and evaluates the dense AE and VAE on the same data and test set; their settings (dense#...)
+    do not reach the ILTM run; the table has their rows; a rerun redoes nothing."""
+    exp = str(tmp_path / "exp")
+    dense = {"dense#channels": [8, 16], "dense#strides": [2, 2], "dense#latent_size": 16, "dense#epochs": 1}
+    options = dict(exp_dir=exp, ratios=[0.4], n_train=8, n_test=4, overrides={**TINY, **dense}, ablation=False,
+                   methods="dense_ae,dense_vae,iltm", in_process=True)  # fmt: skip
+    rows = experiments.run(**options)
+    assert [(r["method"], r["final"]) for r in rows] == [
+        ("dense_ae", True), ("dense_vae", True), ("transformer", False), ("iltm", True)]  # fmt: skip
+    assert all(r["n_images"] == 4 and r["aupro"] is not None for r in rows)
+    table = open(os.path.join(exp, "table1.md")).read()
+    assert "| Dense AE (Baur et al.) |" in table and "| Dense VAE (Baur et al.) |" in table
+    vae = torch.load(os.path.join(exp, "seed_0", "runs", "r0.40_dense_vae", "model.pt"), weights_only=True)
+    assert vae["settings"]["autoencoder_def#variational"] is True
+    assert vae["settings"]["autoencoder_def#channels"] == [8, 16]
+    stamp = os.path.getmtime(os.path.join(exp, "seed_0", "eval", "r0.40", "dense_ae", "metrics.json"))
+    assert json.dumps(experiments.run(**options)) == json.dumps(rows)
+    assert stamp == os.path.getmtime(os.path.join(exp, "seed_0", "eval", "r0.40", "dense_ae", "metrics.json"))
+    with pytest.raises(ValueError, match="unknown method"):
+        experiments.run(**{**options, "methods": "cutpaste"})
+
+
 @pytest.mark.slow
 @run_slow
 def test_command_line_tiny(tmp_path) -> None:
