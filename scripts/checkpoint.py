@@ -24,7 +24,7 @@ from scripts.files import atomic_save
 # a record (N, M, thresholds, KDE units) are inference choices: adopted by default, free to change.
 BINDING = ("spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max", "spacing",
            "foreground_threshold", "resize_mode", "spatial", "vqvae_def#", "transformer_def#",
-           "autoencoder_def#")  # fmt: skip
+           "autoencoder_def#", "classifier_def#", "segmenter_def#")  # fmt: skip
 # record keys of older versions -> today's (0.4.0 renamed the spatial chain's id `resize` to `spatial`)
 OLD_KEYS = {"resize": "spatial"}
 
@@ -63,7 +63,7 @@ def detector_record(detector: nn.Module, data: Mapping[str, Any]) -> dict[str, A
     networks = {f"{name}_def": m.settings for name, m in detector.named_children() if hasattr(m, "settings")}
     record.update(
         flatten(networks)
-    )  # ILTM: vqvae_def, transformer_def; a baseline (scripts/baselines.py): autoencoder_def
+    )  # ILTM: vqvae_def, transformer_def; a baseline (scripts/baselines/): autoencoder_def
     return record
 
 

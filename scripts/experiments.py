@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from scripts.baselines import METHODS, SECTIONS
+from scripts.baselines import METHODS, own_overrides
 from scripts.cli import as_list
 from scripts.contamination import parse_names, ratio_tag
 from scripts.experiments_report import final_iteration, report
@@ -131,14 +131,23 @@ def run(
             common = {**model_overrides, "seed": seed}
             data_dir = os.path.join(root, "data", tag)
             for method in (m for m in methods if m != "iltm"):
-                layer, method_overrides, _ = METHODS[method]
-                folder = f"{base}_{method}"
-                train(folder, data_dir, train_data, preset, {**common, **method_overrides}, exp_dir, in_process, layer)
+                spec, folder = METHODS[method], f"{base}_{method}"
+                train(
+                    folder,
+                    data_dir,
+                    train_data,
+                    preset,
+                    own_overrides({**common, **spec.overrides}, method),
+                    exp_dir,
+                    in_process,
+                    spec.layers,
+                )
                 evaluate(os.path.join(folder, "model.pt"), os.path.join(root, "eval", tag, method), test_datalist,
-                         preset, {**common, **eval_overrides, **method_overrides}, exp_dir, in_process, layer)  # fmt: skip
+                         preset, own_overrides({**common, **eval_overrides, **spec.overrides}, method), exp_dir,
+                         in_process, spec.layers)  # fmt: skip
             if "iltm" not in methods:
                 continue
-            common = {k: v for k, v in common.items() if k.split("#", 1)[0] not in SECTIONS}
+            common, eval_only = own_overrides(common, None), own_overrides(eval_overrides, None)
             train(base, data_dir, train_data, preset, common, exp_dir, in_process)
             runs = {"": (base, {})}
             for name in chosen:
@@ -149,9 +158,7 @@ def run(
                 runs[name] = (folder, eval_over)
             for name, checkpoint, extra in evaluations(runs, ablation, all_iterations):
                 out = os.path.join(root, "eval", tag, name)
-                evaluate(
-                    checkpoint, out, test_datalist, preset, {**common, **eval_overrides, **extra}, exp_dir, in_process
-                )
+                evaluate(checkpoint, out, test_datalist, preset, {**common, **eval_only, **extra}, exp_dir, in_process)
     return report(exp_dir)
 
 
@@ -187,9 +194,9 @@ def train(
     overrides: dict,
     exp_dir: str,
     in_process: bool,
-    layer: str | None = None,
+    layers: Sequence[str] = (),
 ) -> None:
-    """The bundle's training for one ratio (VQ-VAE + ILTM, or a baseline's `layer`); skipped when its final model.pt
+    """The bundle's training for one ratio (VQ-VAE + ILTM, or a baseline's `layers`); skipped when its final model.pt
     exists."""
     if os.path.isfile(os.path.join(output_dir, "model.pt")):
         return
@@ -200,9 +207,7 @@ def train(
         "iltm#export": "",
         **overrides,
     }
-    configs, run_id = ["configs/train.yaml", preset, *([layer] if layer else [])], (
-        "train_baseline" if layer else "training"
-    )
+    configs, run_id = ["configs/train.yaml", preset, *layers], "train_baseline" if layers else "training"
     bundle(run_id, configs, args, _log(exp_dir, output_dir), in_process)
 
 
@@ -253,7 +258,7 @@ def evaluate(
     overrides: dict,
     exp_dir: str,
     in_process: bool,
-    layer: str | None = None,
+    layers: Sequence[str] = (),
 ) -> None:
     """The bundle's evaluation of one checkpoint on the shared test set; skipped when its metrics.json exists."""
     if os.path.isfile(os.path.join(output_dir, "metrics.json")):
@@ -262,7 +267,7 @@ def evaluate(
         "dataset_dir": os.path.dirname(datalist), "datalist": datalist, "checkpoint": checkpoint,
         "output_dir": output_dir, "save_maps": False, "save_overlays": False, **overrides,
     }  # fmt: skip
-    configs = ["configs/inference.yaml", preset, "configs/evaluate.yaml", *([layer] if layer else [])]
+    configs = ["configs/inference.yaml", preset, "configs/evaluate.yaml", *layers]
     bundle("evaluating", configs, args, _log(exp_dir, output_dir), in_process)
 
 

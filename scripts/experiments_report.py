@@ -22,7 +22,7 @@ METRICS = ("aupro", "best_dice", "pixel_auroc", "image_auroc", "dice_at_density_
 MASK_COLUMNS = ("masked_pct", "precision", "recall", "flag_precision", "flag_recall")
 # (method, variant) -> label, in table order; variant "" is the base run
 LABELS = {
-    **{(name, ""): label for name, (_, _, label) in METHODS.items()},
+    **{(name, ""): method.label for name, method in METHODS.items()},
     ("vqvae_dropout", ""): "VQ-VAE, dropout only (no resampling)",
     ("transformer", ""): "VQ-VAE + Transformer (ILTM iteration 0)",
     ("iltm", ""): "ILTM (final iteration)",

@@ -1,5 +1,5 @@
-"""The dense AE and dense VAE baselines (scripts/baselines.py, configs/baseline_dense.yaml): their networks and loss,
-and training and evaluation through the bundle commands a user runs, on the same data as ILTM."""
+"""The baselines (scripts/baselines/, configs/baseline_*.yaml): their networks, losses and augmentations, and training
+and evaluation through the bundle commands a user runs, on the same data as ILTM."""
 
 from __future__ import annotations
 
@@ -7,21 +7,23 @@ import json
 import os
 
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.bundle import run
 
-from scripts.baselines import DenseAutoEncoder, DenseLoss, ResidualDetector
+from scripts.baselines.cutpaste import CutPasteBatch, CutPasteNet, PatchGaussianDetector, cutpaste, scar
+from scripts.baselines.dense import DenseAutoEncoder, DenseLoss, ResidualDetector
+from scripts.baselines.nsa import NSABatch, blend_patch, poisson_blend
+from scripts.baselines.stkd import keep_least_anomalous
 from scripts.checkpoint import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
+DATA = {"synthetic#n_train": 8, "synthetic#n_val": 2, "synthetic#n_test": 4, "synthetic#image_size": 32,
+        "image_size": [32, 32]}  # fmt: skip
 TINY = {
-    "synthetic#n_train": 8,
-    "synthetic#n_val": 2,
-    "synthetic#n_test": 4,
-    "synthetic#image_size": 32,
-    "image_size": [32, 32],
+    **DATA,
     "dense#channels": [8, 16],
     "dense#strides": [2, 2],
     "dense#latent_size": 16,
@@ -86,3 +88,110 @@ def test_trains_and_evaluates_through_the_bundle_commands(tmp_path) -> None:
     while cause is not None and not isinstance(cause, CheckpointError):  # MONAI wraps the handler's error
         cause = cause.__cause__ or cause.__context__
     assert "autoencoder_def#variational: trained with True, this config has False" in str(cause)
+
+
+def test_cutpaste_pastes_a_rectangle_of_the_image_where_the_mask_says() -> None:
+    torch.manual_seed(0)
+    image = torch.rand(1, 64, 64)
+    for _ in range(20):
+        out, mask = cutpaste(image, jitter=0.0)
+        assert torch.equal(out[:, ~mask], image[:, ~mask])  # nothing else changed
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        y, x, h, w = int(rows[0]), int(cols[0]), len(rows), len(cols)
+        assert int(mask.sum()) == h * w and 0.015 <= h * w / 64**2 <= 0.16  # one rectangle, of the asked area
+        block = out[:, y : y + h, x : x + w]
+        sources = image.unfold(1, h, 1).unfold(2, w, 1)  # [1, H-h+1, W-w+1, h, w]: every rectangle of that size
+        close = ((sources - block[:, None, None]).abs() < 1e-6).flatten(3).all(3)
+        assert close.any()  # a copy of one of them (up to the rounding of a zero jitter)
+
+
+def test_scar_is_a_thin_strip_and_keeps_the_range() -> None:
+    torch.manual_seed(1)
+    image = torch.rand(1, 256, 256)
+    for _ in range(20):
+        out, mask = scar(image)
+        assert torch.equal(out[:, ~mask], image[:, ~mask]) and mask.any()
+        assert int(mask.sum()) <= (16 + 2) * (25 + 2)  # at most 16 px wide and 25 px long
+        assert out.min() >= 0 and out.max() <= 1
+    batch = CutPasteBatch((0.02, 0.15), (0.3, 3.3), (2 / 256, 16 / 256), (10 / 256, 25 / 256))
+    inputs, targets = batch({"image": torch.rand(4, 1, 32, 32)})
+    assert inputs.shape == (12, 1, 32, 32) and targets.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_cutpaste_trains_fits_and_evaluates_through_the_bundle_commands(tmp_path) -> None:
+    data, out = str(tmp_path / "data"), str(tmp_path / "cutpaste")
+    small = {"cutpaste#patch_size": 16, "cutpaste#stride": 8, "cutpaste#batch_size": 4}
+    common = {"bundle_root": ROOT, "dataset_dir": data, "output_dir": out, **DATA, **small}
+    run("train_baseline", config_file=_configs("train.yaml", "demo.yaml", "baseline_cutpaste.yaml"),
+        **common, **{"cutpaste#epochs": 1})  # fmt: skip
+    model = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    assert model["model"]["mean"].abs().sum() > 0 and not torch.equal(model["model"]["precision"], torch.eye(512))
+    evaluate = _configs("inference.yaml", "demo.yaml", "evaluate.yaml", "baseline_cutpaste.yaml")
+    run("evaluating", config_file=evaluate, **common)
+    results = json.load(open(os.path.join(out, "metrics.json")))
+    assert results["method"] == "cutpaste" and results["n_images"] == 4 and 0 <= results["aupro"] <= 1
+    detector = PatchGaussianDetector(CutPasteNet(), patch_size=16, stride=8)
+    assert detector.positions(36) == [0, 8, 16, 20]  # the last patch flush with the border
+    assert detector(torch.rand(2, 1, 36, 36)).shape == (2, 1, 36, 36)
+
+
+def test_poisson_blend_keeps_the_border_and_the_source_texture() -> None:
+    """Seamless cloning: the destination's values on the box border, the source's Laplacian inside."""
+
+    def laplacian(x: np.ndarray) -> np.ndarray:  # wraps at the edges: compared inside the box only
+        return sum(np.roll(x, k, a) for a in range(x.ndim) for k in (1, -1)) - 2 * x.ndim * x
+
+    rng = np.random.default_rng(0)
+    for shape in ((12, 10), (6, 7, 8)):
+        destination, source = rng.random(shape), rng.random(shape)
+        blended = poisson_blend(destination, source)
+        border = np.ones(shape, dtype=bool)
+        border[tuple(slice(1, -1) for _ in shape)] = False
+        np.testing.assert_allclose(blended[border], destination[border], atol=1e-12)
+        inside = tuple(slice(1, -1) for _ in shape)
+        np.testing.assert_allclose(laplacian(blended)[inside], laplacian(source)[inside], atol=1e-9)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_nsa_blending_keeps_the_range_and_targets_only_the_box(spatial_dims: int) -> None:
+    torch.manual_seed(0)
+    size = [24] * spatial_dims
+    destination, source = torch.rand(1, *size) * 0.5, torch.rand(1, *size) * 0.5 + 0.5  # the source is brighter
+    for _ in range(10):
+        out, target = blend_patch(destination, source)
+        assert out.min() >= 0 and out.max() <= 1 and target.min() >= 0 and target.max() <= 1
+        changed = (out - destination).abs()[0] > 1e-6
+        assert changed.any() and not (target[~changed] > 0).any()  # the target only where the blend changed the image
+    inputs, targets = NSABatch(max_patches=2)({"image": torch.rand(3, 1, *size)})
+    assert inputs.shape == (3, 1, *size) and targets.shape == (3, 1, *size) and (targets > 0).any()
+
+
+def test_nsa_trains_and_evaluates_through_the_bundle_commands(tmp_path) -> None:
+    data, out = str(tmp_path / "data"), str(tmp_path / "nsa")
+    small = {"nsa#channels": [4, 8], "nsa#strides": [2], "nsa#batch_size": 4, "nsa#epochs": 1}
+    common = {"bundle_root": ROOT, "dataset_dir": data, "output_dir": out, **DATA, **small}
+    run("train_baseline", config_file=_configs("train.yaml", "demo.yaml", "baseline_nsa.yaml"), **common)
+    evaluate = _configs("inference.yaml", "demo.yaml", "evaluate.yaml", "baseline_nsa.yaml")
+    run("evaluating", config_file=evaluate, **common)
+    results = json.load(open(os.path.join(out, "metrics.json")))
+    assert results["method"] == "nsa" and results["n_images"] == 4 and 0 <= results["aupro"] <= 1
+
+
+def test_stkd_drops_the_highest_scores_then_distils_through_the_bundle_command(tmp_path) -> None:
+    assert keep_least_anomalous([0.1, 0.9, 0.5, 0.7, 0.2], 0.4) == [0, 2, 4]  # the two highest dropped
+    assert keep_least_anomalous([3.0, 1.0], 0.9) == [1]  # at least one image kept
+    with pytest.raises(ValueError, match="drop_fraction"):
+        keep_least_anomalous([1.0], 1.0)
+    data, out = str(tmp_path / "data"), str(tmp_path / "stkd")
+    small = {"cutpaste#patch_size": 16, "cutpaste#stride": 8, "cutpaste#batch_size": 4, "cutpaste#epochs": 1,
+             "stkd#distill_epochs": 1, "stkd#drop_fraction": 0.25}  # fmt: skip
+    common = {"bundle_root": ROOT, "dataset_dir": data, "output_dir": out, **DATA, **small}
+    layers = ("baseline_cutpaste.yaml", "baseline_stkd.yaml")
+    run("train_baseline", config_file=_configs("train.yaml", "demo.yaml", *layers), **common)
+    rounds = json.load(open(os.path.join(out, "stkd", "rounds.json")))
+    assert [r["trained_on"] for r in rounds["rounds"]] == [8, 6, 6]  # round 0 on all 8, then 2 dropped
+    state = json.load(open(os.path.join(out, "state.json")))
+    assert {"round_0", "round_1", "student"} <= set(state)
+    run("evaluating", config_file=_configs("inference.yaml", "demo.yaml", "evaluate.yaml", *layers), **common)
+    results = json.load(open(os.path.join(out, "metrics.json")))
+    assert results["method"] == "stkd" and results["n_images"] == 4

@@ -188,7 +188,7 @@ def test_baselines_beside_iltm_with_their_own_settings(tmp_path) -> None:
     assert json.dumps(experiments.run(**options)) == json.dumps(rows)
     assert stamp == os.path.getmtime(os.path.join(exp, "seed_0", "eval", "r0.40", "dense_ae", "metrics.json"))
     with pytest.raises(ValueError, match="unknown method"):
-        experiments.run(**{**options, "methods": "cutpaste"})
+        experiments.run(**{**options, "methods": "patchcore"})
 
 
 @pytest.mark.slow

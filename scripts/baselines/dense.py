@@ -1,5 +1,4 @@
-"""Reconstruction baselines of the paper's Table 1 (Patel et al. 2023): the dense autoencoder and the dense VAE of
-Baur et al. (2018), trained on the same data and preprocessing as ILTM and scored by the same evaluation.
+"""The dense autoencoder and the dense VAE of Baur et al. (2018), baselines of the paper's Table 1 (Patel et al. 2023).
 
 Both map a voxel's anomaly as its residual ``|x - x_hat|``: they learn to reconstruct the training images, and what
 they cannot reconstruct is taken as anomalous. Trained on contaminated data they learn the anomalies too, which is
@@ -8,25 +7,16 @@ what ILTM's masking is meant to avoid (configs/baseline_dense.yaml, docs/README.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import VarAutoEncoder
 from torch import nn
 
-from scripts.checkpoint import detector_record, save_detector
 from scripts.vqvae import eval_except
 
-__all__ = ["METHODS", "SECTIONS", "DenseAutoEncoder", "DenseLoss", "ResidualDetector", "export"]
-
-SECTIONS = ("dense",)  # config sections only the baselines' layers define: their ids do not reach an ILTM run
-# method -> (config layered last on training and evaluation, its overrides, label in tables and figures)
-METHODS = {
-    "dense_ae": ("configs/baseline_dense.yaml", {"dense#variational": False}, "Dense AE (Baur et al.)"),
-    "dense_vae": ("configs/baseline_dense.yaml", {"dense#variational": True}, "Dense VAE (Baur et al.)"),
-}
+__all__ = ["DenseAutoEncoder", "DenseLoss", "ResidualDetector"]
 
 
 class DenseAutoEncoder(VarAutoEncoder):
@@ -106,13 +96,3 @@ class ResidualDetector(nn.Module):
         with eval_except(self.autoencoder):
             reconstruction = self.autoencoder(image.float())[0]
         return (image.float() - reconstruction.float()).abs().mean(dim=1, keepdim=True)
-
-
-def export(detector: nn.Module, data: Mapping[str, Any], path: str) -> str:
-    """The trained baseline as a detector checkpoint (weights and settings record), the file inference.yaml loads."""
-    from scripts import distributed
-
-    if distributed.is_main():
-        save_detector(detector, detector_record(detector, data), path)
-    distributed.barrier()
-    return path

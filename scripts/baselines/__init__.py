@@ -1,0 +1,58 @@
+"""The paper's baselines (Patel et al. 2023, Table 1), trained on the same data and preprocessing as ILTM and scored
+by the same evaluation; each is a config layered last on training and evaluation (docs/README.md, "Baselines").
+
+- :mod:`scripts.baselines.dense`: the dense AE and dense VAE of Baur et al. (2018), residual maps.
+- :mod:`scripts.baselines.cutpaste`: CutPaste (Li et al. 2021), a Gaussian density of self-supervised patch features.
+- :mod:`scripts.baselines.nsa`: NSA (Schlueter et al. 2022), segmentation of Poisson-blended patches.
+- :mod:`scripts.baselines.stkd`: STKD, CutPaste self-trained on the images it finds normal, then distilled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from scripts import distributed
+from scripts.checkpoint import detector_record, save_detector
+
+
+class Method(NamedTuple):
+    """A baseline as the sweep runs it: the configs layered last on training and evaluation, their overrides, its
+    label in tables and figures, and the config sections its layers define (their ids reach only its runs)."""
+
+    layers: tuple[str, ...]
+    overrides: dict[str, Any]
+    label: str
+    sections: tuple[str, ...]
+
+
+METHODS = {
+    "dense_ae": Method(("configs/baseline_dense.yaml",), {"dense#variational": False}, "Dense AE (Baur et al.)",
+                       ("dense",)),
+    "dense_vae": Method(("configs/baseline_dense.yaml",), {"dense#variational": True}, "Dense VAE (Baur et al.)",
+                        ("dense",)),
+    "cutpaste": Method(("configs/baseline_cutpaste.yaml",), {}, "CutPaste (Li et al.)", ("cutpaste",)),
+    "nsa": Method(("configs/baseline_nsa.yaml",), {}, "NSA (Schlüter et al.)", ("nsa",)),
+    "stkd": Method(("configs/baseline_cutpaste.yaml", "configs/baseline_stkd.yaml"), {},
+                   "STKD (self-trained CutPaste)", ("cutpaste", "stkd")),
+}  # fmt: skip
+SECTIONS = tuple(sorted({s for method in METHODS.values() for s in method.sections}))
+
+
+def own_overrides(overrides: dict[str, Any], method: str | None) -> dict[str, Any]:
+    """The overrides a run of `method` (None: ILTM) takes: none of another method's sections."""
+    own = METHODS[method].sections if method else ()
+    return {k: v for k, v in overrides.items() if k.split("#", 1)[0] not in set(SECTIONS) - set(own)}
+
+
+__all__ = ["METHODS", "SECTIONS", "Method", "export", "own_overrides"]
+
+
+def export(detector: nn.Module, data: Mapping[str, Any], path: str) -> str:
+    """The trained baseline as a detector checkpoint (weights and settings record), the file inference.yaml loads."""
+    if distributed.is_main():
+        save_detector(detector, detector_record(detector, data), path)
+    distributed.barrier()
+    return path
