@@ -17,6 +17,8 @@ from torch import nn
 from scripts import distributed
 from scripts.checkpoint import detector_record, save_detector
 
+__all__ = ["METHODS", "SECTIONS", "Method", "export", "own_overrides"]
+
 
 class Method(NamedTuple):
     """A baseline as the sweep runs it: the configs layered last on training and evaluation, their overrides, its
@@ -45,9 +47,6 @@ def own_overrides(overrides: dict[str, Any], method: str | None) -> dict[str, An
     """The overrides a run of `method` (None: ILTM) takes: none of another method's sections."""
     own = METHODS[method].sections if method else ()
     return {k: v for k, v in overrides.items() if k.split("#", 1)[0] not in set(SECTIONS) - set(own)}
-
-
-__all__ = ["METHODS", "SECTIONS", "Method", "export", "own_overrides"]
 
 
 def export(detector: nn.Module, data: Mapping[str, Any], path: str) -> str:

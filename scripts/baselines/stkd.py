@@ -88,7 +88,6 @@ def self_train(
         raise ValueError(f"rounds must be >= 1, got {rounds}.")
     kept = list(range(len(images)))
     crop = RandSpatialCropd(keys=["image"], roi_size=[detector.patch_size] * 2, random_size=False)
-    teacher = None
     history = []
     for k in range(rounds):
         torch.manual_seed(seed * 1_000 + k)
