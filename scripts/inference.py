@@ -26,6 +26,7 @@ from scripts import distributed
 from scripts.data import DataError, load_datalist
 from scripts.detector import segment
 from scripts.files import write_json
+from scripts.runs import file_table
 
 logger = logging.getLogger(__name__)
 
@@ -115,32 +116,36 @@ def check_inputs(files: Sequence[dict], root: str | None) -> None:
 def unfinished(
     files: Sequence[dict], maps_dir: str, root: str | None, record: dict, outputs: Sequence[str], resume: bool = True
 ) -> list[dict]:
-    """The inputs still to map. A rerun of the same inference (the same checkpoint file, settings and inputs, recorded
-    in ``<maps_dir>/inference.json``) skips every input whose last output (`outputs`, in the order they are written)
-    is complete, so a killed run over a large folder resumes where it stopped; any other run maps every input.
+    """The inputs still to map. A rerun of the same inference (the same checkpoint file, settings and input files,
+    recorded in ``<maps_dir>/inference.json``) skips every input whose last output (`outputs`, in the order they are
+    written) is complete, so a killed run over a large folder resumes where it stopped. Any other run maps every
+    input, and first removes the last outputs an earlier run left for them, so that a rerun after a kill never takes
+    another run's maps for its own.
 
     Every rank decides from the folder as it was before rank 0 records this run (a barrier in between), so the ranks
     of a torchrun agree on the list they shard.
     """
     path = os.path.join(maps_dir, "inference.json")
-    record = json.loads(json.dumps({**record, "inputs": [str(entry["image"]) for entry in files]}, default=str))
-    todo = list(files)
+    record = json.loads(json.dumps({**record, "inputs": file_table(files)}, default=str))
+    last = [os.path.join(maps_dir, output_name(e["image"], root) + outputs[-1]) for e in files] if outputs else []
+    same = False
     if resume and outputs and os.path.isfile(path):
         try:
             with open(path) as f:
                 same = json.load(f) == record
         except (OSError, ValueError):
             same = False
-        if same:
-            todo = [
-                e for e in files if not complete(os.path.join(maps_dir, output_name(e["image"], root) + outputs[-1]))
-            ]
-            if len(todo) < len(files):
-                logger.info(f"{maps_dir}: {len(files) - len(todo)} of {len(files)} inputs already mapped by this "
-                            f"inference; mapping the other {len(todo)} (--resume_maps False maps them all)")  # fmt: skip
+    todo = [e for e, marker in zip(files, last) if not complete(marker)] if same else list(files)
+    if len(todo) < len(files):
+        logger.info(f"{maps_dir}: {len(files) - len(todo)} of {len(files)} inputs already mapped by this inference; "
+                    f"mapping the other {len(todo)} (--resume_maps False maps them all)")  # fmt: skip
     distributed.barrier()
     if outputs and distributed.is_main():
         os.makedirs(maps_dir, exist_ok=True)
+        if not same:  # another run's finished maps must not pass for this run's if this one is killed
+            for marker in last:
+                if os.path.isfile(marker):
+                    os.remove(marker)
         write_json(path, record)
     return todo
 

@@ -133,6 +133,8 @@ def test_cutpaste_trains_fits_and_evaluates_through_the_bundle_commands(tmp_path
     detector = PatchGaussianDetector(CutPasteNet(), patch_size=16, stride=8)
     assert detector.positions(36) == [0, 8, 16, 20]  # the last patch flush with the border
     assert detector(torch.rand(2, 1, 36, 36)).shape == (2, 1, 36, 36)
+    flat = detector.score_map(torch.ones(16, 512), (36, 36))  # every patch equally far: the map is flat, borders too
+    assert torch.allclose(flat, torch.full_like(flat, 512**0.5), rtol=1e-5)
 
 
 def test_poisson_blend_keeps_the_border_and_the_source_texture() -> None:

@@ -28,7 +28,7 @@ from tiny import TINY_DETECTOR
 from scripts import metrics
 from scripts.checkpoint import detector_record, save_detector
 from scripts.evaluation import summarise
-from scripts.inference import output_name
+from scripts.inference import AnomalyInferer, output_name
 from scripts.synthetic import make_2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,9 +195,10 @@ def test_folder_inference_needs_no_datalist(dataset: str, checkpoint: str, tmp_p
     assert not os.path.exists(unused)  # the synthetic set was not generated
 
 
-def test_killed_inference_resumes_without_remapping(dataset: str, checkpoint: str, tmp_path) -> None:
+def test_killed_inference_resumes_without_remapping(dataset: str, checkpoint: str, tmp_path, monkeypatch) -> None:
     """A rerun of the same inference keeps the maps already written and maps the rest: the input whose last output
-    (its overlay) is missing, and the one whose overlay a kill cut short. Other settings map every input again."""
+    (its overlay) is missing, and the one whose overlay a kill cut short. Other settings map every input again, even
+    when their first attempt was killed before it wrote anything."""
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(3):
@@ -220,9 +221,14 @@ def test_killed_inference_resumes_without_remapping(dataset: str, checkpoint: st
     assert all(second[n] == first[n] for n in first if n.startswith("part0"))
     assert all(second[n] != first[n] for n in first if not n.startswith("part0"))
     assert Image.open(overlay).load() is not None
-    third = infer(**{"network_def#resample": False})  # another inference: every map again
+    other = {"network_def#resample": False}  # another inference, killed before its first map, then rerun
+    with monkeypatch.context() as m:
+        m.setattr(AnomalyInferer, "__call__", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        with pytest.raises(BaseException):
+            infer(**other)
+    third = infer(**other)  # the first run's complete maps are not taken for this one's
     assert all(third[n] != second[n] for n in second)
-    fourth = infer(**{"network_def#resample": False, "resume_maps": False})
+    fourth = infer(**other, resume_maps=False)
     assert all(fourth[n] != third[n] for n in third)
 
 

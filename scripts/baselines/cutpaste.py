@@ -170,7 +170,10 @@ class PatchGaussianDetector(nn.Module):
             total[y : y + self.patch_size, x : x + self.patch_size] += d
             count[y : y + self.patch_size, x : x + self.patch_size] += 1
         score = (total / count).float()[None, None]
-        return (GaussianFilter(2, self.sigma).to(score.device)(score) if self.sigma > 0 else score)[0]
+        if self.sigma <= 0:
+            return score[0]
+        smooth = GaussianFilter(2, self.sigma).to(score.device)  # zero-padded: divided by the smoothed ones, so
+        return (smooth(score) / smooth(torch.ones_like(score)))[0]  # the border is not dimmed
 
 
 @torch.no_grad()
@@ -190,7 +193,8 @@ def fit_gaussian(
     mean = total / n
     covariance = (outer - n * torch.outer(mean, mean)) / max(1, n - 1)
     scale = torch.trace(covariance) / len(covariance)
-    covariance = (1 - shrinkage) * covariance + shrinkage * scale * torch.eye(len(covariance), dtype=covariance.dtype)
+    identity = torch.eye(len(covariance), dtype=covariance.dtype, device=covariance.device)
+    covariance = (1 - shrinkage) * covariance + shrinkage * scale * identity
     detector.mean.copy_(mean.float())
     detector.precision.copy_(torch.linalg.inv(covariance).float())
     return kept
