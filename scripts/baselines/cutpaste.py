@@ -15,7 +15,6 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 from monai.networks.nets import resnet18
 from torch import nn
