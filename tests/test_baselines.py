@@ -197,3 +197,26 @@ def test_stkd_drops_the_highest_scores_then_distils_through_the_bundle_command(t
     run("evaluating", config_file=_configs("inference.yaml", "demo.yaml", "evaluate.yaml", *layers), **common)
     results = json.load(open(os.path.join(out, "metrics.json")))
     assert results["method"] == "stkd" and results["n_images"] == 4
+
+
+def test_a_presets_baseline_settings_reach_its_layer_and_a_misspelt_name_stops() -> None:
+    """mvtec.yaml's `baselines` block sets what it names; the rest keeps the layer's default; the command line still
+    wins; a name the layer does not have stops with the preset's key and the layer's settings in the message."""
+    from monai.bundle import ConfigParser
+
+    def nsa(preset: str, **overrides) -> dict:
+        parser = ConfigParser()
+        parser.read_config(_configs("train.yaml", preset, "baseline_nsa.yaml"))
+        parser.update(overrides)
+        return parser.get_parsed_content("nsa")
+
+    demo, mvtec = nsa("demo.yaml"), nsa("mvtec.yaml")
+    assert (mvtec["epochs"], mvtec["batch_size"]) == (320, 64) and (demo["epochs"], demo["batch_size"]) == (40, 8)
+    assert mvtec["patch_size"] == demo["patch_size"]  # not named by the preset
+    assert nsa("mvtec.yaml", **{"nsa#epochs": 2})["epochs"] == 2
+    with pytest.raises(RuntimeError) as stop:
+        nsa("mvtec.yaml", **{"baselines#nsa#epoch": 5})
+    assert "baselines#nsa` names ['epoch']" in str(stop.value.__cause__) and "epochs" in str(stop.value.__cause__)
+    with pytest.raises(RuntimeError) as stop:
+        nsa("demo.yaml", **{"baselines": {"nsa_3d": {}}})
+    assert "['nsa_3d']" in str(stop.value.__cause__)

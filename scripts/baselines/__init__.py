@@ -9,15 +9,17 @@ by the same evaluation; each is a config layered last on training and evaluation
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from monai.bundle import ConfigParser
 from torch import nn
 
 from scripts import distributed
 from scripts.checkpoint import detector_record, save_detector
 
-__all__ = ["METHODS", "SECTIONS", "Method", "export", "own_overrides"]
+__all__ = ["METHODS", "SECTIONS", "Method", "export", "own_overrides", "preset"]
 
 
 class Method(NamedTuple):
@@ -47,6 +49,21 @@ def own_overrides(overrides: dict[str, Any], method: str | None) -> dict[str, An
     """The overrides a run of `method` (None: ILTM) takes: none of another method's sections."""
     own = METHODS[method].sections if method else ()
     return {k: v for k, v in overrides.items() if k.split("#", 1)[0] not in set(SECTIONS) - set(own)}
+
+
+def preset(baselines: Mapping[str, Mapping[str, Any]], section: str) -> Mapping[str, Any]:
+    """The preset's settings for one baseline (its `baselines` block). A misspelt name stops the run here: it would
+    otherwise leave the layer's demo default in place without a word."""
+    unknown = sorted(set(baselines) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"the preset's `baselines` names {unknown}; the baselines' settings are {list(SECTIONS)}")
+    layer = f"configs/baseline_{section}.yaml"
+    known = ConfigParser.load_config_file(os.path.join(os.path.dirname(__file__), "..", "..", layer))[section]
+    unknown = sorted(set(baselines.get(section, {})) - set(known))
+    if unknown:
+        raise ValueError(f"the preset's `baselines#{section}` names {unknown}, which {layer} does not have; "
+                         f"its settings are {sorted(known)}")  # fmt: skip
+    return baselines.get(section, {})
 
 
 def export(detector: nn.Module, data: Mapping[str, Any], path: str) -> str:
