@@ -6,7 +6,9 @@ For one trained detector and one labelled datalist section it prints:
 1. pixel metrics of the full method against the ablation without resampling (original latent, dropout decoding
    only): when the two agree, the map is the VQ-VAE's reconstruction error and ILTM cannot help;
 2. precision and recall, against the true anomalous tokens, of the Transformer's resampling flags and of the token
-   masks each downsampling rule would give (the evidence behind `iltm#downsample_rule`).
+   masks each downsampling rule would give (the evidence behind `iltm#downsample_rule`);
+3. the first stage's fidelity: the VQ-VAE's L1 inside the anomalies, outside them, and on normal voxels of the same
+   intensities (`scripts.vqvae.fidelity`), as training's validation reports it.
 
 python -m scripts.diagnose --config_file "['configs/train.yaml','configs/demo.yaml']" \
     --checkpoint runs/demo/iltm/iter_00/model.pt [--section training] [--json_path out.json]
@@ -27,6 +29,7 @@ from scripts.data import load_datalist
 from scripts.files import write_json
 from scripts.iltm import precision_recall, tokens_from_map
 from scripts.metrics import image_auroc, pixel_metrics
+from scripts.vqvae import error_tally, eval_except, fidelity
 
 RULES = (("any", 0.0), ("fraction", 0.25), ("fraction", 0.5))
 
@@ -37,6 +40,20 @@ def _maps(detector, items: list[dict], resample: bool, batch_size: int) -> dict[
         image = torch.stack([item["image"] for item in items[start : start + batch_size]])
         outs.append(detector.infer(image.to(next(detector.parameters()).device), resample=resample))
     return {k: torch.cat([o[k].cpu() for o in outs]) for k in ("score", "segmentation", "latent_flags")}
+
+
+@torch.no_grad()
+def _first_stage(vqvae, items: list[dict], labels: torch.Tensor, batch_size: int) -> dict[str, float]:
+    tally, device = 0, next(vqvae.parameters()).device
+    with eval_except(vqvae):
+        for start in range(0, len(items), batch_size):
+            image = torch.stack([item["image"] for item in items[start : start + batch_size]]).to(device)
+            tally = tally + error_tally(image, vqvae(image)[0], labels[start : start + batch_size])
+    out = fidelity(tally)
+    for name, against in (("l1_ratio", "l1_normal"), ("l1_ratio_matched", "l1_matched")):
+        if out.get(against) and "l1_anomaly" in out:
+            out[name] = out["l1_anomaly"] / out[against]
+    return out
 
 
 def diagnose(
@@ -66,7 +83,9 @@ def diagnose(
         grid = tuple(maps["latent_flags"].shape[1:])
         truth = tokens_from_map(labels, grid, "any")
         metrics = pixel_metrics(maps["score"][:, 0].numpy(), labels[:, 0].numpy())
-        metrics["image_auroc"] = image_auroc(maps["score"][:, 0].numpy(), labels[:, 0].numpy())
+        anomalous = labels.flatten(1).any(dim=1)
+        if 0 < int(anomalous.sum()) < len(anomalous):  # undefined on a section of one class (100 % contamination)
+            metrics["image_auroc"] = image_auroc(maps["score"][:, 0].numpy(), labels[:, 0].numpy())
         row = {k: float(v) for k, v in metrics.items()}
         if resample:
             row["flags"] = dict(zip(("precision", "recall"), precision_recall(maps["latent_flags"], truth)))
@@ -80,6 +99,7 @@ def diagnose(
             }
         row["true_tokens"] = int(truth.sum())
         results[name] = row
+    results["first_stage"] = _first_stage(detector.vqvae, items, labels, batch_size)
     print(json.dumps(results, indent=2))
     if json_path:
         write_json(json_path, results)

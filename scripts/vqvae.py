@@ -219,8 +219,46 @@ def prepare_reconstruction_batch(batchdata: dict, device=None, non_blocking: boo
     return image, image
 
 
+FIDELITY_BINS = 32  # intensity bins over [0, 1], the bundle's scale
+
+
+@torch.no_grad()
+def error_tally(image: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per intensity bin of the image: L1 sum and voxel count inside the anomalies (`mask`), then outside them
+    [4, FIDELITY_BINS]. Tallies of batches (and ranks) add up; :func:`fidelity` reads them."""
+    error = (pred.float() - image.float()).abs().mean(dim=1, keepdim=True).cpu().double()
+    level = image.float().mean(dim=1, keepdim=True).clamp(0, 1).mul(FIDELITY_BINS).long().clamp_max(FIDELITY_BINS - 1)
+    level, mask = level.cpu(), mask.cpu() > 0
+    rows = [torch.bincount(level[region], weights, minlength=FIDELITY_BINS).double()
+            for region in (mask, ~mask) for weights in (error[region], None)]  # fmt: skip
+    return torch.stack(rows)
+
+
+def fidelity(tally: torch.Tensor, min_count: int = 10) -> dict[str, float]:
+    """L1 inside the anomalies, outside them, and ``l1_matched``: outside them, weighted by intensity bin as the
+    anomalous voxels are (a bin with fewer than `min_count` normal voxels takes the nearest one with enough).
+
+    ``l1_matched`` is what a reconstruction that treats anomalies like normal tissue of the same brightness would err
+    inside them. Noise that grows with intensity (PET's) and a background of air make bright anomalies' error large
+    for any faithful reconstruction; only the error beyond that of equally bright normal tissue is the first stage's.
+    """
+    anomaly_sum, anomaly_count, normal_sum, normal_count = tally
+    out = {}
+    if anomaly_count.sum():
+        out["l1_anomaly"] = float(anomaly_sum.sum() / anomaly_count.sum())
+    if normal_count.sum():
+        out["l1_normal"] = float(normal_sum.sum() / normal_count.sum())
+    enough = (normal_count >= min_count).nonzero().flatten()
+    if anomaly_count.sum() and len(enough):
+        nearest = enough[(torch.arange(len(normal_count))[:, None] - enough[None]).abs().argmin(dim=1)]
+        normal_mean = normal_sum[nearest] / normal_count[nearest]
+        out["l1_matched"] = float((anomaly_count * normal_mean).sum() / anomaly_count.sum())
+    return out
+
+
 class ReconstructionStats:
-    """Validation handler: L1 error inside and outside the ground-truth anomalies (when masks exist), codebook use.
+    """Validation handler: L1 error inside and outside the ground-truth anomalies (when masks exist), also against
+    normal voxels of the same intensities (:func:`fidelity`), and codebook use.
 
     The error inside anomalies is what ILTM depends on: a VQ-VAE that cannot reproduce anomalies makes the anomaly
     map its own reconstruction error, and the Transformer (and so ILTM) then changes nothing (docs/README.md).
@@ -238,31 +276,25 @@ class ReconstructionStats:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._complete)
 
     def _reset(self, engine) -> None:
-        self.sums = {"anomaly": 0.0, "normal": 0.0}
-        self.counts = {"anomaly": 0, "normal": 0}
+        self.tally = torch.zeros(4, FIDELITY_BINS, dtype=torch.float64)
         self.codes: list[torch.Tensor] = []
 
     @torch.no_grad()
     def _update(self, engine) -> None:
         image, pred = engine.state.output["image"], engine.state.output["pred"]
-        error = (pred.float() - image.float()).abs().mean(dim=1, keepdim=True)
         mask = engine.state.batch.get("label") if isinstance(engine.state.batch, dict) else None
         if mask is not None:
-            mask = mask.to(error.device) > 0
-            for name, region in (("anomaly", mask), ("normal", ~mask)):
-                self.sums[name] += float(error[region].sum())
-                self.counts[name] += int(region.sum())
+            self.tally += error_tally(image, pred, mask)
         # ITERATION_COMPLETED comes after the evaluator has put the network back in training mode, where quantising
         # would move the EMA codebook (and restart codes) with validation images: quantise in eval mode
         with eval_except(engine.network):
             self.codes.append(engine.network.index_quantize(image).cpu())
 
     def _complete(self, engine) -> None:
-        parts = distributed.gather((self.sums, self.counts, torch.cat([c.flatten() for c in self.codes])))
-        for name in self.sums:  # every rank's shard of the validation images (one part in a single process)
-            total, count = sum(p[0][name] for p in parts), sum(p[1][name] for p in parts)
-            if count:
-                engine.state.metrics[f"{self.prefix}_l1_{name}"] = total / count
-        used, perplexity = codebook_usage(torch.cat([p[2] for p in parts]), engine.network.num_embeddings)
+        # every rank's shard of the validation images (one part in a single process)
+        parts = distributed.gather((self.tally, torch.cat([c.flatten() for c in self.codes])))
+        for name, value in fidelity(sum(p[0] for p in parts)).items():
+            engine.state.metrics[f"{self.prefix}_{name}"] = value
+        used, perplexity = codebook_usage(torch.cat([p[1] for p in parts]), engine.network.num_embeddings)
         engine.state.metrics[f"{self.prefix}_codes_used"] = used
         engine.state.metrics[f"{self.prefix}_perplexity"] = perplexity

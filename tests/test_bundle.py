@@ -107,7 +107,7 @@ def test_vqvae_stage_trains_through_the_bundle_command(tmp_path, preset):
     state = json.loads((tmp_path / "out" / "state.json").read_text())
     assert state["vqvae"]["val_l1"] < before
     assert state["vqvae"]["val_codes_used"] > 1  # the codebook did not collapse onto one code
-    assert "val_l1_anomaly" in state["vqvae"] and "val_l1_normal" in state["vqvae"]
+    assert {"val_l1_anomaly", "val_l1_normal", "val_l1_matched"} <= set(state["vqvae"])
     assert (tmp_path / "out" / "vqvae" / "vqvae.pt").is_file()
 
 
@@ -173,6 +173,17 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     assert len(checks["masks"]["unlearning_per_iteration"]) == 2
     summary = (whole / "iltm" / "summary.md").read_text()
     assert "## Can ILTM help here?" in summary and "flag_precision" in summary
+    assert "on normal voxels of the same intensities" in summary
+
+    # The diagnostics of any checkpoint on a labelled section, the first stage's fidelity among them.
+    from scripts.diagnose import diagnose
+
+    overrides = {"bundle_root": ROOT, "dataset_dir": str(tmp_path / "data"), **TINY_2D}
+    found = diagnose(_config("train.yaml", "demo.yaml"), str(whole / "iltm" / "iter_00" / "model.pt"),
+                     section="validation", **overrides)  # fmt: skip
+    stage = found["first_stage"]
+    assert stage["l1_ratio_matched"] == pytest.approx(stage["l1_anomaly"] / stage["l1_matched"])
+    assert found["full"]["masks_any"]["masked"] >= 0 and 0 <= found["full"]["aupro"] <= 1
 
     # Kill the same run in the middle of ILTM iteration 1's mask generation, then rerun the same command.
     from scripts import iltm

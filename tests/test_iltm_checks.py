@@ -59,3 +59,17 @@ def test_lift_and_unlearning() -> None:
     assert iltm_checks.lift(float("nan"), 0.04) is None and iltm_checks.lift(0.2, 0.0) is None
     before, after = {"masked": -3.0, "kept": -2.0}, {"masked": -3.5, "kept": -2.1}
     assert iltm_checks.unlearning(before, after) == pytest.approx(0.4)
+
+
+def test_fidelity_is_judged_against_equally_bright_normal_tissue_where_recorded() -> None:
+    """PET-like data: bright lesions err 7x more than the mostly dark rest, but no more than bright normal tissue;
+    that is a faithful first stage. Lesions erring 4x more than bright normal tissue are not."""
+    step = {"val_l1": 0.005, "val_l1_anomaly": 0.034, "val_l1_normal": 0.005, "val_l1_matched": 0.035}
+    stage = iltm_checks.first_stage(step, 128)
+    assert stage["l1_ratio"] == pytest.approx(6.8) and stage["l1_ratio_matched"] == pytest.approx(0.034 / 0.035)
+    checks = {**HEALTHY, "first_stage": {**stage, "val_codes_used": 128}}
+    assert iltm_checks.warnings(checks) == []
+    assert "0.0350 on normal voxels of the same intensities (1.0x)" in iltm_checks.render(checks)
+    unfaithful = {**HEALTHY, "first_stage": {**iltm_checks.first_stage({**step, "val_l1_matched": 0.0085}, 128)}}
+    (warning,) = iltm_checks.warnings(unfaithful)
+    assert "4.0x its error on normal voxels of the same intensities" in warning

@@ -1,7 +1,9 @@
-"""``python -m scripts.synthetic make_2d|make_3d|ensure_dataset --out_dir ...``"""
+"""``python -m scripts.synthetic make_2d|make_3d|ensure_dataset --out_dir ...``; ``noise_floor`` (3D first-stage fidelity
+of a perfect denoiser)."""
 
 import fire
 
 from scripts.synthetic import ensure_dataset, make_2d, make_3d
+from scripts.synthetic.pet import noise_floor
 
-fire.Fire({"make_2d": make_2d, "make_3d": make_3d, "ensure_dataset": ensure_dataset})
+fire.Fire({"make_2d": make_2d, "make_3d": make_3d, "ensure_dataset": ensure_dataset, "noise_floor": noise_floor})

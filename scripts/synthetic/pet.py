@@ -291,3 +291,39 @@ def _preview_3d(path: str, shown: list[tuple[np.ndarray, np.ndarray]]) -> None:
         ax.set_axis_off()
     fig.suptitle("training subjects, coronal MIP, SUV 0-10 (red: lesions)", fontsize=8)
     save_figure(fig, path)
+
+
+def noise_floor(
+    n: int = 8,
+    grid: Sequence[int] | str = (16, 16, 32),
+    fov_mm: Sequence[float] | str = (384.0, 384.0, 768.0),
+    recurrence: float = 0.8,
+    noise: float = 0.5,
+    smoothing: float = 0.7,
+    suv_max: float = 15.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """First-stage fidelity of a perfect denoiser on `n` validation subjects: their noise-free images taken as the
+    reconstructions, intensities on the bundle's scale (SUV / `suv_max`, clipped). The floor of the L1 ratio inside /
+    outside lesions for any first stage that does not learn the noise (docs/README.md, "3D first stage")."""
+    import torch
+
+    from scripts.vqvae import error_tally, fidelity
+
+    grid, fov_mm = as_tuple(grid, int), as_tuple(fov_mm, float)
+    bank = prototype_bank_3d(seed, grid=grid, fov_mm=fov_mm)
+    tally = 0
+    for idx in range(n):
+        args = (seed, "validation", idx, True, grid, fov_mm, recurrence, bank)
+        _, image, mask, _ = sample_3d(*args, noise=noise, smoothing=smoothing)
+        _, noise_free, _, _ = sample_3d(*args, noise=0.0, smoothing=smoothing)
+        image, noise_free = (
+            torch.from_numpy(np.clip(a, 0, suv_max) / suv_max)[None, None] for a in (image, noise_free)
+        )
+        tally = tally + error_tally(image, noise_free, torch.from_numpy(mask)[None, None])
+    out = fidelity(tally)
+    return {
+        **out,
+        "l1_ratio": out["l1_anomaly"] / out["l1_normal"],
+        "l1_ratio_matched": out["l1_anomaly"] / out["l1_matched"],
+    }
