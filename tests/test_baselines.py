@@ -220,3 +220,24 @@ def test_a_presets_baseline_settings_reach_its_layer_and_a_misspelt_name_stops()
     with pytest.raises(RuntimeError) as stop:
         nsa("demo.yaml", **{"baselines": {"nsa_3d": {}}})
     assert "['nsa_3d']" in str(stop.value.__cause__)
+
+
+def test_nsa_boxes_skip_the_background_when_asked() -> None:
+    """NSA's `skip_background`: both boxes at least a quarter object, so on a whole-body volume the blends are not
+    air into air. Here the object is an 8 x 8 corner of a faintly noisy 32 x 32 background: every change lands within
+    16 px of it; without the option, changes land elsewhere too; without any object, nothing is blended."""
+    torch.manual_seed(0)
+    image = torch.rand(1, 32, 32) * 0.05
+    image[:, :8, :8] = 0.5 + 0.5 * torch.rand(1, 8, 8)
+    far = torch.ones(32, 32, dtype=torch.bool)
+    far[:16, :16] = False
+    elsewhere = 0
+    for _ in range(30):
+        out, target = blend_patch(image, image.flip(-1).flip(-2), (0.25, 0.25), skip_background=(0.0, 0.1))
+        assert not ((out - image).abs()[0] > 1e-6)[far].any() and not target[far].any()
+        out, _ = blend_patch(image, image, (0.25, 0.25))
+        elsewhere += int(((out - image).abs()[0] > 1e-6)[far].any())
+    assert elsewhere > 0
+    empty = torch.rand(1, 32, 32) * 0.05
+    out, target = blend_patch(empty, empty, (0.25, 0.25), skip_background=(0.0, 0.1), attempts=20)
+    assert torch.equal(out, empty) and not target.any()

@@ -57,19 +57,31 @@ def poisson_blend(destination: np.ndarray, source: np.ndarray) -> np.ndarray:
 
 def blend_patch(
     destination: torch.Tensor, source: torch.Tensor, size: Sequence[float] = (0.1, 0.4), sharpness: float = 12.0,
-    midpoint: float = 0.1,
+    midpoint: float = 0.1, skip_background: Sequence[float] | None = None, attempts: int = 200,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One box of `source` ([C, *S], sides a ``size`` fraction of the image's) Poisson-blended into `destination`
     at another place: (the image, clamped to [0, 1] as the preprocessing gives it; the continuous target [*S]: the
     logistic ``1 / (1 + exp(-sharpness * (|change| - midpoint)))`` of the change, rescaled to 0 for an unchanged
-    voxel; 0 outside the box)."""
+    voxel; 0 outside the box).
+
+    ``skip_background = (value, tolerance)``: as NSA does for objects, both boxes must be at least a quarter object,
+    a voxel being object where its channel mean is more than `tolerance` from the background `value`; without such
+    boxes after `attempts` draws, nothing is blended. Without it, a whole-body volume's boxes are mostly air."""
     spatial = destination.shape[1:]
     fraction = size[0] + (size[1] - size[0]) * float(torch.rand(()))
     sides = [max(3, min(n, round(n * fraction))) for n in spatial]
-    src = [int(torch.randint(0, n - k + 1, ())) for n, k in zip(spatial, sides)]
-    dst = [int(torch.randint(0, n - k + 1, ())) for n, k in zip(spatial, sides)]
-    at_src = tuple(slice(s, s + k) for s, k in zip(src, sides))
-    at_dst = tuple(slice(d, d + k) for d, k in zip(dst, sides))
+    objects = None
+    if skip_background is not None:
+        value, tolerance = skip_background
+        objects = [(image.mean(dim=0) - value).abs() > tolerance for image in (source, destination)]
+    for _ in range(attempts):
+        boxes = [tuple(slice(s, s + k) for s, k in zip([int(torch.randint(0, n - k + 1, ())) for n, k in
+                                                        zip(spatial, sides)], sides)) for _ in range(2)]  # fmt: skip
+        if objects is None or all(float(o[box].float().mean()) >= 0.25 for o, box in zip(objects, boxes)):
+            break
+    else:
+        return destination.clone(), torch.zeros(spatial, dtype=destination.dtype, device=destination.device)
+    at_src, at_dst = boxes
     out = destination.clone()
     for c in range(destination.shape[0]):
         blended = poisson_blend(destination[c][at_dst].cpu().numpy(), source[c][at_src].cpu().numpy())
@@ -86,8 +98,9 @@ class NSABatch:
     of the batch blended in, and the continuous targets [B, 1, *S] (a target is the maximum over its boxes)."""
 
     def __init__(self, size: Sequence[float] = (0.1, 0.4), max_patches: int = 3, sharpness: float = 12.0,
-                 midpoint: float = 0.1) -> None:  # fmt: skip
+                 midpoint: float = 0.1, skip_background: Sequence[float] | None = None) -> None:  # fmt: skip
         self.size, self.max_patches, self.sharpness, self.midpoint = size, max_patches, sharpness, midpoint
+        self.skip_background = skip_background
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
         images = torch.as_tensor(batchdata["image"]).float()
@@ -96,7 +109,7 @@ class NSABatch:
             source = images[(i + 1) % len(images)]
             target = torch.zeros(image.shape[1:])
             for _ in range(int(torch.randint(1, self.max_patches + 1, ()))):
-                image, one = blend_patch(image, source, self.size, self.sharpness, self.midpoint)
+                image, one = blend_patch(image, source, self.size, self.sharpness, self.midpoint, self.skip_background)
                 target = torch.maximum(target, one)
             inputs.append(image)
             targets.append(target[None])
