@@ -37,10 +37,9 @@ def first_stage(step: dict, codebook_size: int) -> dict:
     keys = ("val_l1", "val_l1_anomaly", "val_l1_normal", "val_l1_matched", "val_codes_used", "val_perplexity")
     out = {k: step.get(k) for k in keys}
     out["codebook_size"] = codebook_size
-    if step.get("val_l1_anomaly") is not None and step.get("val_l1_normal"):
-        out["l1_ratio"] = step["val_l1_anomaly"] / step["val_l1_normal"]
-    if step.get("val_l1_anomaly") is not None and step.get("val_l1_matched"):
-        out["l1_ratio_matched"] = step["val_l1_anomaly"] / step["val_l1_matched"]
+    for ratio, against in (("l1_ratio", "val_l1_normal"), ("l1_ratio_matched", "val_l1_matched")):
+        if step.get("val_l1_anomaly") is not None and (step.get(against) or 0) > 0:
+            out[ratio] = step["val_l1_anomaly"] / step[against]
     return out
 
 
@@ -61,7 +60,7 @@ def warnings(checks: dict) -> list[str]:
     out = []
     stage = checks.get("first_stage", {})
     ratio, against = stage.get("l1_ratio_matched"), "on normal voxels of the same intensities"
-    if ratio is None:  # a run recorded before the matched error existed
+    if ratio is None:  # recorded before 0.6.0, or no intensity bin had enough normal voxels to compare with
         ratio, against = stage.get("l1_ratio"), "elsewhere"
     if ratio is not None and ratio > FIDELITY_RATIO:
         out.append(

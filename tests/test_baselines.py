@@ -222,7 +222,7 @@ def test_a_presets_baseline_settings_reach_its_layer_and_a_misspelt_name_stops()
     assert "['nsa_3d']" in str(stop.value.__cause__)
 
 
-def test_nsa_boxes_skip_the_background_when_asked() -> None:
+def test_nsa_boxes_skip_the_background_when_asked(monkeypatch) -> None:
     """NSA's `skip_background`: both boxes at least a quarter object, so on a whole-body volume the blends are not
     air into air. Here the object is an 8 x 8 corner of a faintly noisy 32 x 32 background: every change lands within
     16 px of it; without the option, changes land elsewhere too; without any object, nothing is blended."""
@@ -241,3 +241,33 @@ def test_nsa_boxes_skip_the_background_when_asked() -> None:
     empty = torch.rand(1, 32, 32) * 0.05
     out, target = blend_patch(empty, empty, (0.25, 0.25), skip_background=(0.0, 0.1), attempts=20)
     assert torch.equal(out, empty) and not target.any()
+    # the source box too: what is blended in is at least a quarter object (here the source's object is elsewhere)
+    from scripts.baselines import nsa
+
+    sources = []
+    monkeypatch.setattr(nsa, "poisson_blend", lambda dst, src: sources.append(src) or dst)
+    for _ in range(30):
+        blend_patch(image, image.flip(-1).flip(-2), (0.25, 0.25), skip_background=(0.0, 0.1))
+    assert len(sources) == 30 and all((abs(src) > 0.1).mean() >= 0.25 for src in sources)
+
+
+@pytest.mark.parametrize("preset", ["demo.yaml", "demo3d.yaml", "small.yaml", "mvtec.yaml", "autopet.yaml"])
+def test_every_baseline_layer_resolves_on_every_preset_for_training_and_evaluation(preset: str) -> None:
+    """Parse only: each method's settings and network resolve under train.yaml and under inference.yaml +
+    evaluate.yaml with the preset's `baselines` block; CutPaste and STKD refuse 3D presets, as documented."""
+    from monai.bundle import ConfigParser
+
+    from scripts.baselines import METHODS
+
+    for name, method in METHODS.items():
+        for base in (["train.yaml"], ["inference.yaml", "evaluate.yaml"]):
+            parser = ConfigParser()
+            parser.read_config(_configs(*base, preset, *[os.path.basename(layer) for layer in method.layers]))
+            parser.update(method.overrides)
+            for section in method.sections:
+                assert set(parser.get_parsed_content(section)) == set(parser.get(section)), (name, section)
+            if name in ("cutpaste", "stkd") and parser.get_parsed_content("spatial_dims") == 3:
+                with pytest.raises(Exception):
+                    parser.get_parsed_content("baseline_def")
+            else:
+                parser.get_parsed_content("baseline_def")

@@ -181,7 +181,9 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     overrides = {"bundle_root": ROOT, "dataset_dir": str(tmp_path / "data"), **TINY_2D}
     found = diagnose(_config("train.yaml", "demo.yaml"), str(whole / "iltm" / "iter_00" / "model.pt"),
                      section="validation", **overrides)  # fmt: skip
-    stage = found["first_stage"]
+    stage, validated = found["first_stage"], state["vqvae"]  # the same VQ-VAE on the same images as its validation
+    for name in ("l1_anomaly", "l1_normal", "l1_matched"):
+        assert stage[name] == pytest.approx(validated[f"val_{name}"], rel=1e-4), name
     assert stage["l1_ratio_matched"] == pytest.approx(stage["l1_anomaly"] / stage["l1_matched"])
     assert found["full"]["masks_any"]["masked"] >= 0 and 0 <= found["full"]["aupro"] <= 1
 

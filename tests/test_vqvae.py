@@ -119,22 +119,31 @@ def test_intensity_matched_error_weighs_normal_bins_as_the_anomalies_fall_and_bo
     assert set(fidelity(torch.cat([torch.zeros(2, 4), normal]))) == {"l1_normal"}
 
 
-def test_validation_reports_the_intensity_matched_error() -> None:
+def test_validation_reports_the_intensity_matched_error_summed_over_ranks(monkeypatch) -> None:
+    """Normal voxels err in proportion to their brightness; the anomalies sit on the brightest ones, so their matched
+    error is the bright normal voxels' error, not the mean over all normal voxels. The ranks' tallies add up."""
     from ignite.engine import Engine
+
+    from scripts import distributed
 
     engine = Engine(lambda *_: None)
     engine.network = make()
-    image = torch.rand(2, 1, 16, 16)
+    image = torch.full((2, 1, 16, 16), 0.1)
+    image[:, :, 8:] = 0.9  # bright half
     mask = torch.zeros_like(image)
-    mask[:, :, 4:8, 4:8] = 1
-    engine.state.output, engine.state.batch = {"image": image, "pred": image + 0.1 * mask}, {"label": mask}
+    mask[:, :, 12:, 4:8] = 1  # anomalies in the bright half
+    pred = image * (1 + 0.1 * (1 - mask)) + 0.2 * mask  # normal error 0.1 x intensity, anomalous error 0.2
+    engine.state.output, engine.state.batch = {"image": image, "pred": pred}, {"label": mask}
     stats = ReconstructionStats()
     stats._reset(engine)
     stats._update(engine)
+    other = error_tally(image, pred + 0.2 * mask, mask)  # a second rank's shard: its anomalies err 0.4
+    monkeypatch.setattr(distributed, "gather", lambda part: [part, (other, part[1])])
     stats._complete(engine)
     metrics = engine.state.metrics
-    assert metrics["val_l1_anomaly"] == pytest.approx(0.1) and metrics["val_l1_normal"] == pytest.approx(0.0)
-    assert metrics["val_l1_matched"] == pytest.approx(0.0)
+    assert metrics["val_l1_anomaly"] == pytest.approx(0.3)
+    assert metrics["val_l1_matched"] == pytest.approx(0.09)  # bright normal voxels only
+    assert metrics["val_l1_normal"] == pytest.approx((128 * 0.01 + 112 * 0.09) / 240)  # per image: dim, bright normal
 
 
 def test_a_perfect_denoiser_of_pet_like_noise_is_faithful_only_by_the_intensity_matched_ratio() -> None:

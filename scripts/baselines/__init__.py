@@ -54,16 +54,18 @@ def own_overrides(overrides: dict[str, Any], method: str | None) -> dict[str, An
 def preset(baselines: Mapping[str, Mapping[str, Any]], section: str) -> Mapping[str, Any]:
     """The preset's settings for one baseline (its `baselines` block). A misspelt name stops the run here: it would
     otherwise leave the layer's demo default in place without a word."""
+    baselines = baselines or {}  # `baselines:` left empty in a preset
     unknown = sorted(set(baselines) - set(SECTIONS))
     if unknown:
         raise ValueError(f"the preset's `baselines` names {unknown}; the baselines' settings are {list(SECTIONS)}")
     layer = f"configs/baseline_{section}.yaml"
     known = ConfigParser.load_config_file(os.path.join(os.path.dirname(__file__), "..", "..", layer))[section]
-    unknown = sorted(set(baselines.get(section, {})) - set(known))
+    own = baselines.get(section) or {}
+    unknown = sorted(set(own) - set(known))
     if unknown:
         raise ValueError(f"the preset's `baselines#{section}` names {unknown}, which {layer} does not have; "
                          f"its settings are {sorted(known)}")  # fmt: skip
-    return baselines.get(section, {})
+    return own
 
 
 def export(detector: nn.Module, data: Mapping[str, Any], path: str) -> str:

@@ -64,24 +64,29 @@ def blend_patch(
     logistic ``1 / (1 + exp(-sharpness * (|change| - midpoint)))`` of the change, rescaled to 0 for an unchanged
     voxel; 0 outside the box).
 
-    ``skip_background = (value, tolerance)``: as NSA does for objects, both boxes must be at least a quarter object,
-    a voxel being object where its channel mean is more than `tolerance` from the background `value`; without such
-    boxes after `attempts` draws, nothing is blended. Without it, a whole-body volume's boxes are mostly air."""
+    ``skip_background = (value, tolerance)``: as NSA does for objects, each box must be at least a quarter object,
+    a voxel being object where its channel mean is more than `tolerance` from the background `value`; without such a
+    box after `attempts` draws, nothing is blended. Without it, a whole-body volume's boxes are mostly air."""
     spatial = destination.shape[1:]
     fraction = size[0] + (size[1] - size[0]) * float(torch.rand(()))
     sides = [max(3, min(n, round(n * fraction))) for n in spatial]
-    objects = None
+    objects = [None, None]
     if skip_background is not None:
         value, tolerance = skip_background
         objects = [(image.mean(dim=0) - value).abs() > tolerance for image in (source, destination)]
-    for _ in range(attempts):
-        boxes = [tuple(slice(s, s + k) for s, k in zip([int(torch.randint(0, n - k + 1, ())) for n, k in
-                                                        zip(spatial, sides)], sides)) for _ in range(2)]  # fmt: skip
-        if objects is None or all(float(o[box].float().mean()) >= 0.25 for o, box in zip(objects, boxes)):
-            break
-    else:
+
+    def box(object_mask: torch.Tensor | None) -> tuple[slice, ...] | None:
+        for _ in range(attempts):
+            corner = [int(torch.randint(0, n - k + 1, ())) for n, k in zip(spatial, sides)]
+            at = tuple(slice(c, c + k) for c, k in zip(corner, sides))
+            if object_mask is None or float(object_mask[at].float().mean()) >= 0.25:
+                return at
+        return None
+
+    at_src = box(objects[0])
+    at_dst = box(objects[1]) if at_src is not None else None
+    if at_dst is None:
         return destination.clone(), torch.zeros(spatial, dtype=destination.dtype, device=destination.device)
-    at_src, at_dst = boxes
     out = destination.clone()
     for c in range(destination.shape[0]):
         blended = poisson_blend(destination[c][at_dst].cpu().numpy(), source[c][at_src].cpu().numpy())

@@ -322,6 +322,8 @@ def noise_floor(
         )
         tally = tally + error_tally(image, noise_free, torch.from_numpy(mask)[None, None])
     out = fidelity(tally)
+    if "l1_matched" not in out:
+        raise ValueError(f"no lesion voxels, or no normal voxels to compare with, in {n} subjects of grid {grid}")
     return {
         **out,
         "l1_ratio": out["l1_anomaly"] / out["l1_normal"],
