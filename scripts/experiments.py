@@ -61,6 +61,7 @@ VARIANTS = {
 }
 # what determines results: a rerun with other values would mix incompatible outputs in one folder
 RECORDED = ("preset", "n_train", "n_test", "overrides", "eval_overrides")
+TRAINING_ONLY = ("vqvae", "transformer", "iltm")  # sections inference.yaml holds empty: evaluation never reads them
 
 
 def run(
@@ -96,8 +97,8 @@ def run(
         fixed_threshold: shorthand for the "fixed" variant.
         ablation: also evaluate the no-resampling ablation (``network_def#resample: false``).
         all_iterations: evaluate every ILTM iteration, not only iteration 0 and the final one.
-        overrides: config overrides for training and evaluation, e.g. ``{'vqvae#epochs': 5}``; keys
-            ``synthetic#...`` change the generated data.
+        overrides: config overrides for training and evaluation, e.g. ``{'vqvae#epochs': 5}`` (keys of
+            :data:`TRAINING_ONLY` sections reach training only); keys ``synthetic#...`` change the generated data.
         eval_overrides: config overrides for evaluation only.
         in_process: run the bundle in this process (faster start, for tests) instead of a subprocess per step.
     """
@@ -260,9 +261,12 @@ def evaluate(
     in_process: bool,
     layers: Sequence[str] = (),
 ) -> None:
-    """The bundle's evaluation of one checkpoint on the shared test set; skipped when its metrics.json exists."""
+    """The bundle's evaluation of one checkpoint on the shared test set; skipped when its metrics.json exists.
+    Overrides of training-only sections (e.g. `iltm#mask_resample_threshold`) reach training only: evaluation's
+    configs would refuse an id the preset does not set."""
     if os.path.isfile(os.path.join(output_dir, "metrics.json")):
         return
+    overrides = {k: v for k, v in overrides.items() if k.split("#", 1)[0] not in TRAINING_ONLY}
     args = {
         "dataset_dir": os.path.dirname(datalist), "datalist": datalist, "checkpoint": checkpoint,
         "output_dir": output_dir, "save_maps": False, "save_overlays": False, **overrides,

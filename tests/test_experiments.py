@@ -135,6 +135,24 @@ def test_report_tables_and_figures_with_seeds(tmp_path) -> None:
         assert os.path.getsize(os.path.join(exp, name)) > 0
 
 
+def test_training_only_overrides_reach_training_only(tmp_path, monkeypatch) -> None:
+    """`--overrides "{'iltm#mask_resample_threshold': 0.05}"` is a training setting the evaluation configs refuse
+    (the demo preset does not set it); the evaluation command gets the model's settings without it."""
+    from scripts import experiments
+    from scripts.cli import unknown_ids
+
+    calls = []
+    monkeypatch.setattr(experiments, "bundle", lambda run_id, configs, args, log, in_process: calls.append(args))
+    overrides = {"iltm#mask_resample_threshold": 0.05, "transformer#epochs": 1, "num_samples": 2, "seed": 0}
+    experiments.evaluate("model.pt", str(tmp_path / "eval"), str(tmp_path / "test" / "datalist.json"),
+                         "configs/demo.yaml", overrides, str(tmp_path), True)  # fmt: skip
+    (args,) = calls
+    assert args["num_samples"] == 2 and args["seed"] == 0
+    assert "iltm#mask_resample_threshold" not in args and "transformer#epochs" not in args
+    configs = [os.path.join(ROOT, c) for c in ("configs/inference.yaml", "configs/demo.yaml", "configs/evaluate.yaml")]
+    assert unknown_ids(configs, ["iltm#mask_resample_threshold"])  # what the evaluation would have refused
+
+
 def test_a_rerun_with_other_settings_is_refused(tmp_path) -> None:
     experiments._record(str(tmp_path), {"preset": "configs/demo.yaml", "n_test": 4})
     experiments._record(str(tmp_path), {"preset": "configs/demo.yaml", "n_test": 4})
