@@ -29,7 +29,7 @@ from scripts.data import load_datalist
 from scripts.files import write_json
 from scripts.iltm import precision_recall, tokens_from_map
 from scripts.metrics import image_auroc, pixel_metrics
-from scripts.vqvae import error_tally, eval_except, fidelity
+from scripts.vqvae import error_tally, eval_except, fidelity, fidelity_ratios
 
 RULES = (("any", 0.0), ("fraction", 0.25), ("fraction", 0.5))
 
@@ -50,10 +50,7 @@ def _first_stage(vqvae, items: list[dict], labels: torch.Tensor, batch_size: int
             image = torch.stack([item["image"] for item in items[start : start + batch_size]]).to(device)
             tally = tally + error_tally(image, vqvae(image)[0], labels[start : start + batch_size])
     out = fidelity(tally)
-    for name, against in (("l1_ratio", "l1_normal"), ("l1_ratio_matched", "l1_matched")):
-        if out.get(against) and "l1_anomaly" in out:
-            out[name] = out["l1_anomaly"] / out[against]
-    return out
+    return {**out, **fidelity_ratios(out)}
 
 
 def diagnose(

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 
+from scripts.vqvae import fidelity_ratios
+
 FIDELITY_RATIO = 3.0  # L1 inside labelled anomalies / intensity-matched normal L1 above which it explains the map
 CODEBOOK_USE = 0.25  # share of codes used below which the codebook has collapsed
 ABLATION_GAP = 0.01  # AUPRO the Transformer's healing must add over the ablation
@@ -37,10 +39,7 @@ def first_stage(step: dict, codebook_size: int) -> dict:
     keys = ("val_l1", "val_l1_anomaly", "val_l1_normal", "val_l1_matched", "val_codes_used", "val_perplexity")
     out = {k: step.get(k) for k in keys}
     out["codebook_size"] = codebook_size
-    for ratio, against in (("l1_ratio", "val_l1_normal"), ("l1_ratio_matched", "val_l1_matched")):
-        if step.get("val_l1_anomaly") is not None and (step.get(against) or 0) > 0:
-            out[ratio] = step["val_l1_anomaly"] / step[against]
-    return out
+    return {**out, **fidelity_ratios({k.removeprefix("val_"): v for k, v in out.items()})}
 
 
 def lift(precision: float | None, base_rate: float | None) -> float | None:

@@ -8,7 +8,7 @@ dropout is part of the trained model, channel-wise and right before the last dec
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -253,6 +253,16 @@ def fidelity(tally: torch.Tensor, min_count: int = 10) -> dict[str, float]:
         nearest = enough[(torch.arange(len(normal_count))[:, None] - enough[None]).abs().argmin(dim=1)]
         normal_mean = normal_sum[nearest] / normal_count[nearest]
         out["l1_matched"] = float((anomaly_count * normal_mean).sum() / anomaly_count.sum())
+    return out
+
+
+def fidelity_ratios(l1: Mapping[str, float | None]) -> dict[str, float]:
+    """``l1_ratio`` (inside / outside the anomalies) and ``l1_ratio_matched`` (inside / intensity-matched normal)
+    from :func:`fidelity`'s numbers, each where its denominator is positive."""
+    out = {}
+    for ratio, against in (("l1_ratio", "l1_normal"), ("l1_ratio_matched", "l1_matched")):
+        if l1.get("l1_anomaly") is not None and (l1.get(against) or 0) > 0:
+            out[ratio] = l1["l1_anomaly"] / l1[against]
     return out
 
 

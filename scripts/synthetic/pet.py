@@ -308,7 +308,7 @@ def noise_floor(
     outside lesions for any first stage that does not learn the noise (docs/README.md, "3D first stage")."""
     import torch
 
-    from scripts.vqvae import error_tally, fidelity
+    from scripts.vqvae import error_tally, fidelity, fidelity_ratios
 
     grid, fov_mm = as_tuple(grid, int), as_tuple(fov_mm, float)
     bank = prototype_bank_3d(seed, grid=grid, fov_mm=fov_mm)
@@ -324,8 +324,4 @@ def noise_floor(
     out = fidelity(tally)
     if "l1_matched" not in out:
         raise ValueError(f"no lesion voxels, or no normal voxels to compare with, in {n} subjects of grid {grid}")
-    return {
-        **out,
-        "l1_ratio": out["l1_anomaly"] / out["l1_normal"],
-        "l1_ratio_matched": out["l1_anomaly"] / out["l1_matched"],
-    }
+    return {**out, **fidelity_ratios(out)}
