@@ -28,6 +28,7 @@ evaluation (``metrics.json``) is skipped, an interrupted training resumes; more 
     python -m scripts.experiments run --methods "iltm,dense_ae,dense_vae" --seeds "[0,1]"  # with the baselines
     python -m scripts.experiments run --overrides "{'vqvae#epochs': 10, 'transformer#epochs': 5}"
     python -m scripts.experiments report --exp_dir runs/experiments           # tables and figures only
+    python -m scripts.experiments report --exp_dir runs/experiments --seeds "[0,1]" --out_dir runs/experiments/s01
 """
 
 from __future__ import annotations

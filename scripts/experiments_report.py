@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from scripts.baselines import METHODS
+from scripts.cli import as_list
 from scripts.plots import figure
 
 METRICS = ("aupro", "best_dice", "pixel_auroc", "image_auroc", "dice_at_density_threshold")
@@ -116,14 +117,14 @@ def markdown_table(rows: Sequence[dict]) -> str:
     """Table 1 style: one table per metric, methods x contamination ratios, cells "mean +- sd" in %."""
     ratios = sorted({r["ratio"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
-    lines = [f"Mean ± sd over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), in %.", ""]
+    lines = [f"Mean ± sd over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), in %; (n=K): a cell over fewer.", ""]
     for metric, title in TITLES.items():
         stats = summarise(rows, metric)
         lines += [f"**{title}** by training-set contamination", ""]
         lines += ["| method | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
         for (method, variant), label in LABELS.items():
             if any(k[:2] == (method, variant) for k in stats):
-                cells = [_cell(stats.get((method, variant, r))) for r in ratios]
+                cells = [_cell(stats.get((method, variant, r)), seeds=len(seeds)) for r in ratios]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     for variant in sorted({r["variant"] for r in rows if r["method"] == "iltm"}):
@@ -132,17 +133,32 @@ def markdown_table(rows: Sequence[dict]) -> str:
         lines += ["| metric | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
         for metric in ("aupro", "best_dice", "pixel_auroc"):
             stats = gains(rows, metric, variant)
-            lines.append(f"| {TITLES[metric]} | " + " | ".join(_cell(stats.get(r), sign=True) for r in ratios) + " |")
+            cells = (_cell(stats.get(r), sign=True, seeds=len(seeds)) for r in ratios)
+            lines.append(f"| {TITLES[metric]} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()
 
 
-def report(exp_dir: str = "runs/experiments") -> list[dict]:
-    """results.csv, table1.md, figure4.png and figure3.png from whatever evaluations exist under exp_dir."""
+def report(
+    exp_dir: str = "runs/experiments", seeds: Sequence[int] | None = None, out_dir: str | None = None
+) -> list[dict]:
+    """results.csv, table1.md, figure4.png and figure3.png from whatever evaluations exist under exp_dir.
+
+    `seeds`: only these seeds, e.g. the ones every method was run for, so that a table compares methods on the same
+    data; `out_dir` (default exp_dir) then keeps the whole folder's report beside it.
+    """
     exp_dir = os.path.abspath(exp_dir)
     rows = collect(exp_dir)
+    if seeds is not None:
+        wanted = {int(s) for s in as_list(seeds)}
+        missing = wanted - {r["seed"] for r in rows}
+        if missing:
+            raise ValueError(f"{exp_dir}: no evaluations of seed(s) {sorted(missing)}")
+        rows = [r for r in rows if r["seed"] in wanted]
     if not rows:
         raise FileNotFoundError(f"{exp_dir}: no evaluations yet (seed_S/eval/<ratio>/<model>/metrics.json)")
+    exp_dir = os.path.abspath(out_dir) if out_dir else exp_dir
+    os.makedirs(exp_dir, exist_ok=True)
     with open(os.path.join(exp_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -217,12 +233,13 @@ def _summary(run_dir: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _cell(stat: tuple[float, float, int] | None, sign: bool = False) -> str:
+def _cell(stat: tuple[float, float, int] | None, sign: bool = False, seeds: int = 1) -> str:
+    """The text "mean ± sd" in %; a cell over fewer seeds than the table's (some methods or ratios) says so."""
     if stat is None:
         return "-"
-    mean, sd, _ = stat
+    mean, sd, n = stat
     text = f"{100 * mean:+.1f}" if sign else f"{100 * mean:.1f}"
-    return text + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}")
+    return text + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}") + (f" (n={n})" if n < seeds else "")
 
 
 def _float(value: Any) -> float:

@@ -131,6 +131,25 @@ def test_report_tables_and_figures_with_seeds(tmp_path) -> None:
     # gain = final - the same seed's iteration 0: +10 at 0 %, +20 at 80 %, the same for both seeds (sd 0)
     assert "| AUPRO | +10.0 ± 0.0 | +20.0 ± 0.0 |" in table
     assert "| image AUROC |" not in table.split("ILTM gain")[1]  # undefined image AUROC is not a gain row
+    # a third seed at 80 % only: the 0 % cells, over two of the three seeds, say so
+    run_dir = os.path.join(exp, "seed_2", "runs", "r0.80")
+    _fake_run(run_dir, 1, [0.3])
+    for k in range(2):
+        _fake_eval(
+            exp, 2, "r0.80", f"iter_{k:02d}", os.path.join(run_dir, f"iltm/iter_{k:02d}/model.pt"), 0.6 + 0.1 * k
+        )
+    experiments.report(exp)
+    table = open(os.path.join(exp, "table1.md")).read()
+    assert "over 3 seed(s)" in table
+    assert "| ILTM (final iteration) | 71.0 ± 1.4 (n=2) | 77.3 ± 6.4 |" in table
+    # the seeds every ratio has, reported into their own folder: the whole folder's report stays
+    experiments.report(exp, seeds="[0,1]", out_dir=os.path.join(exp, "seeds01"))
+    assert (
+        "| ILTM (final iteration) | 71.0 ± 1.4 | 81.0 ± 1.4 |" in open(os.path.join(exp, "seeds01", "table1.md")).read()
+    )
+    assert open(os.path.join(exp, "table1.md")).read() == table
+    with pytest.raises(ValueError, match=r"seed\(s\) \[7\]"):
+        experiments.report(exp, seeds=[7], out_dir=os.path.join(exp, "none"))
     for name in ("results.csv", "figure3.png", "figure4.png"):
         assert os.path.getsize(os.path.join(exp, name)) > 0
 

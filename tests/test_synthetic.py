@@ -258,3 +258,40 @@ def test_cli(tmp_path):
     assert sum(e["anomalous"] for e in sections["training"]) == 2
     assert {e["category"] for e in sections["training"]} == {"grass", "brick"}
     assert not (out / "preview.png").exists()
+
+
+def test_mask_recall_groups_training_images_by_their_anomalies(tmp_path) -> None:
+    """Masks that cover exactly the tokens of one recurring defect: its images score recall 1, the other defect's
+    images are all wholly missed, and nothing outside the labels counts as masked; a moved dataset still matches."""
+    import torch
+
+    from scripts.iltm import tokens_from_map
+    from scripts.synthetic.mask_recall import mask_recall
+
+    data = str(tmp_path / "data")
+    syn.make_2d(data, **{**TINY_2D, "n_train": 12}, anomalous_fraction=0.75, recurrence=1.0, n_prototypes=2,
+                preview=False)  # fmt: skip
+    with open(os.path.join(data, "anomalies.json")) as f:
+        entries = json.load(f)["training"]
+    caught = entries[0]["defects"][0]["prototype"] if entries[0]["defects"] else 0
+    masks = {}
+    for e in entries:
+        label = torch.from_numpy(np.array(Image.open(os.path.join(data, e["image"].replace("images", "labels")))).T)
+        truth = tokens_from_map((label > 0)[None, None], (8, 8))[0]
+        keep = all(d["prototype"] == caught for d in e["defects"])
+        masks[os.path.join("/elsewhere/data", e["image"])] = truth if keep else torch.zeros_like(truth)
+    os.makedirs(tmp_path / "run" / "iltm" / "iter_01")
+    torch.save(masks, tmp_path / "run" / "iltm" / "iter_01" / "token_masks.pt")
+    report = mask_recall(str(tmp_path / "run"), data)
+    assert sum(r["images"] for r in report.values()) == 12
+    for name, r in report.items():
+        if name == "normal":
+            assert r["labelled_tokens_per_image"] == 0 and r["masked_outside_labels"] == 0
+        elif name.count("#") == 1 and name.endswith(f"#{caught}"):
+            assert r["recall"] == 1.0 and r["images_missed"] == 0 and r["masked_outside_labels"] == 0
+        elif f"#{caught}" not in name:
+            assert r["recall"] == 0.0 and r["images_missed"] == r["images"]
+    assert any(name.endswith(f"#{caught}") and name.count("#") == 1 for name in report)
+    assert any(f"#{caught}" not in name and name != "normal" for name in report)
+    with pytest.raises(FileNotFoundError, match="iteration 2"):
+        mask_recall(str(tmp_path / "run"), data, iteration=2)
