@@ -152,21 +152,21 @@ def report(
     if seeds is not None:
         wanted = {int(s) for s in as_list(seeds)}
         missing = wanted - {r["seed"] for r in rows}
-        if missing:
-            raise ValueError(f"{exp_dir}: no evaluations of seed(s) {sorted(missing)}")
+        if not wanted or missing:
+            raise ValueError(f"{exp_dir}: no evaluations of seed(s) {sorted(missing) or 'none given'}")
         rows = [r for r in rows if r["seed"] in wanted]
     if not rows:
         raise FileNotFoundError(f"{exp_dir}: no evaluations yet (seed_S/eval/<ratio>/<model>/metrics.json)")
-    exp_dir = os.path.abspath(out_dir) if out_dir else exp_dir
-    os.makedirs(exp_dir, exist_ok=True)
-    with open(os.path.join(exp_dir, "results.csv"), "w", newline="") as f:
+    out = os.path.abspath(out_dir) if out_dir else exp_dir
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot_contamination(rows, os.path.join(exp_dir, "figure4.png"))
-    plot_iterations(rows, os.path.join(exp_dir, "figure3.png"))
+    plot_contamination(rows, os.path.join(out, "figure4.png"))
+    plot_iterations(rows, os.path.join(out, "figure3.png"))
     table = markdown_table(rows)
-    with open(os.path.join(exp_dir, "table1.md"), "w") as f:
+    with open(os.path.join(out, "table1.md"), "w") as f:
         f.write(table + "\n")
     print(table, flush=True)
     return rows

@@ -142,14 +142,24 @@ def test_report_tables_and_figures_with_seeds(tmp_path) -> None:
     table = open(os.path.join(exp, "table1.md")).read()
     assert "over 3 seed(s)" in table
     assert "| ILTM (final iteration) | 71.0 ± 1.4 (n=2) | 77.3 ± 6.4 |" in table
+    assert "| AUPRO | +10.0 ± 0.0 (n=2) | +16.7 ± 5.8 |" in table  # the gains too
     # the seeds every ratio has, reported into their own folder: the whole folder's report stays
     experiments.report(exp, seeds="[0,1]", out_dir=os.path.join(exp, "seeds01"))
     assert (
         "| ILTM (final iteration) | 71.0 ± 1.4 | 81.0 ± 1.4 |" in open(os.path.join(exp, "seeds01", "table1.md")).read()
     )
     assert open(os.path.join(exp, "table1.md")).read() == table
+    with open(os.path.join(exp, "results.csv")) as f:
+        assert {row["seed"] for row in csv.DictReader(f)} == {"0", "1", "2"}
+    with open(os.path.join(exp, "seeds01", "results.csv")) as f:
+        assert {row["seed"] for row in csv.DictReader(f)} == {"0", "1"}
+    for name in ("figure3.png", "figure4.png"):
+        assert os.path.getsize(os.path.join(exp, "seeds01", name)) > 0
     with pytest.raises(ValueError, match=r"seed\(s\) \[7\]"):
         experiments.report(exp, seeds=[7], out_dir=os.path.join(exp, "none"))
+    with pytest.raises(ValueError, match="none given"):
+        experiments.report(exp, seeds=[], out_dir=os.path.join(exp, "none"))
+    assert not os.path.exists(os.path.join(exp, "none"))
     for name in ("results.csv", "figure3.png", "figure4.png"):
         assert os.path.getsize(os.path.join(exp, name)) > 0
 

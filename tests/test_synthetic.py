@@ -261,8 +261,10 @@ def test_cli(tmp_path):
 
 
 def test_mask_recall_groups_training_images_by_their_anomalies(tmp_path) -> None:
-    """Masks that cover exactly the tokens of one recurring defect: its images score recall 1, the other defect's
-    images are all wholly missed, and nothing outside the labels counts as masked; a moved dataset still matches."""
+    """Masks that cover exactly the tokens of one recurring defect, plus one token outside the labels elsewhere: its
+    images score recall 1, the other defect's images are all wholly missed, normal images are never "missed", and
+    the false tokens are counted outside the labels; the masks read are those of the run's final model, not the
+    untrained pass after an early stop; a dataset that moved since the run still matches."""
     import torch
 
     from scripts.iltm import tokens_from_map
@@ -274,24 +276,41 @@ def test_mask_recall_groups_training_images_by_their_anomalies(tmp_path) -> None
     with open(os.path.join(data, "anomalies.json")) as f:
         entries = json.load(f)["training"]
     caught = entries[0]["defects"][0]["prototype"] if entries[0]["defects"] else 0
-    masks = {}
+    final, untrained = {}, {}
     for e in entries:
         label = torch.from_numpy(np.array(Image.open(os.path.join(data, e["image"].replace("images", "labels")))).T)
         truth = tokens_from_map((label > 0)[None, None], (8, 8))[0]
-        keep = all(d["prototype"] == caught for d in e["defects"])
-        masks[os.path.join("/elsewhere/data", e["image"])] = truth if keep else torch.zeros_like(truth)
-    os.makedirs(tmp_path / "run" / "iltm" / "iter_01")
-    torch.save(masks, tmp_path / "run" / "iltm" / "iter_01" / "token_masks.pt")
-    report = mask_recall(str(tmp_path / "run"), data)
+        stray = torch.zeros_like(truth)
+        stray[tuple(torch.nonzero(~truth)[0])] = True  # one token outside the labels
+        keep = e["defects"] and all(d["prototype"] == caught for d in e["defects"])
+        final[os.path.join("/elsewhere/data", e["image"])] = truth if keep else stray
+        untrained[os.path.join("/elsewhere/data", e["image"])] = torch.ones_like(truth)
+    run = tmp_path / "run"
+    for k, masks in ((1, untrained), (2, final), (3, untrained)):  # the loop stopped before training iteration 3
+        os.makedirs(run / "iltm" / f"iter_{k:02d}")
+        torch.save(masks, run / "iltm" / f"iter_{k:02d}" / "token_masks.pt")
+        if k < 3:
+            (run / "iltm" / f"iter_{k:02d}" / "model.pt").write_text("a trained detector")
+    report = mask_recall(str(run), data)
     assert sum(r["images"] for r in report.values()) == 12
     for name, r in report.items():
+        outside = r["images"] * 64 - r["labelled_tokens_per_image"] * r["images"]
         if name == "normal":
-            assert r["labelled_tokens_per_image"] == 0 and r["masked_outside_labels"] == 0
+            assert r["labelled_tokens_per_image"] == 0 and r["images_missed"] == 0
+            assert r["masked_outside_labels"] == pytest.approx(r["images"] / outside)
         elif name.count("#") == 1 and name.endswith(f"#{caught}"):
             assert r["recall"] == 1.0 and r["images_missed"] == 0 and r["masked_outside_labels"] == 0
         elif f"#{caught}" not in name:
             assert r["recall"] == 0.0 and r["images_missed"] == r["images"]
+            assert r["masked_outside_labels"] == pytest.approx(r["images"] / outside)
     assert any(name.endswith(f"#{caught}") and name.count("#") == 1 for name in report)
     assert any(f"#{caught}" not in name and name != "normal" for name in report)
-    with pytest.raises(FileNotFoundError, match="iteration 2"):
-        mask_recall(str(tmp_path / "run"), data, iteration=2)
+    assert "normal" in report
+    some = next(name for name in report if name != "normal")
+    assert mask_recall(str(run), data, iteration=1)[some]["recall"] == 1.0  # iteration 1's all-ones masks, when asked
+    with pytest.raises(FileNotFoundError, match="iteration 4"):
+        mask_recall(str(run), data, iteration=4)
+    os.makedirs(tmp_path / "plain" / "iltm" / "iter_00")
+    (tmp_path / "plain" / "iltm" / "iter_00" / "model.pt").write_text("iteration 0 only")
+    with pytest.raises(ValueError, match="iteration 0, trained without masks"):
+        mask_recall(str(tmp_path / "plain"), data)

@@ -1,10 +1,12 @@
-"""Which recurring anomalies did ILTM's token masks catch? A diagnostic for runs on the embedded synthetic sets.
+r"""Which recurring anomalies did ILTM's token masks catch? A diagnostic for runs on the embedded synthetic sets.
 
 A run's overall mask recall hides what matters to the Transformer: an anomaly that recurs in many training images is
 learned as normal unless *its* tokens are masked, whatever happens to the others. Grouping the training images by the
-anomalies ``anomalies.json`` says they carry (a 2D defect's kind, a 3D lesion's site, and its prototype), this gives
-each group's recall and the share of its images whose anomaly no mask touches, beside the masked share of the
-normal images' tokens (docs/README.md, "Contamination sweep, 2D").
+anomalies ``anomalies.json`` says they carry (a 2D defect's kind, a 3D lesion's site, and its prototype; an image with
+two anomalies forms a group of its own), this gives each group's recall and the share of its images whose anomaly no
+mask touches, beside the masked share of the normal images' tokens (docs/README.md, "Contamination sweep, 2D").
+Labels are read as stored (anomalous where above 0) and downsampled with the "any" rule: right for the embedded sets,
+whose files are at the presets' image size.
 
     python -m scripts.synthetic mask_recall --run_dir runs/sweep2d/seed_0/runs/r0.80 \
         --data_dir runs/sweep2d/seed_0/data/r0.80 [--iteration 3]
@@ -12,7 +14,6 @@ normal images' tokens (docs/README.md, "Contamination sweep, 2D").
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -20,6 +21,7 @@ import torch
 from monai.transforms import LoadImage
 
 from scripts.checkpoint import load_checkpoint
+from scripts.experiments_report import final_iteration
 from scripts.iltm import tokens_from_map
 
 
@@ -29,23 +31,23 @@ def _name(anomaly: dict) -> str:
 
 
 def _masks_file(run_dir: str, iteration: int | None) -> str:
-    if iteration is not None:
-        path = os.path.join(run_dir, "iltm", f"iter_{iteration:02d}", "token_masks.pt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no token masks for ILTM iteration {iteration} in this run")
-        return path
-    found = sorted(glob.glob(os.path.join(run_dir, "iltm", "iter_*", "token_masks.pt")))
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no iltm/iter_KK/token_masks.pt (has an ILTM iteration finished?)")
-    return found[-1]
+    """The masks iteration `iteration` trained with; by default those of the run's final model (a loop that stopped
+    early has written the masks of one more iteration, never trained)."""
+    k = final_iteration(run_dir) if iteration is None else int(iteration)
+    if k < 1:
+        raise ValueError(f"{run_dir}: the final model is ILTM iteration 0, trained without masks")
+    path = os.path.join(run_dir, "iltm", f"iter_{k:02d}", "token_masks.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no token masks for ILTM iteration {k} in this run")
+    return path
 
 
 def mask_recall(run_dir: str, data_dir: str, iteration: int | None = None) -> dict[str, dict]:
     """Per group of training images with the same anomalies: images, labelled tokens per image, recall, images
     wholly missed, and the masked share of the tokens outside the labels; ``normal`` for defect-free images.
 
-    `iteration`: whose masks (default: the last pass of the run). Images are matched to the masks by their path
-    relative to `data_dir`, so a dataset folder that moved since the run still matches.
+    `iteration`: whose masks (default: those the run's final model was trained with). Images are matched to the masks
+    by their path relative to `data_dir`, so a dataset folder that moved since the run still matches.
     """
     path = _masks_file(run_dir, iteration)
     listing = os.path.join(data_dir, "anomalies.json")
