@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from monai.bundle import ConfigParser
@@ -55,6 +56,17 @@ def as_list(value: Any) -> list:
     if isinstance(value, str):
         return [v.strip().strip("'\"") for v in value.strip("()[] ").split(",") if v.strip().strip("'\"")]
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def quiet(fn: Callable) -> Callable:
+    """A fire command without its return value, which fire would echo after what the command printed; same signature
+    and help."""
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs) -> None:
+        fn(*args, **kwargs)
+
+    return command
 
 
 def _ids(config: Any, prefix: str = "") -> Iterator[str]:

@@ -34,7 +34,6 @@ evaluation (``metrics.json``) is skipped, an interrupted training resumes; more 
 from __future__ import annotations
 
 import filecmp
-import functools
 import json
 import os
 import shlex
@@ -42,11 +41,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from scripts.baselines import METHODS, own_overrides
-from scripts.cli import as_list
+from scripts.cli import as_list, quiet
 from scripts.contamination import parse_names, ratio_tag
 from scripts.experiments_report import final_iteration, report
 from scripts.files import write_json
@@ -333,20 +332,10 @@ def _path(config: str) -> str:
     return config if os.path.isabs(config) else os.path.join(BUNDLE_ROOT, config)
 
 
-def _quiet(fn: Callable) -> Callable:
-    """The command without its return value, which fire would echo after the printed tables; same signature and help."""
-
-    @functools.wraps(fn)
-    def command(*args, **kwargs) -> None:
-        fn(*args, **kwargs)
-
-    return command
-
-
 def main() -> None:
     import fire
 
-    fire.Fire({"run": _quiet(run), "report": _quiet(report)})
+    fire.Fire({"run": quiet(run), "report": quiet(report)})
 
 
 if __name__ == "__main__":

@@ -3,15 +3,17 @@ of a perfect denoiser); ``mask_recall`` (which recurring anomalies an ILTM run's
 
 import fire
 
+from scripts.cli import quiet
 from scripts.synthetic import ensure_dataset, make_2d, make_3d
 from scripts.synthetic.mask_recall import mask_recall
 from scripts.synthetic.pet import noise_floor
 
-
-def _mask_recall(run_dir: str, data_dir: str, iteration: int | None = None) -> None:
-    """Prints, per group of training images with the same anomalies, the recall of the run's token masks."""
-    mask_recall(run_dir, data_dir, iteration)
-
-
-commands = {"make_2d": make_2d, "make_3d": make_3d, "ensure_dataset": ensure_dataset, "noise_floor": noise_floor}
-fire.Fire({**commands, "mask_recall": _mask_recall})
+fire.Fire(
+    {
+        "make_2d": make_2d,
+        "make_3d": make_3d,
+        "ensure_dataset": ensure_dataset,
+        "noise_floor": noise_floor,
+        "mask_recall": quiet(mask_recall),
+    }
+)
