@@ -91,26 +91,45 @@ def summarise(rows: Sequence[dict], metric: str) -> dict[tuple, tuple[float, flo
     for r in headline(rows):
         if r[metric] is not None and not math.isnan(float(r[metric])):
             groups.setdefault((r["method"], r["variant"], r["ratio"]), []).append(float(r[metric]))
-    return {
-        k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else math.nan, len(v)) for k, v in groups.items()
-    }
+    return {k: _stats(v) for k, v in groups.items()}
 
 
 def gains(rows: Sequence[dict], metric: str, variant: str = "") -> dict[float, tuple[float, float, int]]:
     """ratio -> mean, sd, n over seeds of (final ILTM - the same seed's iteration 0) for one variant."""
-    final = {(r["seed"], r["ratio"]): r[metric] for r in rows if r["method"] == "iltm" and r["variant"] == variant
-             and r["final"]}  # fmt: skip
     own_start = any(r["method"] == "transformer" and r["variant"] == variant for r in rows)
-    start = {(r["seed"], r["ratio"]): r[metric] for r in rows if r["method"] == "transformer"
-             and r["variant"] == (variant if own_start else "")}  # fmt: skip
-    by_ratio: dict[float, list[float]] = {}
-    for key, value in final.items():
-        if value is not None and start.get(key) is not None:
-            by_ratio.setdefault(key[1], []).append(float(value) - float(start[key]))
+    start = _values(rows, metric, "transformer", variant if own_start else "")
+    return _per_ratio(
+        {key: v - start[key] for key, v in _values(rows, metric, "iltm", variant).items() if key in start}
+    )
+
+
+def recovery(rows: Sequence[dict], metric: str = "aupro") -> dict[str, dict[float, tuple[float, float, int]]]:
+    """Paired per seed: what contamination costs iteration 0 (its value at 0 % minus at the ratio), and what the
+    oracle's masks and ILTM's win back of it (each minus the same seed and ratio's iteration 0).
+
+    A target for ILTM's gain is only reachable where the cost, and the oracle's win-back, are at least that large.
+    """
+    start = _values(rows, metric, "transformer", "")
+    clean = {seed: v for (seed, ratio), v in start.items() if ratio == 0.0}
+    oracle = _values(rows, metric, "transformer", "oracle")
     return {
-        ratio: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else math.nan, len(v))
-        for ratio, v in sorted(by_ratio.items())
+        "cost": _per_ratio({key: clean[key[0]] - v for key, v in start.items() if key[1] > 0 and key[0] in clean}),
+        "oracle": _per_ratio({key: v - start[key] for key, v in oracle.items() if key in start}),
+        "iltm": {ratio: stats for ratio, stats in gains(rows, metric).items() if ratio > 0},
     }
+
+
+def _values(rows: Sequence[dict], metric: str, method: str, variant: str) -> dict[tuple[int, float], float]:
+    """(seed, ratio) -> the metric of a method's headline model (iteration 0, or ILTM's final iteration)."""
+    return {(r["seed"], r["ratio"]): float(r[metric]) for r in headline(rows) if r["method"] == method
+            and r["variant"] == variant and r[metric] is not None and not math.isnan(float(r[metric]))}  # fmt: skip
+
+
+def _per_ratio(differences: dict[tuple[int, float], float]) -> dict[float, tuple[float, float, int]]:
+    by_ratio: dict[float, list[float]] = {}
+    for (_, ratio), value in differences.items():
+        by_ratio.setdefault(ratio, []).append(value)
+    return {ratio: _stats(v) for ratio, v in sorted(by_ratio.items())}
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -135,6 +154,17 @@ def markdown_table(rows: Sequence[dict]) -> str:
             stats = gains(rows, metric, variant)
             cells = (_cell(stats.get(r), sign=True, seeds=len(seeds)) for r in ratios)
             lines.append(f"| {TITLES[metric]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    won = recovery(rows)
+    contaminated = [r for r in ratios if r > 0]
+    if won["cost"]:
+        lines += ["**What contamination costs, and what masks win back**: AUPRO, paired per seed, in points", ""]
+        lines += ["| | " + " | ".join(f"{r:.0%}" for r in contaminated) + " |", "|---|" + "---|" * len(contaminated)]
+        for name, label in (("cost", "cost: iteration 0 at 0 % − iteration 0"),
+                            ("oracle", "oracle masks win back: oracle − iteration 0"),
+                            ("iltm", "ILTM wins back: final − iteration 0")):  # fmt: skip
+            cells = (_cell(won[name].get(r), sign=True, seeds=len(seeds)) for r in contaminated)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -231,6 +261,11 @@ def _summary(run_dir: str) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, sd, n); sd is NaN for one value."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
 
 
 def _cell(stat: tuple[float, float, int] | None, sign: bool = False, seeds: int = 1) -> str:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny import TINY_DETECTOR
 
-from scripts import experiments
+from scripts import experiments, experiments_report
 from scripts.synthetic import make_2d, make_3d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,6 +162,32 @@ def test_report_tables_and_figures_with_seeds(tmp_path) -> None:
     assert not os.path.exists(os.path.join(exp, "none"))
     for name in ("results.csv", "figure3.png", "figure4.png"):
         assert os.path.getsize(os.path.join(exp, name)) > 0
+
+
+def test_report_says_what_contamination_costs_and_what_masks_win_back(tmp_path) -> None:
+    """Cost = the seed's iteration 0 at 0 % minus at the ratio; the oracle and ILTM rows are minus the same seed and
+    ratio's iteration 0, so they read as shares of the cost. A seed without a clean run has no cost."""
+    exp = str(tmp_path)
+    # (seed, ratio) -> iteration 0, ILTM final, oracle (AUPRO)
+    runs = {(0, 0.0): (0.80, 0.81, None), (0, 0.8): (0.70, 0.72, 0.78), (1, 0.0): (0.60, 0.60, None),
+            (1, 0.8): (0.56, 0.60, 0.60), (2, 0.8): (0.10, 0.90, 0.90)}  # fmt: skip
+    for (seed, ratio), (start, final, oracle) in runs.items():
+        tag = experiments.ratio_tag(ratio)
+        run_dir = os.path.join(exp, f"seed_{seed}", "runs", tag)
+        _fake_run(run_dir, 1, [0.5])
+        _fake_eval(exp, seed, tag, "iter_00", os.path.join(run_dir, "iltm/iter_00/model.pt"), start)
+        _fake_eval(exp, seed, tag, "iter_01", os.path.join(run_dir, "iltm/iter_01/model.pt"), final)
+        if oracle is not None:
+            _fake_run(run_dir + "_oracle", 0, [])
+            _fake_eval(exp, seed, tag, "oracle_iter_00", os.path.join(run_dir + "_oracle", "model.pt"), oracle)
+    won = experiments_report.recovery(experiments_report.collect(exp))
+    assert won["cost"] == {0.8: (pytest.approx(0.07), pytest.approx(0.0424264), 2)}  # seeds 0, 1: 10 and 4 points
+    assert won["oracle"] == {0.8: (pytest.approx(0.3066667), pytest.approx(0.4277071), 3)}  # 8, 4 and 80 points
+    assert won["iltm"] == {0.8: (pytest.approx(0.2866667), pytest.approx(0.4446722), 3)}  # 2, 4, 80; 0 % is none
+    table = experiments_report.markdown_table(experiments_report.collect(exp)).split("What contamination costs")[1]
+    assert "| cost: iteration 0 at 0 % − iteration 0 | +7.0 ± 4.2 (n=2) |" in table
+    assert "| oracle masks win back: oracle − iteration 0 | +30.7 ± 42.8 |" in table
+    assert "| ILTM wins back: final − iteration 0 | +28.7 ± 44.5 |" in table
 
 
 def test_training_only_overrides_reach_training_only(tmp_path, monkeypatch) -> None:
