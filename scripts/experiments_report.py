@@ -107,29 +107,38 @@ def recovery(rows: Sequence[dict], metric: str = "aupro") -> dict[str, dict[floa
     """Paired per seed: what contamination costs iteration 0 (its value at 0 % minus at the ratio), and what the
     oracle's masks and ILTM's win back of it (each minus the same seed and ratio's iteration 0).
 
-    A target for ILTM's gain is only reachable where the cost, and the oracle's win-back, are at least that large.
+    A rough guide to what a target for ILTM's gain can ask: the oracle is one set of masks, not a bound, but where
+    it wins back less than the target the masks are not what is missing. Every row uses the seeds with a 0 % run.
     """
     start = _values(rows, metric, "transformer", "")
     clean = {seed: v for (seed, ratio), v in start.items() if ratio == 0.0}
-    oracle = _values(rows, metric, "transformer", "oracle")
+    paired = {key for key in start if key[1] > 0 and key[0] in clean}
+    oracle, final = _values(rows, metric, "transformer", "oracle"), _values(rows, metric, "iltm", "")
     return {
-        "cost": _per_ratio({key: clean[key[0]] - v for key, v in start.items() if key[1] > 0 and key[0] in clean}),
-        "oracle": _per_ratio({key: v - start[key] for key, v in oracle.items() if key in start}),
-        "iltm": {ratio: stats for ratio, stats in gains(rows, metric).items() if ratio > 0},
+        "cost": _per_ratio({key: clean[key[0]] - start[key] for key in paired}),
+        "oracle": _per_ratio({key: oracle[key] - start[key] for key in paired if key in oracle}),
+        "iltm": _per_ratio({key: final[key] - start[key] for key in paired if key in final}),
     }
 
 
 def _values(rows: Sequence[dict], metric: str, method: str, variant: str) -> dict[tuple[int, float], float]:
-    """(seed, ratio) -> the metric of a method's headline model (iteration 0, or ILTM's final iteration)."""
+    """(seed, ratio) -> the metric of a method's headline model (iteration 0, or ILTM's final iteration); models
+    without the metric (None or NaN, e.g. image AUROC on a set of one class) are left out rather than averaged."""
     return {(r["seed"], r["ratio"]): float(r[metric]) for r in headline(rows) if r["method"] == method
             and r["variant"] == variant and r[metric] is not None and not math.isnan(float(r[metric]))}  # fmt: skip
 
 
 def _per_ratio(differences: dict[tuple[int, float], float]) -> dict[float, tuple[float, float, int]]:
+    """(seed, ratio) -> value, summarised over the seeds of each ratio."""
     by_ratio: dict[float, list[float]] = {}
     for (_, ratio), value in differences.items():
         by_ratio.setdefault(ratio, []).append(value)
     return {ratio: _stats(v) for ratio, v in sorted(by_ratio.items())}
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, sd, n); sd is NaN for one value."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -261,11 +270,6 @@ def _summary(run_dir: str) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _stats(values: Sequence[float]) -> tuple[float, float, int]:
-    """(mean, sd, n); sd is NaN for one value."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
 
 
 def _cell(stat: tuple[float, float, int] | None, sign: bool = False, seeds: int = 1) -> str:

@@ -166,10 +166,10 @@ def test_report_tables_and_figures_with_seeds(tmp_path) -> None:
 
 def test_report_says_what_contamination_costs_and_what_masks_win_back(tmp_path) -> None:
     """Cost = the seed's iteration 0 at 0 % minus at the ratio; the oracle and ILTM rows are minus the same seed and
-    ratio's iteration 0, so they read as shares of the cost. A seed without a clean run has no cost."""
+    ratio's iteration 0. Every row uses the seeds with a clean run, so the rows compare; 0 % is never a win-back."""
     exp = str(tmp_path)
-    # (seed, ratio) -> iteration 0, ILTM final, oracle (AUPRO)
-    runs = {(0, 0.0): (0.80, 0.81, None), (0, 0.8): (0.70, 0.72, 0.78), (1, 0.0): (0.60, 0.60, None),
+    # (seed, ratio) -> iteration 0, ILTM final, oracle (AUPRO); seed 2 has no clean run, seed 0 an oracle at 0 %
+    runs = {(0, 0.0): (0.80, 0.81, 0.85), (0, 0.8): (0.70, 0.72, 0.78), (1, 0.0): (0.60, 0.60, None),
             (1, 0.8): (0.56, 0.60, 0.60), (2, 0.8): (0.10, 0.90, 0.90)}  # fmt: skip
     for (seed, ratio), (start, final, oracle) in runs.items():
         tag = experiments.ratio_tag(ratio)
@@ -181,13 +181,35 @@ def test_report_says_what_contamination_costs_and_what_masks_win_back(tmp_path) 
             _fake_run(run_dir + "_oracle", 0, [])
             _fake_eval(exp, seed, tag, "oracle_iter_00", os.path.join(run_dir + "_oracle", "model.pt"), oracle)
     won = experiments_report.recovery(experiments_report.collect(exp))
-    assert won["cost"] == {0.8: (pytest.approx(0.07), pytest.approx(0.0424264), 2)}  # seeds 0, 1: 10 and 4 points
-    assert won["oracle"] == {0.8: (pytest.approx(0.3066667), pytest.approx(0.4277071), 3)}  # 8, 4 and 80 points
-    assert won["iltm"] == {0.8: (pytest.approx(0.2866667), pytest.approx(0.4446722), 3)}  # 2, 4, 80; 0 % is none
+    assert won["cost"] == {0.8: (pytest.approx(0.07), pytest.approx(0.04242641), 2)}  # 10 and 4 points
+    assert won["oracle"] == {0.8: (pytest.approx(0.06), pytest.approx(0.02828427), 2)}  # 8 and 4
+    assert won["iltm"] == {0.8: (pytest.approx(0.03), pytest.approx(0.01414214), 2)}  # 2 and 4
     table = experiments_report.markdown_table(experiments_report.collect(exp)).split("What contamination costs")[1]
     assert "| cost: iteration 0 at 0 % − iteration 0 | +7.0 ± 4.2 (n=2) |" in table
-    assert "| oracle masks win back: oracle − iteration 0 | +30.7 ± 42.8 |" in table
-    assert "| ILTM wins back: final − iteration 0 | +28.7 ± 44.5 |" in table
+    assert "| oracle masks win back: oracle − iteration 0 | +6.0 ± 2.8 (n=2) |" in table
+    assert "| ILTM wins back: final − iteration 0 | +3.0 ± 1.4 (n=2) |" in table
+
+
+def test_gains_pair_each_variant_with_its_own_iteration_0(tmp_path) -> None:
+    """A variant that retrains iteration 0 (unrestricted) is paired with its own, one that does not (fixed) with the
+    base run's; only the final iteration counts, not a later one on disk; a missing (NaN) metric leaves a seed out."""
+    exp, tag = str(tmp_path), "r0.80"
+    for seed, final in ((0, 0.70), (1, float("nan"))):
+        base = os.path.join(exp, f"seed_{seed}", "runs", tag)
+        _fake_run(base, 1, [0.5])
+        for name, score in (("iter_00", 0.60), ("iter_01", final), ("iter_02", 0.99)):  # iteration 2: not final
+            _fake_eval(exp, seed, tag, name, os.path.join(base, f"iltm/{name}/model.pt"), score)
+        for variant, scores in (("fixed", {"iter_01": 0.75}), ("unrestricted", {"iter_00": 0.50, "iter_01": 0.58})):
+            _fake_run(f"{base}_{variant}", 1, [0.5])
+            for name, score in scores.items():
+                _fake_eval(exp, seed, tag, f"{variant}_{name}", os.path.join(base, f"{variant}/{name}.pt"), score)
+    rows = experiments_report.collect(exp)
+    own = experiments_report.gains(rows, "aupro")
+    assert own[0.8][0] == pytest.approx(0.10) and own[0.8][2] == 1  # seed 1's NaN is left out, iteration 2 unused
+    assert experiments_report.gains(rows, "aupro", "fixed") == {0.8: (pytest.approx(0.15), pytest.approx(0.0), 2)}
+    assert experiments_report.gains(rows, "aupro", "unrestricted") == {
+        0.8: (pytest.approx(0.08), pytest.approx(0.0), 2)
+    }
 
 
 def test_training_only_overrides_reach_training_only(tmp_path, monkeypatch) -> None:
