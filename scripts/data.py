@@ -187,11 +187,13 @@ class BinarizeLabeld(MapTransform):
 
 
 def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checking data") -> list[dict]:
-    """Runs the deterministic preprocessing over every entry once, so that bad input fails before training starts.
+    """Runs the deterministic preprocessing over every entry once, so that bad input fails before any work, with
+    every bad entry named at once rather than one per rerun.
 
-    MONAI wraps a transform's exception in layers of `RuntimeError`; this re-raises the innermost cause as a
-    `DataError` that names the entry's files.
+    MONAI wraps a transform's exception in layers of `RuntimeError`; each problem is reported as the innermost
+    cause, a `DataError` that names the entry's files.
     """
+    problems = []
     for entry in tqdm(entries, desc=desc, leave=False):
         try:
             transform(entry)
@@ -199,8 +201,17 @@ def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checki
             cause = e
             while cause.__cause__ is not None:
                 cause = cause.__cause__
-            if isinstance(cause, DataError):
-                raise cause from e
             files = ", ".join(f"{k}: {v}" for k, v in entry.items() if k in ("image", "label"))
-            raise DataError(f"{files}: cannot be loaded ({type(cause).__name__}: {cause})") from e
+            problems.append(str(cause) if isinstance(cause, DataError) else f"{files}: cannot be loaded "
+                            f"({type(cause).__name__}: {cause})")  # fmt: skip
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"{len(problems)} of {len(entries)} entries cannot be used:{listing(problems)}")
     return list(entries)
+
+
+def listing(problems: Sequence[str], most: int = 20) -> str:
+    """One indented line per problem, the first `most` of them: enough to fix a folder in one pass."""
+    shown = [*problems[:most], *([f"... and {len(problems) - most} more"] if len(problems) > most else [])]
+    return "".join(f"\n  {line}" for line in shown)

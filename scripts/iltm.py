@@ -14,6 +14,7 @@ steps and continues at the first incomplete one (a Transformer mid-training resu
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -190,7 +191,7 @@ class ILTMWorkflow:
 
     def _finish(self, state: RunState, final: int, truth: torch.Tensor | None, val_seq: torch.Tensor) -> dict:
         """Export, checks, report and tracking of a finished loop: rank 0's work under torchrun."""
-        self._export(final)
+        self._export(state, final)
         checks = self._checks(state, final, truth, val_seq)
         report = write_report(self.output_dir, state, final, self.train_files, self.transform, truth, self.grid, checks)
         params = {"final_iteration": final, "thresholds": ", ".join(f"{t:.3g}" for t in self.thresholds[:final]),
@@ -316,16 +317,18 @@ class ILTMWorkflow:
         for k in range(1, final + 1):
             masks = load_token_masks(os.path.join(self.folder(k), "val_token_masks.pt"), self.val_files, self.grid)
             masks = sequencer.to_tokens(masks)
-            per_iteration.append(iltm_checks.unlearning(means(k - 1, masks), means(k, masks)))
+            unlearned = iltm_checks.unlearning(means(k - 1, masks), means(k, masks))
+            per_iteration.append(None if math.isnan(unlearned) else unlearned)  # no validation token masked
         last = sequencer.to_tokens(
             load_token_masks(os.path.join(self.folder(final), "val_token_masks.pt"), self.val_files, self.grid)
         )
-        counts = [state.steps[f"masks_{k:02d}"]["masked_tokens"] for k in range(1, final + 1)]
+        counts = [int(state.steps[f"masks_{k:02d}"]["masked_tokens"]) for k in range(1, final + 1)]
         return {
             "unlearning": per_iteration[0],
             "unlearning_per_iteration": per_iteration,
             "kept_drop": means(0, last)["kept"] - means(final, last)["kept"],
-            "mask_growth": counts[-1] / max(counts[0], 1) - 1.0,
+            "mask_growth": counts[-1] / counts[0] - 1.0 if counts[0] else None,
+            "masked_tokens": counts,
         }
 
     def _map_checks(self, final: int) -> dict:
@@ -378,11 +381,19 @@ class ILTMWorkflow:
         maps = [batch["label"] > 0 for batch in loader]
         return tokens_from_map(torch.cat(maps), self.grid, self.downsample_rule, self.downsample_fraction)
 
-    def _export(self, final: int) -> None:
+    def _export(self, state: RunState, final: int) -> None:
+        """The final detector as `<output_dir>/model.pt` and `iltm#export`, once: a rerun of a finished run must not
+        replace what a later run has exported since (unless the export is gone)."""
         source = os.path.join(self.folder(final), "model.pt")
-        for target in filter(None, (os.path.join(self.output_dir, "model.pt"), self.export)):
+        targets = [t for t in (os.path.join(self.output_dir, "model.pt"), self.export) if t]
+        if state.done("export") and all(os.path.isfile(t) for t in targets):
+            logger.info(f"ILTM: final detector already exported to {self.export or self.output_dir}; left as it is")
+            return
+        for target in targets:
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
             if os.path.abspath(target) != os.path.abspath(source):
                 shutil.copyfile(source, f"{target}.tmp")
                 os.replace(f"{target}.tmp", target)
+        if not state.done("export"):
+            state.complete("export", iteration=final)
         logger.info(f"ILTM: final detector (iteration {final}) written to {self.export or self.output_dir}")

@@ -91,7 +91,14 @@ def warnings(checks: dict) -> list[str]:
                 f"only {start[name]:.1f}x as often as chance (below {LIFT:.0f}x)."
             )
     masks = checks.get("masks", {})
-    if masks.get("unlearning") is not None and masks["unlearning"] < UNLEARNING:
+    if masks.get("masked_tokens") and not any(masks["masked_tokens"]):
+        out.append(
+            "ILTM masked no training token in any pass, so every retraining saw what iteration 0 saw and ILTM cannot "
+            "change the detector here: no map of a training image fell below the mask density threshold. The paper's "
+            "remedy for a weak first iteration is a higher resampling threshold for the masks "
+            "(iltm#mask_resample_threshold)."
+        )
+    elif masks.get("unlearning") is not None and masks["unlearning"] < UNLEARNING:
         out.append(
             f"The masks do not look like anomalies: retrained without them, the Transformer lowered the masked "
             f"validation tokens' log-likelihood by only {masks['unlearning']:.2f} nats more than the kept tokens' "
@@ -141,12 +148,21 @@ def render(checks: dict) -> str:
             f"{start['mask_lift']:.1f}x as likely as chance to hit a labelled anomalous token"
         )
     masks = checks.get("masks", {})
-    if masks.get("unlearning") is not None:
+    if masks.get("masked_tokens") and not any(masks["masked_tokens"]):
+        lines.append("- Masks: no training token was masked in any pass")
+    elif masks.get("kept_drop") is not None:
+        unlearned = (
+            f"retraining without the masked tokens lowered their log-likelihood by {masks['unlearning']:.2f} nats "
+            "more than the kept tokens'"
+            if masks.get("unlearning") is not None
+            else "no validation token was masked in the first pass, so whether the retrained Transformer unlearns "
+            "masked tokens is not measured"
+        )
+        growth = masks.get("mask_growth")
         lines.append(
-            f"- Masks (unsupervised, validation): retraining without the masked tokens lowered their log-likelihood "
-            f"by {masks['unlearning']:.2f} nats more than the kept tokens'; kept tokens {-masks['kept_drop']:+.2f} "
-            f"nats from iteration 0 to the final one; masked tokens {masks['mask_growth']:+.0%} from the first pass "
-            "to the last"
+            f"- Masks (unsupervised, validation): {unlearned}; kept tokens {-masks['kept_drop']:+.2f} nats from "
+            "iteration 0 to the final one; masked training tokens "
+            + (f"{growth:+.0%} from the first pass to the last" if growth is not None else "none in the first pass")
         )
     outcome = checks.get("outcome", {})
     if outcome.get("aupro_final") is not None:

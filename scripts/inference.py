@@ -23,7 +23,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
 from scripts import distributed
-from scripts.data import DataError, load_datalist
+from scripts.data import DataError, listing, load_datalist
 from scripts.detector import segment
 from scripts.files import write_json
 from scripts.runs import file_table
@@ -55,6 +55,11 @@ def input_files(
         if not names:
             raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
         files = [{"image": os.path.join(folder, n)} for n in names]
+        deeper = sum(n.lower().endswith(IMAGE_EXTENSIONS) for sub, _, found in os.walk(folder) if sub != folder
+                     for n in found)  # fmt: skip
+        if deeper:
+            logger.warning(f"{folder}: {deeper} image file{'s' * (deeper > 1)} in subfolders not processed (only the "
+                           "folder's own files are); pass each subfolder as --folder, or a datalist")  # fmt: skip
     check_inputs(files, root or folder or dataset_dir)
     return files
 
@@ -104,10 +109,8 @@ def check_inputs(files: Sequence[dict], root: str | None) -> None:
             problems.append(f"{entry['image']}: its maps would overwrite those of {names[name]} (both <{name}>_*)")
         names.setdefault(name, str(entry["image"]))
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise DataError(
-            f"{len(problems)} of {len(files)} inputs cannot be processed; nothing was written:\n  "
-            + "\n  ".join(shown)
+            f"{len(problems)} of {len(files)} inputs cannot be processed; nothing was written:{listing(problems)}"
             + "\nRemove or replace these files (rename one of each pair with the same name), or set --input_root, and "
             "run again."
         )

@@ -67,9 +67,10 @@ def save_overlay(
         alpha=0.5,
         origin=origin,
     )
-    if label is not None and isinstance(label, torch.Tensor) and label.ndim == image.ndim and label.any():
-        axes[2].contour(_view(label > 0).astype(float), levels=[0.5], colors="lime", linewidths=0.8, origin=origin)
-    axes[2].set_title("segmentation (green: truth)", fontsize=8)
+    labelled = label is not None and isinstance(label, torch.Tensor) and label.ndim == image.ndim
+    if labelled and label.any():  # no `origin`: contour's default puts Z[i, j] at (j, i), imshow's pixel centres
+        axes[2].contour(_view(label > 0).astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+    axes[2].set_title("segmentation (green: truth)" if labelled else "segmentation", fontsize=8)
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(os.path.basename(path), fontsize=7)

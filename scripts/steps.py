@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -21,18 +22,33 @@ from scripts.files import atomic_save, write_json
 logger = logging.getLogger(__name__)
 
 
+def _checkpoints(folder: str, pattern: str = "checkpoint_*.pt") -> list[str]:
+    """Resume checkpoints in `folder`, oldest first (by the iteration in the name, then the time written)."""
+
+    def order(path: str) -> tuple[int, float]:
+        digits = re.findall(r"\d+", os.path.basename(path))
+        return int(digits[-1]) if digits else -1, os.path.getmtime(path)
+
+    return sorted(glob.glob(os.path.join(folder, pattern)), key=order)
+
+
 def latest_checkpoint(folder: str, pattern: str = "checkpoint_*.pt") -> str | None:
     """The newest resumable checkpoint in `folder`, if a killed run left one."""
-    paths = glob.glob(os.path.join(folder, pattern))
-    return max(paths, key=os.path.getmtime) if paths else None
+    paths = _checkpoints(folder, pattern)
+    return paths[-1] if paths else None
 
 
-def _keep_only(folder: str, latest: str | None) -> None:
-    """Removes the resume checkpoints an earlier (killed) process left beside the one just written."""
-    if latest:
-        for path in glob.glob(os.path.join(folder, "checkpoint_*.pt")):
-            if os.path.basename(path) != os.path.basename(latest):
-                os.remove(path)
+def _keep_latest(folder: str, keep: int = 2) -> None:
+    """Keeps the `keep` newest resume checkpoints and removes the rest, with the temporaries a killed save left.
+
+    Two, not one: ignite removes the checkpoint it replaces before writing the new one, so with one kept a kill
+    during that write would leave nothing to resume from.
+    """
+    for path in _checkpoints(folder)[:-keep]:
+        os.remove(path)
+    for path in glob.glob(os.path.join(folder, "tmp*")):  # DiskSaver's atomic temporaries: `tmp` + 8 characters
+        if re.fullmatch(r"tmp[a-z0-9_]{8}", os.path.basename(path)) and os.path.isfile(path):
+            os.remove(path)
 
 
 class RecordError(RuntimeError):
@@ -114,9 +130,9 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
         Events.EPOCH_STARTED, lambda engine: torch.manual_seed(seed * 100_003 + engine.state.epoch)
     )
     if distributed.is_main():
-        saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=1)
+        saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=None)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_only(folder, saver.last_checkpoint))
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_latest(folder))
     start = time.time()
     trainer.run()
     if distributed.is_main():

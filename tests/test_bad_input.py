@@ -180,7 +180,16 @@ def test_check_inputs_accepts_good_files(data) -> None:
 
 
 def test_resume_checkpoints_of_a_killed_process_do_not_pile_up(tmp_path) -> None:
-    for epoch in (3, 4, 5):
-        (tmp_path / f"checkpoint_{epoch}.pt").write_bytes(b"x")
-    steps._keep_only(str(tmp_path), str(tmp_path / "checkpoint_5.pt"))
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint_5.pt"]
+    for step in (
+        30,
+        40,
+        100,
+        50,
+    ):  # written in this order: the iteration in the name, not the time, says which is newest
+        (tmp_path / f"checkpoint_checkpoint_{step}.pt").write_bytes(b"x")
+    for name in ("tmpab12_xyz", "tmp_notes.txt", "model.pt"):  # a killed save's temporary; files of other kinds
+        (tmp_path / name).write_bytes(b"x")
+    steps._keep_latest(str(tmp_path))
+    kept = ["checkpoint_checkpoint_100.pt", "checkpoint_checkpoint_50.pt", "model.pt", "tmp_notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == kept
+    assert steps.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_checkpoint_100.pt")

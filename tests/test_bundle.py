@@ -171,6 +171,7 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     checks = state["checks"]  # "Can ILTM help here?": computed once, rendered into the summary
     assert {"first_stage", "masks", "map_source"} <= set(checks)
     assert len(checks["masks"]["unlearning_per_iteration"]) == 2
+    assert checks["masks"]["masked_tokens"] == [state["masks_01"]["masked_tokens"], state["masks_02"]["masked_tokens"]]
     summary = (whole / "iltm" / "summary.md").read_text()
     assert "## Can ILTM help here?" in summary and "flag_precision" in summary
     assert "on normal voxels of the same intensities" in summary
@@ -212,6 +213,15 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
         assert torch.equal(weights_a[key], weights_b[key]), key
     for a, b in zip(masks_a, masks_b):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # A rerun of the finished run retrains nothing and leaves the export alone (a later run may have exported
+    # since); only an export that is gone is written again.
+    (whole / "exported.pt").write_bytes(b"a later run's detector")
+    _pipeline(tmp_path, "whole")
+    assert (whole / "exported.pt").read_bytes() == b"a later run's detector"
+    (whole / "exported.pt").unlink()
+    _pipeline(tmp_path, "whole")
+    assert torch.equal(torch.load(whole / "exported.pt", weights_only=True)["model"][key], weights_a[key])
 
 
 def test_small_cpu_preset_for_user_data(load_preset):

@@ -1,5 +1,7 @@
 """Bad input stops before training with an error naming the file and the problem; good input of any size loads."""
 
+import contextlib
+import io
 import json
 import os
 
@@ -9,6 +11,7 @@ import pytest
 from monai.bundle import ConfigParser
 from PIL import Image
 
+from scripts import _cause_last
 from scripts.data import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,13 +50,18 @@ def _parser(tmp_path, sections, **overrides):
 
 
 def _error(parser, section="train#dataset#data"):
-    """The DataError behind MONAI's "Failed to evaluate" wrapper: what the user sees in the traceback and the log."""
+    """The DataError behind MONAI's "Failed to evaluate" wrapper, and the command line's last line, which must be it:
+    the bundle's exception hook walks the chain of causes, so that chain must end (no cycle) at or after it."""
     with pytest.raises(Exception) as info:
         parser.get_parsed_content(section)
     error = info.value
     while not isinstance(error, DataError) and error.__cause__ is not None:
         error = error.__cause__
     assert isinstance(error, DataError), info.value
+    shown = io.StringIO()
+    with contextlib.redirect_stderr(shown):
+        _cause_last(type(info.value), info.value, info.value.__traceback__, previous=lambda *args: None)
+    assert shown.getvalue().strip() == f"Cause: DataError: {error}"
     return str(error)
 
 
@@ -84,6 +92,9 @@ def test_missing_datalist_and_empty_or_absent_section(tmp_path):
     parser = _parser(tmp_path, _dataset(tmp_path))
     parser["datalist"] = str(tmp_path / "nope.json")
     assert "nope.json" in _error(parser)
+    (tmp_path / "list.yaml.json").write_text("training:\n  - image: img/training0.png\n")
+    parser["datalist"] = str(tmp_path / "list.yaml.json")
+    assert "list.yaml.json: not a valid JSON datalist" in _error(parser)
     sections = _dataset(tmp_path)
     sections["validation"] = []
     message = _error(_parser(tmp_path, sections), "validate#dataset#data")

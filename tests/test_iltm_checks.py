@@ -73,3 +73,22 @@ def test_fidelity_is_judged_against_equally_bright_normal_tissue_where_recorded(
     unfaithful = {**HEALTHY, "first_stage": {**iltm_checks.first_stage({**step, "val_l1_matched": 0.0085}, 128)}}
     (warning,) = iltm_checks.warnings(unfaithful)
     assert "4.0x its error on normal voxels of the same intensities" in warning
+
+
+def test_masks_that_hold_nothing_are_said_plainly() -> None:
+    """No training token masked in any pass: one warning that ILTM cannot change anything, not a NaN unlearning or a
+    -100 % growth; no validation token masked: the unlearning is not measured, nor warned about."""
+    empty = _with("masks", unlearning=None, unlearning_per_iteration=[None, None], mask_growth=None,
+                  masked_tokens=[0, 0])  # fmt: skip
+    (warning,) = iltm_checks.warnings(empty)
+    assert "masked no training token in any pass" in warning
+    text = iltm_checks.render(empty)
+    assert "- Masks: no training token was masked in any pass" in text and "nan" not in text.lower()
+    unmeasured = _with("masks", unlearning=None, masked_tokens=[10, 11])
+    assert iltm_checks.warnings(unmeasured) == []
+    assert "no validation token was masked in the first pass" in iltm_checks.render(unmeasured)
+    assert "+10% from the first pass" in iltm_checks.render(unmeasured)
+    late = _with("masks", unlearning=None, mask_growth=None, masked_tokens=[0, 5])
+    assert iltm_checks.warnings(late) == [] and "masked training tokens none in the first pass" in iltm_checks.render(
+        late
+    )

@@ -82,7 +82,21 @@ def test_masks_of_an_iteration_are_used_by_its_training(tmp_path, load_preset):
         assert not torch.allclose(model(probe)[:, 5:], model(altered)[:, 5:], atol=1e-4)
 
 
-def test_training_resumes_after_a_kill_with_the_same_result(tmp_path, load_preset):
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("when", ["after an epoch", "while writing a checkpoint"])
+def test_training_resumes_after_a_kill_with_the_same_result(tmp_path, load_preset, monkeypatch, when):
+    """A kill while ignite writes a checkpoint (it removes the one it replaces first) still leaves one to resume."""
+    import os
+
+    from ignite.engine import Events
+    from ignite.handlers import DiskSaver
+    from monai.engines import SupervisedTrainer
+
+    from scripts.steps import latest_checkpoint
+
     torch.manual_seed(0)
     n, length, codes = 32, 10, 5
     seq = torch.cat([torch.full((n, 1), codes), torch.randint(0, codes, (n, length))], dim=1)
@@ -95,27 +109,34 @@ def test_training_resumes_after_a_kill_with_the_same_result(tmp_path, load_prese
     stage = config_stage(load_preset, epochs=4, batch_size=8, val_interval=2, lr=1e-2)
     whole = stage("t", model(), seq, keep, seq[:4], str(tmp_path / "a" / "t"), str(tmp_path / "a"))
 
-    class Killed(Exception):
-        pass
+    with monkeypatch.context() as patch:
+        if when == "after an epoch":
+            original = SupervisedTrainer.run
 
-    from ignite.engine import Events
-    from monai.engines import SupervisedTrainer
+            def run_and_die(self, *args, **kwargs):
+                self.add_event_handler(Events.EPOCH_COMPLETED(once=3), lambda _: (_ for _ in ()).throw(Killed()))
+                return original(self, *args, **kwargs)
 
-    original = SupervisedTrainer.run
+            patch.setattr(SupervisedTrainer, "run", run_and_die)
+        else:
+            writes, write = [], DiskSaver._save_func
 
-    def run_and_die(self, *args, **kwargs):
-        self.add_event_handler(Events.EPOCH_COMPLETED(once=3), lambda _: (_ for _ in ()).throw(Killed()))
-        return original(self, *args, **kwargs)
+            def die_on_the_third(self, checkpoint, path, func):
+                writes.append(path)
+                if len(writes) < 3:
+                    return write(self, checkpoint, path, func)
+                open(os.path.join(self.dirname, "tmpk1lled_0"), "wb").close()  # the half-written temporary
+                raise Killed()
 
-    SupervisedTrainer.run = run_and_die
-    try:
+            patch.setattr(DiskSaver, "_save_func", die_on_the_third)
         with pytest.raises(Killed):
             stage("t", model(), seq, keep, seq[:4], str(tmp_path / "b" / "t"), str(tmp_path / "b"))
-    finally:
-        SupervisedTrainer.run = original
+    assert latest_checkpoint(str(tmp_path / "b" / "t")) is not None
     resumed = stage("t", model(), seq, keep, seq[:4], str(tmp_path / "b" / "t"), str(tmp_path / "b"))
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    assert not [f for f in os.listdir(tmp_path / "b" / "t") if f.startswith("tmp")]
+    assert len([f for f in os.listdir(tmp_path / "b" / "t") if f.startswith("checkpoint_")]) == 2
 
 
 class Inspect:

@@ -195,6 +195,31 @@ def test_folder_inference_needs_no_datalist(dataset: str, checkpoint: str, tmp_p
     assert not os.path.exists(unused)  # the synthetic set was not generated
 
 
+def test_inputs_that_load_badly_are_all_named_before_any_map(dataset: str, checkpoint: str, tmp_path, capsys) -> None:
+    """Problems only loading shows (channels, intensity range) stop folder inference before any map, every bad input
+    named at once; images in subfolders, which a folder run does not process, are reported."""
+    folder = tmp_path / "in"
+    (folder / "deeper").mkdir(parents=True)
+    grey = np.asarray(Image.open(os.path.join(dataset, "images", "test_0000.png")).convert("L"))
+    Image.fromarray(grey).save(folder / "good.png")
+    Image.fromarray(np.stack([grey] * 3, axis=-1)).save(folder / "colour.png")  # the detector has one channel
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "sixteen.png")  # 16-bit into an 8-bit detector
+    Image.fromarray(grey).save(folder / "deeper" / "skipped.png")
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as err:
+        bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=checkpoint, output_dir=str(out),
+                   **TINY)  # fmt: skip
+    error = err.value
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).splitlines()
+    assert lines[0] == "2 of 3 entries cannot be used:"
+    assert any("colour.png" in line and "3 channels" in line for line in lines)
+    assert any("sixteen.png" in line and "outside [0, 255]" in line for line in lines)
+    assert not [f for f in os.listdir(out / "inference") if f.endswith((".nii.gz", ".png"))]
+    assert "1 image file in subfolders not processed" in capsys.readouterr().out  # the bundle's logging.conf: stdout
+
+
 def test_killed_inference_resumes_without_remapping(dataset: str, checkpoint: str, tmp_path, monkeypatch) -> None:
     """A rerun of the same inference keeps the maps already written and maps the rest: the input whose last output
     (its overlay) is missing, and the one whose overlay a kill cut short. Other settings map every input again, even
@@ -262,3 +287,24 @@ def test_output_names_are_those_of_monai_writers(tmp_path) -> None:
         SaveImaged("image", output_dir=str(tmp_path / "out"), output_postfix="score", output_ext=".nii.gz",
                    data_root_dir=str(root), separate_folder=False, print_log=False)(item)  # fmt: skip
         assert (tmp_path / "out" / f"{expected}_score.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("spatial", [(32, 24), (16, 6, 24)])
+def test_the_overlay_outlines_the_true_mask_where_it_is(tmp_path, monkeypatch, spatial) -> None:
+    """The green outline sits on the mask's pixels in the panel's own coordinates (imshow's pixel centres)."""
+    from scripts import overlays, plots
+
+    figures = []
+    monkeypatch.setattr(overlays, "figure", lambda **kw: figures.append(plots.figure(**kw)) or figures[-1])
+    label = torch.zeros(1, *spatial)
+    label[0, 3:7, ..., 15:20] = 1  # panel columns 3-6 (first axis), rows 15-19 (last axis; a 3D view projects Y)
+    overlays.save_overlay(str(tmp_path / "o.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), 0.5, label)
+    panel = figures[0].axes[2]
+    assert panel.get_title() == "segmentation (green: truth)"
+    (outline,) = [c for c in panel.collections if hasattr(c, "get_paths") and len(c.get_paths())]
+    xy = np.concatenate([p.vertices for p in outline.get_paths()])
+    assert 2 <= xy[:, 0].min() and xy[:, 0].max() <= 7  # half a pixel outside columns 3-6
+    assert 14 <= xy[:, 1].min() and xy[:, 1].max() <= 20  # and rows 15-19
+    figures.clear()
+    overlays.save_overlay(str(tmp_path / "n.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), 0.5)
+    assert figures[0].axes[2].get_title() == "segmentation"
