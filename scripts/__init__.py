@@ -9,7 +9,7 @@ import os
 import sys
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def cause_chain(error: BaseException) -> list[BaseException]:
     """`error` and its causes, outermost first; a cause seen twice (a cyclic chain) ends the walk."""
     chain: list[BaseException] = []
     while error is not None and all(error is not seen for seen in chain):
@@ -21,7 +21,7 @@ def _chain(error: BaseException) -> list[BaseException]:
 def _cause_last(kind, error, traceback, previous=sys.excepthook) -> None:
     """The bundle's own error where there is one (it names the file or setting), else the innermost cause."""
     previous(kind, error, traceback)
-    chain = _chain(error)
+    chain = cause_chain(error)
     ours = [e for e in chain if type(e).__module__.split(".")[0] == __name__]
     cause = ours[0] if ours else chain[-1]
     if cause is not error:

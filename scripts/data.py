@@ -13,6 +13,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from tqdm import tqdm
 
+from scripts import cause_chain
+
 logger = logging.getLogger(__name__)
 PATH_KEYS = ("image", "label")
 
@@ -24,9 +26,12 @@ class DataError(ValueError):
     not have to read a traceback to learn which file is wrong.
     """
 
+    quiet = False  # set while check_data collects the problems it then logs at once
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        logger.error(message)
+        if not DataError.quiet:
+            logger.error(message)
 
 
 def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "auto") -> list[dict]:
@@ -191,24 +196,30 @@ def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checki
     every bad entry named at once rather than one per rerun.
 
     MONAI wraps a transform's exception in layers of `RuntimeError`; each problem is reported as the innermost
-    cause, a `DataError` that names the entry's files.
+    cause, named with the entry's files, and the first one's traceback is kept as the error's cause.
     """
-    problems = []
-    for entry in tqdm(entries, desc=desc, leave=False):
-        try:
-            transform(entry)
-        except Exception as e:  # noqa: BLE001 - every failure here is the input's, reported with its file
-            cause = e
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            files = ", ".join(f"{k}: {v}" for k, v in entry.items() if k in ("image", "label"))
-            problems.append(str(cause) if isinstance(cause, DataError) else f"{files}: cannot be loaded "
-                            f"({type(cause).__name__}: {cause})")  # fmt: skip
-    if len(problems) == 1:
-        raise DataError(problems[0])
-    if problems:
-        raise DataError(f"{len(problems)} of {len(entries)} entries cannot be used:{listing(problems)}")
-    return list(entries)
+    problems: list[tuple[str, BaseException]] = []
+    DataError.quiet = True
+    try:
+        for entry in tqdm(entries, desc=desc, leave=False):
+            try:
+                transform(entry)
+            except Exception as e:  # noqa: BLE001 - every failure here is the input's, reported with its file
+                cause = cause_chain(e)[-1]
+                files = ", ".join(f"{k}: {v}" for k, v in entry.items() if k in ("image", "label"))
+                why = (
+                    str(cause)
+                    if isinstance(cause, DataError)
+                    else f"{files}: cannot be loaded ({type(cause).__name__}: {cause})"
+                )
+                problems.append((why, cause))
+    finally:
+        DataError.quiet = False
+    if not problems:
+        return list(entries)
+    lines = [why for why, _ in problems]
+    message = lines[0] if len(lines) == 1 else f"{len(lines)} of {len(entries)} entries cannot be used:{listing(lines)}"
+    raise DataError(message) from problems[0][1]  # an innermost cause: no loop in the chain
 
 
 def listing(problems: Sequence[str], most: int = 20) -> str:

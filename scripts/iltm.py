@@ -386,9 +386,11 @@ class ILTMWorkflow:
         replace what a later run has exported since (unless the export is gone)."""
         source = os.path.join(self.folder(final), "model.pt")
         targets = [t for t in (os.path.join(self.output_dir, "model.pt"), self.export) if t]
-        if state.done("export") and all(os.path.isfile(t) for t in targets):
-            logger.info(f"ILTM: final detector already exported to {self.export or self.output_dir}; left as it is")
-            return
+        if state.done("export"):
+            targets = [t for t in targets if not os.path.isfile(t)]
+            if not targets:
+                logger.info(f"ILTM: final detector already exported to {self.export or self.output_dir}; left as is")
+                return
         for target in targets:
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
             if os.path.abspath(target) != os.path.abspath(source):
@@ -396,4 +398,4 @@ class ILTMWorkflow:
                 os.replace(f"{target}.tmp", target)
         if not state.done("export"):
             state.complete("export", iteration=final)
-        logger.info(f"ILTM: final detector (iteration {final}) written to {self.export or self.output_dir}")
+        logger.info(f"ILTM: final detector (iteration {final}) written to {', '.join(targets)}")

@@ -98,7 +98,7 @@ def warnings(checks: dict) -> list[str]:
             "remedy for a weak first iteration is a higher resampling threshold for the masks "
             "(iltm#mask_resample_threshold)."
         )
-    elif masks.get("unlearning") is not None and masks["unlearning"] < UNLEARNING:
+    elif _number(masks.get("unlearning")) and masks["unlearning"] < UNLEARNING:
         out.append(
             f"The masks do not look like anomalies: retrained without them, the Transformer lowered the masked "
             f"validation tokens' log-likelihood by only {masks['unlearning']:.2f} nats more than the kept tokens' "
@@ -154,7 +154,7 @@ def render(checks: dict) -> str:
         unlearned = (
             f"retraining without the masked tokens lowered their log-likelihood by {masks['unlearning']:.2f} nats "
             "more than the kept tokens'"
-            if masks.get("unlearning") is not None
+            if _number(masks.get("unlearning"))
             else "no validation token was masked in the first pass, so whether the retrained Transformer unlearns "
             "masked tokens is not measured"
         )
@@ -177,6 +177,11 @@ def render(checks: dict) -> str:
         else ["", "No warning: nothing here says ILTM cannot help."]
     )
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> bool:
+    """A measured value: runs recorded before 0.6.3 stored NaN where nothing was measured."""
+    return value is not None and not math.isnan(value)
 
 
 def _matched(stage: dict) -> str:

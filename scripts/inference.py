@@ -51,17 +51,23 @@ def input_files(
     else:
         if not os.path.isdir(folder):
             raise DataError(f"{folder}: input folder not found")
-        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
+        names = _images(folder)
         if not names:
             raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
         files = [{"image": os.path.join(folder, n)} for n in names]
-        deeper = sum(n.lower().endswith(IMAGE_EXTENSIONS) for sub, _, found in os.walk(folder) if sub != folder
-                     for n in found)  # fmt: skip
+        subs = [os.path.join(folder, sub) for sub in sorted(os.listdir(folder)) if not sub.startswith((".", "__"))]
+        deeper = [os.path.basename(sub) for sub in subs if os.path.isdir(sub) and _images(sub)]
         if deeper:
-            logger.warning(f"{folder}: {deeper} image file{'s' * (deeper > 1)} in subfolders not processed (only the "
-                           "folder's own files are); pass each subfolder as --folder, or a datalist")  # fmt: skip
+            shown = ", ".join(deeper[:5]) + (", ..." if len(deeper) > 5 else "")
+            logger.warning(f"{folder}: the images in its subfolders ({shown}) are not processed, only the folder's own; "
+                           "pass a subfolder as --folder, or a datalist")  # fmt: skip
     check_inputs(files, root or folder or dataset_dir)
     return files
+
+
+def _images(folder: str) -> list[str]:
+    """The image files directly in `folder`, sorted; hidden ones (`.DS_Store`, `._x.png`) left out."""
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
 
 
 def unreadable(path: str) -> str | None:

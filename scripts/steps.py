@@ -38,11 +38,11 @@ def latest_checkpoint(folder: str, pattern: str = "checkpoint_*.pt") -> str | No
     return paths[-1] if paths else None
 
 
-def _keep_latest(folder: str, keep: int = 2) -> None:
+def _keep_latest(folder: str, keep: int = 1) -> None:
     """Keeps the `keep` newest resume checkpoints and removes the rest, with the temporaries a killed save left.
 
-    Two, not one: ignite removes the checkpoint it replaces before writing the new one, so with one kept a kill
-    during that write would leave nothing to resume from.
+    Called after each save: ignite's own pruning (`n_saved`) removes the checkpoint it replaces before writing the
+    new one, so a kill during that write would leave nothing to resume from.
     """
     for path in _checkpoints(folder)[:-keep]:
         os.remove(path)

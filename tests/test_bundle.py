@@ -219,9 +219,10 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     (whole / "exported.pt").write_bytes(b"a later run's detector")
     _pipeline(tmp_path, "whole")
     assert (whole / "exported.pt").read_bytes() == b"a later run's detector"
-    (whole / "exported.pt").unlink()
+    (whole / "model.pt").unlink()
     _pipeline(tmp_path, "whole")
-    assert torch.equal(torch.load(whole / "exported.pt", weights_only=True)["model"][key], weights_a[key])
+    assert (whole / "exported.pt").read_bytes() == b"a later run's detector"
+    assert torch.equal(torch.load(whole / "model.pt", weights_only=True)["model"][key], weights_a[key])
 
 
 def test_small_cpu_preset_for_user_data(load_preset):

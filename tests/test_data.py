@@ -164,3 +164,29 @@ def test_only_path_fields_are_joined_with_the_dataset_dir(tmp_path):
     entry = load_datalist(str(tmp_path / "d.json"), str(tmp_path), "training")[0]
     assert entry["category"] == "x"
     assert entry["image"] == os.path.join(str(tmp_path), "img", "training0.png")
+
+
+def test_every_bad_entry_is_named_at_once_and_logged_once(tmp_path, caplog):
+    sections = _dataset(tmp_path)
+    _png(str(tmp_path / "lbl" / "small.png"), np.zeros((20, 20), np.uint8))
+    sections["training"][1]["label"] = "lbl/small.png"
+    (tmp_path / "img" / "training2.png").write_bytes(b"this is not a png")
+    with caplog.at_level("ERROR", logger="scripts.data"):
+        message = _error(_parser(tmp_path, sections))
+    lines = message.splitlines()
+    assert lines[0] == "2 of 3 entries cannot be used:"
+    assert "small.png" in lines[1] and "does not match" in lines[1] and "training2.png" in lines[2]
+    assert [r.getMessage() for r in caplog.records if r.name == "scripts.data"] == [message]
+
+
+def test_the_command_line_cause_survives_a_cyclic_chain():
+    """Any library may close a chain of causes into a loop; the exception hook still ends, with the bundle's error."""
+    inner = RuntimeError("applying transform")
+    error = DataError("x.png: has 3 channels")
+    inner.__cause__, error.__cause__ = error, inner
+    outer = RuntimeError("Failed to evaluate")
+    outer.__cause__ = inner
+    shown = io.StringIO()
+    with contextlib.redirect_stderr(shown):
+        _cause_last(RuntimeError, outer, None, previous=lambda *args: None)
+    assert shown.getvalue().strip() == "Cause: DataError: x.png: has 3 channels"

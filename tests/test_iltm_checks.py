@@ -92,3 +92,9 @@ def test_masks_that_hold_nothing_are_said_plainly() -> None:
     assert iltm_checks.warnings(late) == [] and "masked training tokens none in the first pass" in iltm_checks.render(
         late
     )
+
+
+def test_a_record_from_before_0_6_3_with_nan_unlearning_reads_as_not_measured() -> None:
+    old = _with("masks", unlearning=float("nan"), unlearning_per_iteration=[float("nan")])
+    assert iltm_checks.warnings(old) == []
+    assert "not measured" in iltm_checks.render(old) and "nan" not in iltm_checks.render(old)
