@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -333,7 +334,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="median (and min-max) of this many runs of each timing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows (and the settings) to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not cases or set(cases) - {"2d", "3d"}:
+        p.error(f"--cases {args.cases!r}: comma-separated 2d and 3d")
+    if not 0.0 < args.flag_fraction < 1.0:
+        p.error(f"--flag-fraction {args.flag_fraction}: a fraction of the tokens, strictly between 0 and 1")
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: at least 1")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its folder does not exist (checked now, not after the benchmark)")
+    args.cases = ",".join(cases)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:

@@ -6,6 +6,7 @@ Used by :mod:`scripts.prepare_mvtec` and :mod:`scripts.prepare_autopet` (Patel e
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import zlib
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from scripts.cli import as_list
+from scripts.files import write_json
 
 T = TypeVar("T")
 
@@ -31,6 +33,10 @@ def parse_ratios(value: Any) -> tuple[float, ...]:
     bad = [r for r in ratios if not 0.0 <= r <= 1.0]
     if bad:
         raise ValueError(f"anomalous ratios must be in [0, 1], got {bad}")
+    tags = [ratio_tag(r) for r in ratios]
+    same = sorted({f"{r:g}" for r, tag in zip(ratios, tags) if tags.count(tag) > 1})
+    if same:
+        raise ValueError(f"anomalous ratios {', '.join(same)} share a file name at two decimals; give them apart")
     return tuple(ratios)
 
 
@@ -87,6 +93,21 @@ def check_no_leakage(datalist: dict, name: str, key: str = "image") -> None:
         shared = sets[a] & sets[b]
         if shared:
             raise AssertionError(f"{name}: {len(shared)} {key}(s) in both {a} and {b}, e.g. {sorted(shared)[0]}")
+
+
+def record_protocol(out: str, settings: dict[str, Any]) -> None:
+    """`out/protocol.json`: the settings every datalist in `out` is drawn with. More ratios or categories may be
+    added later; another seed or split would put one preparation's test images in another's training sets beside
+    them, so it is refused."""
+    path = os.path.join(out, "protocol.json")
+    if not os.path.isfile(path):
+        write_json(path, settings)
+        return
+    with open(path) as f:
+        recorded = json.load(f)
+    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+    if differ:
+        raise LayoutError(f"{out}: holds datalists drawn with other settings ({'; '.join(differ)}); use another --out")
 
 
 def write_summary(out: str, rows: Sequence[dict], title: str) -> str:

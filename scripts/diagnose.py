@@ -66,6 +66,8 @@ def diagnose(
     parser.read_config(config_file)
     check_ids(parser, list(overrides), str(config_file))  # `--json out.json` would otherwise become a config id
     parser.update(overrides)
+    if "checkpoint" in parser:  # inference.yaml: the detector is built from the checkpoint's recorded settings,
+        parser.update({"checkpoint": checkpoint, "data_labels": "require"})  # and loads labels only when asked
     detector = parser.get_parsed_content("network_def").to(parser.get_parsed_content("device"))
     load_detector(detector, checkpoint)
     files = load_datalist(
@@ -103,9 +105,5 @@ def diagnose(
     return results
 
 
-def main(**kwargs) -> None:
-    diagnose(**kwargs)  # not returned: fire would print the results a second time
-
-
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire(diagnose, serialize=lambda results: None)  # printed already

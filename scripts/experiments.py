@@ -46,7 +46,7 @@ from typing import Any
 
 from scripts.baselines import METHODS, own_overrides
 from scripts.cli import as_list, quiet
-from scripts.contamination import parse_names, ratio_tag
+from scripts.contamination import parse_names, parse_ratios, ratio_tag
 from scripts.experiments_report import final_iteration, report
 from scripts.files import write_json
 
@@ -102,9 +102,13 @@ def run(
         eval_overrides: config overrides for evaluation only.
         in_process: run the bundle in this process (faster start, for tests) instead of a subprocess per step.
     """
+    if kind not in PRESETS:
+        raise ValueError(f"unknown kind {kind!r}; available: {', '.join(PRESETS)}")
     preset = preset or PRESETS[kind]
-    ratios = [float(r) for r in (RATIOS[kind] if ratios is None else as_list(ratios))]
+    ratios = list(parse_ratios(RATIOS[kind] if ratios is None else ratios))
     seeds = [int(s) for s in as_list(seeds)]
+    if not seeds:
+        raise ValueError('no seed given (e.g. --seeds "[0,1]")')
     chosen = list(parse_names(variants))
     chosen += ["fixed"] if fixed_threshold and "fixed" not in chosen else []
     unknown = sorted(set(chosen) - set(VARIANTS))

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,23 +47,37 @@ def final_iteration(run_dir: str) -> int:
     return max(done)
 
 
-def collect(exp_dir: str) -> list[dict]:
-    """One row per evaluated model: seed, ratio, method, variant, iteration, metrics and its training masks' quality."""
+def collect(exp_dir: str, seeds: set[int] | None = None) -> list[dict]:
+    """One row per evaluated model: seed, ratio, method, variant, iteration, metrics and its training masks' quality.
+
+    `seeds`: only these. An evaluation whose training folder is gone is left out, with a line that names it.
+    """
     rows = []
     for seed_dir in sorted(d for d in os.listdir(exp_dir) if d.startswith("seed_")) if os.path.isdir(exp_dir) else []:
+        if seeds is not None and int(seed_dir.split("_", 1)[1]) not in seeds:
+            continue
         eval_root = os.path.join(exp_dir, seed_dir, "eval")
         for tag in sorted(os.listdir(eval_root)) if os.path.isdir(eval_root) else []:
             for name in sorted(os.listdir(os.path.join(eval_root, tag))):
                 path = os.path.join(eval_root, tag, name, "metrics.json")
-                if os.path.isfile(path):
+                if not os.path.isfile(path):
+                    continue
+                try:
                     rows.append(_row(exp_dir, seed_dir, tag, name, path))
+                except FileNotFoundError as e:
+                    print(f"{path}: left out, its training run is gone ({e})", file=sys.stderr)
     order = list(LABELS)
     return sorted(rows, key=lambda r: (r["seed"], r["ratio"], order.index((r["method"], r["variant"])), r["iteration"]))
 
 
 def _row(exp_dir: str, seed_dir: str, tag: str, name: str, path: str) -> dict:
-    with open(path) as f:
-        result = json.load(f)
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path}: unreadable ({type(e).__name__}: {e}); delete it to evaluate that model again"
+        ) from None
     single = name == "vqvae_dropout" or name in METHODS  # one model: no ILTM iterations, no masks
     if single:
         variant, iteration = "", 0
@@ -187,13 +202,12 @@ def report(
     data; `out_dir` (default exp_dir) then keeps the whole folder's report beside it.
     """
     exp_dir = os.path.abspath(exp_dir)
-    rows = collect(exp_dir)
-    if seeds is not None:
-        wanted = {int(s) for s in as_list(seeds)}
+    wanted = None if seeds is None else {int(s) for s in as_list(seeds)}
+    rows = collect(exp_dir, wanted)
+    if wanted is not None:
         missing = wanted - {r["seed"] for r in rows}
         if not wanted or missing:
             raise ValueError(f"{exp_dir}: no evaluations of seed(s) {sorted(missing) or 'none given'}")
-        rows = [r for r in rows if r["seed"] in wanted]
     if not rows:
         raise FileNotFoundError(f"{exp_dir}: no evaluations yet (seed_S/eval/<ratio>/<model>/metrics.json)")
     out = os.path.abspath(out_dir) if out_dir else exp_dir

@@ -210,6 +210,22 @@ class AnomalyInferer(Inferer):
         return out
 
 
+class ShiftScored(MapTransform):
+    """Adds `by` to a map. Around `Invertd`, which fills with 0 what the network did not see (a crop's margin, the
+    air CropForegroundd removes), the detector's score is shifted so that 0 is its most normal value, -log of the
+    largest density a KDE can give, and shifted back after: the margin then reads as normal, not as a score of 0."""
+
+    def __init__(self, keys: KeysCollection, by: float) -> None:
+        super().__init__(keys)
+        self.by = float(by)
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key] + self.by  # a MetaTensor keeps its metadata and applied operations
+        return d
+
+
 class AnomalyOutputd(MapTransform):
     """The score map on the input's grid becomes `score_map`, its label map `segmentation` (uint8, 1 = anomaly), and
     `pred` one of them: MONAI Label and viewers write `pred` with the input's format (a PNG cannot hold floats) and

@@ -49,6 +49,7 @@ from scripts.contamination import (
     parse_names,
     parse_ratios,
     ratio_tag,
+    record_protocol,
     rng,
     write_summary,
 )
@@ -141,11 +142,18 @@ def check_files(root: str, folders: Sequence[str], required: Sequence[str]) -> N
 
 
 def count_lesion_voxels(path: str) -> int:
-    """Non-zero voxels of a segmentation, from its data array (the header says nothing about emptiness)."""
+    """Non-zero voxels of a segmentation, from its data array (the header says nothing about emptiness), after
+    checking that it has the shape of the study's SUV (its header only), which it labels."""
     try:
-        return int(np.count_nonzero(np.asanyarray(nib.load(path).dataobj)))
+        seg = nib.load(path)
+        image = os.path.join(os.path.dirname(path), "SUV.nii.gz")
+        shape = nib.load(image).shape if os.path.isfile(image) else seg.shape
+        count = int(np.count_nonzero(np.asanyarray(seg.dataobj)))
     except Exception as e:  # noqa: BLE001 - any read failure is this file's
         raise LayoutError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from e
+    if seg.shape != shape:
+        raise LayoutError(f"{path}: shape {seg.shape} differs from SUV.nii.gz's {shape}, the image it labels")
+    return count
 
 
 def read_status(root: str, out: str, folders: Sequence[str], workers: int) -> dict[str, int]:
@@ -289,6 +297,10 @@ def main(
     folders = [f"{s}/{name}" for s, names in used.items() for name in names]
     check_files(root, folders, required)
     os.makedirs(out, exist_ok=True)
+    counts = {"n_train": int(n_train), "n_val": int(n_val), "val_anomalous": int(val_anomalous),
+              "n_test": int(n_test), "test_anomalous": int(test_anomalous)}  # fmt: skip
+    record_protocol(out, {"dataset": "autopet", "root": root, "seed": seed, **counts, "study": study,
+                          "all_training_studies": bool(all_training_studies), "oversample": bool(oversample)})  # fmt: skip
     voxels = read_status(root, out, folders, workers)
     chosen = [Study(s, name, voxels[f"{s}/{name}"]) for s, name in chosen_names.items()]
     validation, test = split_subjects(chosen, int(n_val), int(val_anomalous), int(n_test), int(test_anomalous), seed)

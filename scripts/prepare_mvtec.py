@@ -40,6 +40,7 @@ from scripts.contamination import (
     parse_names,
     parse_ratios,
     ratio_tag,
+    record_protocol,
     rng,
     write_summary,
 )
@@ -401,6 +402,8 @@ def main(
         "n_test": int(n_test),
         "test_anomalous": int(test_anomalous),
     }
+    record_protocol(out, {"dataset": "mvtec", "root": root, "seed": int(seed), **splits, "train_size": train_size,
+                          "oversample": bool(oversample), "copy": bool(copy), "size": int(size) if copy else None})  # fmt: skip
     rows = []
     for name in names:
         rows += prepare_category(root, out, name, ratios, int(seed), splits, writer, train_size, bool(oversample))

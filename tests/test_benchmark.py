@@ -23,3 +23,16 @@ def test_benchmark_reports_every_stage(tmp_path, single_thread) -> None:
         assert row["cached_tokens"] <= row["naive_tokens"]
         assert row["cached_tokens_per_s"] == pytest.approx(row["cached_tokens"] / row["cached_s"])
     assert (tmp_path / "b.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [(["--cases", "4d"], "--cases '4d'"), (["--cases", ""], "--cases ''"), (["--flag-fraction", "0"], "strictly"),
+     (["--repeats", "0"], "at least 1"), (["--json", "/no/such/folder/b.json"], "its folder does not exist")],
+)  # fmt: skip
+def test_bad_arguments_stop_before_any_timing(argv, says, capsys) -> None:
+    from scripts.benchmark import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert says in capsys.readouterr().err

@@ -187,6 +187,11 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
         assert stage[name] == pytest.approx(validated[f"val_{name}"], rel=1e-4), name
     assert stage["l1_ratio_matched"] == pytest.approx(stage["l1_anomaly"] / stage["l1_matched"])
     assert found["full"]["masks_any"]["masked"] >= 0 and 0 <= found["full"]["aupro"] <= 1
+    # inference.yaml alone: the checkpoint given to diagnose is the one whose recorded settings build the detector
+    data = str(tmp_path / "data")
+    again = diagnose(_config("inference.yaml"), str(whole / "iltm" / "iter_00" / "model.pt"), section="validation",
+                     bundle_root=ROOT, dataset_dir=data, datalist=os.path.join(data, "datalist.json"))  # fmt: skip
+    assert again["first_stage"] == pytest.approx(stage, rel=1e-5)
 
     # Kill the same run in the middle of ILTM iteration 1's mask generation, then rerun the same command.
     from scripts import iltm

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -106,7 +107,7 @@ def test_evaluations_cover_ablation_baseline_final_and_variants(tmp_path) -> Non
     assert every == ["iter_00", "iter_01", "iter_02"]
 
 
-def test_report_tables_and_figures_with_seeds(tmp_path) -> None:
+def test_report_tables_and_figures_with_seeds(tmp_path, capsys) -> None:
     exp = str(tmp_path)
     for seed in (0, 1):
         for ratio, final in ((0.0, 1), (0.8, 2)):
@@ -155,6 +156,17 @@ def test_report_tables_and_figures_with_seeds(tmp_path) -> None:
         assert {row["seed"] for row in csv.DictReader(f)} == {"0", "1"}
     for name in ("figure3.png", "figure4.png"):
         assert os.path.getsize(os.path.join(exp, "seeds01", name)) > 0
+    # an evaluation whose training folder is gone is left out, and named; other seeds' folders are not even read
+    shutil.rmtree(os.path.join(exp, "seed_2", "runs"))
+    experiments.report(exp, seeds="[0,1]", out_dir=os.path.join(exp, "seeds01"))
+    assert capsys.readouterr().err == ""
+    rows = experiments.report(exp)
+    assert {r["seed"] for r in rows} == {0, 1}
+    assert "seed_2/eval/r0.80/iter_00/metrics.json: left out, its training run is gone" in capsys.readouterr().err
+    with open(os.path.join(exp, "seed_1", "eval", "r0.80", "iter_01", "metrics.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(ValueError, match="r0.80/iter_01/metrics.json: unreadable"):
+        experiments.report(exp)
     with pytest.raises(ValueError, match=r"seed\(s\) \[7\]"):
         experiments.report(exp, seeds=[7], out_dir=os.path.join(exp, "none"))
     with pytest.raises(ValueError, match="none given"):
@@ -228,6 +240,17 @@ def test_training_only_overrides_reach_training_only(tmp_path, monkeypatch) -> N
     assert "iltm#mask_resample_threshold" not in args and "transformer#epochs" not in args
     configs = [os.path.join(ROOT, c) for c in ("configs/inference.yaml", "configs/demo.yaml", "configs/evaluate.yaml")]
     assert unknown_ids(configs, ["iltm#mask_resample_threshold"])  # what the evaluation would have refused
+
+
+@pytest.mark.parametrize(
+    "arguments, says",
+    [({"kind": "4d"}, "unknown kind '4d'; available: 2d, 3d"), ({"seeds": "[]"}, "no seed given"),
+     ({"ratios": "[1.5]"}, r"must be in \[0, 1\], got \[1.5\]"), ({"ratios": "[0.333,0.334]"}, "share a file name")],
+)  # fmt: skip
+def test_bad_arguments_stop_the_sweep_before_anything_is_written(tmp_path, arguments, says) -> None:
+    with pytest.raises(ValueError, match=says):
+        experiments.run(exp_dir=str(tmp_path / "exp"), **arguments)
+    assert not (tmp_path / "exp").exists()
 
 
 def test_a_rerun_with_other_settings_is_refused(tmp_path) -> None:

@@ -12,6 +12,7 @@ transposes `pred`, casts it and writes it with ITK in the input's file format. T
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -192,6 +193,16 @@ def test_pet_preprocessing_of_the_training_preset_is_served_too(tmp_path) -> Non
                                                                     "ResizeWithPadOrCropd"]  # fmt: skip
     seg = serve_volume(bundle, tmp_path, (30, 28, 60), seed=1)
     assert seg.shape == (30, 28, 60) and set(np.unique(seg)) <= {0, 1}
+
+    # The air the foreground crop removed comes back as the most normal score, not as Invertd's fill value 0.
+    body = np.zeros((30, 28, 60), np.float32)
+    body[8:22, 8:20, 10:50] = np.random.default_rng(2).uniform(1, 15, (14, 12, 40))
+    nib.save(nib.Nifti1Image(body, np.diag([4, 4, 4, 1])), str(tmp_path / "body.nii.gz"))
+    result, answer, _ = serve(bundle, str(tmp_path / "body.nii.gz"), anomaly_output="score", result_extension=".nii.gz")
+    score = np.asarray(nib.load(result).dataobj)
+    floor = math.log(0.05 * math.sqrt(2 * math.pi))  # -log of the largest density, ε = 0.05 (autoPET's units)
+    assert score[:4].max() == pytest.approx(floor, abs=1e-4) and score.min() == pytest.approx(floor, abs=1e-4)
+    assert answer["image_score"] == pytest.approx(float(score.max()), rel=1e-5)
 
 
 def test_metadata_and_configs_agree_with_what_is_served() -> None:

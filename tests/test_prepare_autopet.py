@@ -168,8 +168,14 @@ def test_same_seed_same_bytes_and_seg_read_once(autopet, tmp_path, monkeypatch):
             lambda r: open(f"{r}/PETCT_05bb5e/06-15-2014-NA-PET-CT Ganzkoerper-5/SEG.nii.gz", "w").write("x"),
             "SEG.nii.gz: cannot be read as NIfTI",
         ),
+        (
+            lambda r: _nii(
+                f"{r}/PETCT_06bb6e/07-16-2014-NA-PET-CT Ganzkoerper-6/SEG.nii.gz", np.zeros((6, 7, 9), np.uint8)
+            ),
+            r"SEG.nii.gz: shape \(6, 7, 9\) differs from SUV.nii.gz's",
+        ),
     ],
-    ids=["no SEG", "no CTres", "subject without study", "broken SEG"],
+    ids=["no SEG", "no CTres", "subject without study", "broken SEG", "SEG of another shape"],
 )
 def test_clear_errors_for_partial_folders(autopet, tmp_path, damage, message):
     damage(autopet)

@@ -133,9 +133,13 @@ def test_same_seed_same_bytes_other_seed_other_split(mvtec, tmp_path):
     first = {f: (tmp_path / "a" / f).read_bytes() for f in os.listdir(tmp_path / "a") if f.endswith((".json", ".csv"))}
     _run(mvtec, tmp_path / "a", seed=3)
     _run(mvtec, tmp_path / "c", seed=4)
-    assert len(first) == 9 and all((tmp_path / "a" / f).read_bytes() == b for f, b in first.items())
+    assert len(first) == 10 and all((tmp_path / "a" / f).read_bytes() == b for f, b in first.items())
     assert _load(tmp_path / "a", "bottle", 0.4)["test"] != _load(tmp_path / "c", "bottle", 0.4)["test"]
     assert _load(tmp_path / "a", "bottle", 0.4)["test"] == _load(tmp_path / "a", "bottle", 0.8)["test"]
+    # another seed beside them would train on this folder's test images: refused; more ratios are not
+    with pytest.raises(LayoutError, match="other settings .seed: 3 there, 4 now.; use another --out"):
+        _run(mvtec, tmp_path / "a", seed=4)
+    _run(mvtec, tmp_path / "a", seed=3, ratios="0.6")
 
 
 def test_copy_resizes_into_the_output_folder(mvtec, tmp_path):
@@ -181,6 +185,8 @@ def test_missing_root_and_categories(tmp_path, mvtec):
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         parse_ratios("0,1.5")
     assert parse_ratios("0.4,0,0.2") == parse_ratios((0, 0.2, 0.4)) == parse_ratios("[0.2, 0.4, 0]") == (0, 0.2, 0.4)
+    with pytest.raises(ValueError, match="0.333, 0.334 share a file name"):  # both would be written as r0.33
+        parse_ratios("0.333,0.334")
 
 
 def test_command_line(mvtec, tmp_path):

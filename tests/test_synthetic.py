@@ -312,5 +312,20 @@ def test_mask_recall_groups_training_images_by_their_anomalies(tmp_path) -> None
         mask_recall(str(run), data, iteration=4)
     os.makedirs(tmp_path / "plain" / "iltm" / "iter_00")
     (tmp_path / "plain" / "iltm" / "iter_00" / "model.pt").write_text("iteration 0 only")
-    with pytest.raises(ValueError, match="iteration 0, trained without masks"):
+    with pytest.raises(ValueError, match="the final model is iteration 0, which ILTM computes no masks for"):
         mask_recall(str(tmp_path / "plain"), data)
+    with pytest.raises(ValueError, match="^.*run: iteration 0, which"):
+        mask_recall(str(run), data, iteration=0)
+    # the run's record names its training files: another ratio's folder, with the same file names, is refused
+    with open(os.path.join(data, "datalist.json")) as f:
+        trained = [{"image": os.path.join("/elsewhere/data", e["image"])} for e in json.load(f)["training"]]
+    sizes = {
+        e["image"]: [os.path.getsize(os.path.join(data, e["image"][len("/elsewhere/data/") :])), 0] for e in trained
+    }
+    (run / "run.json").write_text(json.dumps({"training": sizes}))
+    assert mask_recall(str(run), data)[some] == report[some]
+    other = str(tmp_path / "other")
+    syn.make_2d(other, **{**TINY_2D, "n_train": 12, "seed": 5}, anomalous_fraction=0.75, recurrence=1.0, n_prototypes=2,
+                preview=False)  # fmt: skip
+    with pytest.raises(ValueError, match="not a training image of .*; pass the run's own dataset folder"):
+        mask_recall(str(run), other)

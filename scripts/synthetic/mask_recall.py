@@ -35,11 +35,30 @@ def _masks_file(run_dir: str, iteration: int | None) -> str:
     early has written the masks of one more iteration, never trained)."""
     k = final_iteration(run_dir) if iteration is None else int(iteration)
     if k < 1:
-        raise ValueError(f"{run_dir}: the final model is ILTM iteration 0, trained without masks")
+        raise ValueError(
+            f"{run_dir}: {'the final model is ' * (iteration is None)}iteration 0, which ILTM computes no masks for "
+            "(it trains on every token, or on the masks a run was given with iltm#initial_masks)"
+        )
     path = os.path.join(run_dir, "iltm", f"iter_{k:02d}", "token_masks.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no token masks for ILTM iteration {k} in this run")
     return path
+
+
+def _check_same_images(run_dir: str, data_dir: str, images: list[str]) -> None:
+    """The run's record (`run.json`: each training file's size) must know these images, at these sizes: another
+    ratio's or seed's folder has the same file names but other images."""
+    record = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(record):
+        return
+    with open(record) as f:
+        sizes = {path.replace(os.sep, "/"): stamp[0] for path, stamp in json.load(f).get("training", {}).items()}
+    for image in images:
+        known = [size for path, size in sizes.items() if path.endswith("/" + image)]
+        size = os.path.getsize(os.path.join(data_dir, image))
+        if known != [size]:
+            raise ValueError(f"{os.path.join(data_dir, image)}: not a training image of {run_dir} ({record} records "
+                             f"{known or 'no such file'}, this one has {size} bytes); pass the run's own dataset folder")  # fmt: skip
 
 
 def mask_recall(run_dir: str, data_dir: str, iteration: int | None = None) -> dict[str, dict]:
@@ -55,6 +74,9 @@ def mask_recall(run_dir: str, data_dir: str, iteration: int | None = None) -> di
         raise FileNotFoundError(f"{listing}: not found; mask_recall needs a dataset made by scripts.synthetic")
     with open(listing) as f:
         entries = json.load(f)["training"]
+    if not entries:
+        raise ValueError(f"{listing}: no training images; pass the dataset folder the run trained on")
+    _check_same_images(run_dir, data_dir, [e["image"] for e in entries])
     with open(os.path.join(data_dir, "datalist.json")) as f:
         labels = {e["image"]: e["label"] for e in json.load(f)["training"]}
     stored = load_checkpoint(path)
