@@ -105,6 +105,8 @@ def run(
     if kind not in PRESETS:
         raise ValueError(f"unknown kind {kind!r}; available: {', '.join(PRESETS)}")
     preset = preset or PRESETS[kind]
+    if os.path.abspath(_path(preset)).startswith(BUNDLE_ROOT + os.sep):  # one name for one file in experiment.json
+        preset = os.path.relpath(os.path.abspath(_path(preset)), BUNDLE_ROOT).replace(os.sep, "/")
     ratios = list(parse_ratios(RATIOS[kind] if ratios is None else ratios))
     seeds = [int(s) for s in as_list(seeds)]
     if not seeds:
@@ -315,11 +317,14 @@ def _record(exp_dir: str, params: dict) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             recorded = json.load(f)
-        changed = [
-            f"{k}={params.get(k)!r} (recorded {recorded.get(k)!r})"
-            for k in RECORDED
-            if recorded.get(k) != params.get(k)
-        ]
+        changed = []
+        for k in (k for k in RECORDED if recorded.get(k) != params.get(k)):
+            now, then = params.get(k), recorded.get(k)
+            if isinstance(now, dict) and isinstance(then, dict):  # overrides: the ids that differ, not both dicts
+                changed += [f"{k}[{i!r}]={now.get(i, '(unset)')!r} (recorded {then.get(i, '(unset)')!r})"
+                            for i in sorted({*now, *then}) if now.get(i) != then.get(i)]  # fmt: skip
+            else:
+                changed.append(f"{k}={now!r} (recorded {then!r})")
         if changed:
             raise ValueError(
                 f"{exp_dir} holds an experiment with other settings: {', '.join(changed)}; use another exp_dir"

@@ -258,6 +258,10 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path) -> None:
     experiments._record(str(tmp_path), {"preset": "configs/demo.yaml", "n_test": 4})
     with pytest.raises(ValueError, match="n_test"):
         experiments._record(str(tmp_path), {"preset": "configs/demo.yaml", "n_test": 8})
+    other = tmp_path / "other"
+    experiments._record(str(other), {"overrides": {"vqvae#epochs": 2, "seed": 1}})
+    with pytest.raises(ValueError, match=r"overrides\['vqvae#epochs'\]=3 \(recorded 2\); use another exp_dir"):
+        experiments._record(str(other), {"overrides": {"vqvae#epochs": 3, "seed": 1}})
 
 
 def test_end_to_end_tiny_and_resumable(tmp_path) -> None:
