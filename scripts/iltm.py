@@ -196,7 +196,9 @@ class ILTMWorkflow:
         report = write_report(self.output_dir, state, final, self.train_files, self.transform, truth, self.grid, checks)
         params = {"final_iteration": final, "thresholds": ", ".join(f"{t:.3g}" for t in self.thresholds[:final]),
                   "downsample_rule": self.downsample_rule, "training_images": len(self.train_files)}  # fmt: skip
-        tracking.log_table(self.tracking, os.path.join(self.output_dir, "iltm"), params)
+        if self.tracking and not state.done("tracking"):  # once: a rerun of the finished run logs nothing again
+            tracking.log_table(self.tracking, os.path.join(self.output_dir, "iltm"), params)
+            state.complete("tracking", experiment=self.tracking["experiment_name"])
         return report
 
     def _tokens(self, files: Sequence[dict], path: str) -> torch.Tensor:
@@ -240,8 +242,9 @@ class ILTMWorkflow:
             info["wall_time_s"] = round(time.time() - start, 1)
             info["seconds_per_image"] = round(info["wall_time_s"] / len(self.train_files), 3)
             state.complete(step, **info)
+        distributed.barrier()  # every rank has read the chunks before they go
+        if distributed.is_main():
             shutil.rmtree(chunks, ignore_errors=True)
-        distributed.barrier()
         return suspect
 
     def _sharded_pass(

@@ -102,12 +102,7 @@ def write_report(
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    with SummaryWriter(os.path.join(folder, "tensorboard")) as board:
-        for row in rows:
-            for name in ("masked_tokens", "masked_pct", "precision", "recall", "flag_precision", "flag_recall",
-                         "threshold", "val_loglik"):  # fmt: skip
-                if not math.isnan(float(row[name])):
-                    board.add_scalar(f"iltm/{name}", float(row[name]), row["iteration"])
+    _log_scalars(rows, os.path.join(folder, "tensorboard"))
     _plot_progress(rows, os.path.join(folder, "progress.png"))
     masks = [
         load_token_masks(os.path.join(folder, f"iter_{r['iteration']:02d}", "token_masks.pt"), files, grid)
@@ -116,6 +111,18 @@ def write_report(
     _plot_panel(files, transform, truth, masks, os.path.join(folder, "mask_panel.png"), panel_images)
     return {"final_iteration": final, "iterations": rows, "checks": checks,
             "warnings": iltm_checks.warnings(checks) if checks is not None else []}  # fmt: skip
+
+
+def _log_scalars(rows: Sequence[dict], folder: str) -> None:
+    """The table's columns as TensorBoard scalars per iteration, once: a rerun of the finished run adds no copy."""
+    if os.path.isdir(folder) and any(name.startswith("events.out.tfevents") for name in os.listdir(folder)):
+        return
+    with SummaryWriter(folder) as board:
+        for row in rows:
+            for name in ("masked_tokens", "masked_pct", "precision", "recall", "flag_precision", "flag_recall",
+                         "threshold", "val_loglik"):  # fmt: skip
+                if not math.isnan(float(row[name])):
+                    board.add_scalar(f"iltm/{name}", float(row[name]), row["iteration"])
 
 
 def _plot_progress(rows: Sequence[dict], path: str) -> None:

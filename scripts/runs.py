@@ -105,7 +105,7 @@ class RunGuard:
         }
         self.path = os.path.join(output_dir, "run.json")
         self.lock = os.path.join(output_dir, "run.lock")
-        self.started = False
+        self.started = self.moved = False
 
     def start(self) -> None:
         """Checks and records the run, and takes the lock: rank 0's work under torchrun, the others wait for it."""
@@ -115,12 +115,14 @@ class RunGuard:
         self.started = True
 
     def _start(self) -> None:
-        if self.overwrite and os.path.isdir(self.output_dir) and os.listdir(self.output_dir):
+        # once per command: `training` starts the guard for each stage, and the second must keep the first's work
+        if self.overwrite and not self.moved and os.path.isdir(self.output_dir) and os.listdir(self.output_dir):
             self._acquire()  # nobody else may be writing into what is moved
             os.remove(self.lock)
             aside = f"{self.output_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             os.replace(self.output_dir, aside)
             logger.warning(f"{self.output_dir}: the previous run was moved to {aside} (--overwrite True)")
+        self.moved = True
         try:
             os.makedirs(self.output_dir, exist_ok=True)
             self._acquire()

@@ -86,9 +86,15 @@ def test_resume_keeps_the_record_and_overwrite_moves_the_run_aside(tmp_path, dat
     guard(out, data, epochs=5, resume=True).start()
     with open(os.path.join(out, "run.json")) as f:
         assert json.load(f)["settings"]["vqvae#epochs"] == 100  # what the completed steps were made with
-    guard(out, data, epochs=5, overwrite=True).start()
+    fresh = guard(out, data, epochs=5, overwrite=True)
+    fresh.start()
     aside = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
     assert len(aside) == 1 and os.path.isfile(tmp_path / aside[0] / "state.json")
+    fresh.finish()  # `training`: the VQ-VAE stage finishes, the ILTM stage starts the same guard again
+    open(os.path.join(out, "new_vqvae.pt"), "w").close()
+    fresh.start()
+    assert len([p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]) == 1
+    assert os.path.isfile(os.path.join(out, "new_vqvae.pt"))
     with open(os.path.join(out, "run.json")) as f:
         assert json.load(f)["settings"]["vqvae#epochs"] == 5
     with pytest.raises(ValueError, match="exclude each other"):

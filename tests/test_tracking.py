@@ -45,6 +45,11 @@ def test_training_and_evaluation_are_tracked_locally(tmp_path, single_thread) ->
     steps = client.get_metric_history(table.info.run_id, "masked_tokens")
     assert [m.step for m in steps] == [0, 1] and table.data.params["final_iteration"] == "1"
     assert {"summary.csv", "summary.md", "progress.png"} <= {a.path for a in client.list_artifacts(table.info.run_id)}
+    # a rerun of the finished run trains nothing and logs nothing again: no second table, no second copy of scalars
+    run("training", config_file=configs, tracking="mlflow", **common, **TINY)
+    again = client.search_runs([runs["iltm"].info.experiment_id])
+    assert sorted(r.info.run_name for r in again) == sorted(runs)
+    assert len(os.listdir(os.path.join(out, "iltm", "tensorboard"))) == 1
 
     evaluation = str(tmp_path / "eval")
     configs = [os.path.join(ROOT, "configs", f) for f in ("inference.yaml", "demo.yaml", "evaluate.yaml")]
