@@ -95,23 +95,24 @@ def check_no_leakage(datalist: dict, name: str, key: str = "image") -> None:
             raise AssertionError(f"{name}: {len(shared)} {key}(s) in both {a} and {b}, e.g. {sorted(shared)[0]}")
 
 
-def record_protocol(out: str, settings: dict[str, Any]) -> None:
-    """`out/protocol.json`: the settings every datalist in `out` is drawn with. More ratios or categories may be
-    added later; another seed or split would put one preparation's test images in another's training sets beside
-    them, so it is refused."""
+def check_protocol(out: str, protocol: dict[str, Any]) -> None:
+    """The evaluation draw (seed, split sizes) of the datalists already in `out` (`protocol.json`, written with the
+    summary) must be this run's: another would put one preparation's test images in another's training sets beside
+    them. More ratios or categories, or other training-pool options, may be added later."""
     path = os.path.join(out, "protocol.json")
     if not os.path.isfile(path):
-        write_json(path, settings)
         return
     with open(path) as f:
         recorded = json.load(f)
-    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in protocol.items() if recorded.get(k) != v]
     if differ:
         raise LayoutError(f"{out}: holds datalists drawn with other settings ({'; '.join(differ)}); use another --out")
 
 
-def write_summary(out: str, rows: Sequence[dict], title: str) -> str:
-    """Writes `summary.csv` and `summary.md` in `out`; returns the Markdown table (for printing)."""
+def write_summary(out: str, rows: Sequence[dict], title: str, protocol: dict[str, Any]) -> str:
+    """Writes `summary.csv`, `summary.md` and the evaluation draw `protocol.json` (see :func:`check_protocol`) in
+    `out`, once the datalists are written; returns the Markdown table (for printing)."""
+    write_json(os.path.join(out, "protocol.json"), protocol)
     columns = list(rows[0])
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

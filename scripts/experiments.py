@@ -104,9 +104,7 @@ def run(
     """
     if kind not in PRESETS:
         raise ValueError(f"unknown kind {kind!r}; available: {', '.join(PRESETS)}")
-    preset = preset or PRESETS[kind]
-    if os.path.abspath(_path(preset)).startswith(BUNDLE_ROOT + os.sep):  # one name for one file in experiment.json
-        preset = os.path.relpath(os.path.abspath(_path(preset)), BUNDLE_ROOT).replace(os.sep, "/")
+    preset = _preset_name(preset or PRESETS[kind])
     ratios = list(parse_ratios(RATIOS[kind] if ratios is None else ratios))
     seeds = [int(s) for s in as_list(seeds)]
     if not seeds:
@@ -317,6 +315,8 @@ def _record(exp_dir: str, params: dict) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             recorded = json.load(f)
+        if isinstance(recorded.get("preset"), str):  # recorded before 0.6.3 as given: absolute, "./configs/..."
+            recorded["preset"] = _preset_name(recorded["preset"])
         changed = []
         for k in (k for k in RECORDED if recorded.get(k) != params.get(k)):
             now, then = params.get(k), recorded.get(k)
@@ -331,6 +331,12 @@ def _record(exp_dir: str, params: dict) -> None:
             )
         return
     write_json(path, params)
+
+
+def _preset_name(preset: str) -> str:
+    """One name for one preset file in experiment.json: relative to the bundle when it lies inside it."""
+    path = os.path.abspath(_path(preset))
+    return os.path.relpath(path, BUNDLE_ROOT).replace(os.sep, "/") if path.startswith(BUNDLE_ROOT + os.sep) else preset
 
 
 def _log(exp_dir: str, output_dir: str) -> str:

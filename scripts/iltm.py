@@ -196,9 +196,10 @@ class ILTMWorkflow:
         report = write_report(self.output_dir, state, final, self.train_files, self.transform, truth, self.grid, checks)
         params = {"final_iteration": final, "thresholds": ", ".join(f"{t:.3g}" for t in self.thresholds[:final]),
                   "downsample_rule": self.downsample_rule, "training_images": len(self.train_files)}  # fmt: skip
-        if self.tracking and not state.done("tracking"):  # once: a rerun of the finished run logs nothing again
+        logged = f"tracking_{final:02d}"  # once per final iteration: a rerun of the finished run logs nothing again
+        if self.tracking and not state.done(logged):
             tracking.log_table(self.tracking, os.path.join(self.output_dir, "iltm"), params)
-            state.complete("tracking", experiment=self.tracking["experiment_name"])
+            state.complete(logged, experiment=self.tracking["experiment_name"])
         return report
 
     def _tokens(self, files: Sequence[dict], path: str) -> torch.Tensor:
@@ -387,9 +388,12 @@ class ILTMWorkflow:
     def _export(self, state: RunState, final: int) -> None:
         """The final detector as `<output_dir>/model.pt` and `iltm#export`, once: a rerun of a finished run must not
         replace what a later run has exported since (unless the export is gone)."""
-        source = os.path.join(self.folder(final), "model.pt")
+        source, step = (
+            os.path.join(self.folder(final), "model.pt"),
+            f"export_{final:02d}",
+        )  # a longer run: exported anew
         targets = [t for t in (os.path.join(self.output_dir, "model.pt"), self.export) if t]
-        if state.done("export"):
+        if state.done(step):
             targets = [t for t in targets if not os.path.isfile(t)]
             if not targets:
                 logger.info(f"ILTM: final detector already exported to {self.export or self.output_dir}; left as is")
@@ -399,6 +403,6 @@ class ILTMWorkflow:
             if os.path.abspath(target) != os.path.abspath(source):
                 shutil.copyfile(source, f"{target}.tmp")
                 os.replace(f"{target}.tmp", target)
-        if not state.done("export"):
-            state.complete("export", iteration=final)
+        if not state.done(step):
+            state.complete(step)
         logger.info(f"ILTM: final detector (iteration {final}) written to {', '.join(targets)}")

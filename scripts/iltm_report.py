@@ -102,7 +102,7 @@ def write_report(
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    _log_scalars(rows, os.path.join(folder, "tensorboard"))
+    _log_scalars(state, rows, os.path.join(folder, "tensorboard"))
     _plot_progress(rows, os.path.join(folder, "progress.png"))
     masks = [
         load_token_masks(os.path.join(folder, f"iter_{r['iteration']:02d}", "token_masks.pt"), files, grid)
@@ -113,16 +113,20 @@ def write_report(
             "warnings": iltm_checks.warnings(checks) if checks is not None else []}  # fmt: skip
 
 
-def _log_scalars(rows: Sequence[dict], folder: str) -> None:
-    """The table's columns as TensorBoard scalars per iteration, once: a rerun of the finished run adds no copy."""
-    if os.path.isdir(folder) and any(name.startswith("events.out.tfevents") for name in os.listdir(folder)):
+def _log_scalars(state: RunState, rows: Sequence[dict], folder: str) -> None:
+    """The table's columns as TensorBoard scalars per iteration, each iteration once (`state.json` step
+    ``scalars_KK``: logged up to iteration K): a rerun of the finished run adds no copy, a longer run its new rows."""
+    done = [int(step.split("_")[1]) for step in state.steps if step.startswith("scalars_")]
+    new = [row for row in rows if row["iteration"] > max(done, default=-1)]
+    if not new:
         return
     with SummaryWriter(folder) as board:
-        for row in rows:
+        for row in new:
             for name in ("masked_tokens", "masked_pct", "precision", "recall", "flag_precision", "flag_recall",
                          "threshold", "val_loglik"):  # fmt: skip
                 if not math.isnan(float(row[name])):
                     board.add_scalar(f"iltm/{name}", float(row[name]), row["iteration"])
+    state.complete(f"scalars_{new[-1]['iteration']:02d}")
 
 
 def _plot_progress(rows: Sequence[dict], path: str) -> None:

@@ -44,12 +44,12 @@ from tqdm import tqdm
 from scripts.contamination import (
     LayoutError,
     check_no_leakage,
+    check_protocol,
     count_at_ratio,
     draw,
     parse_names,
     parse_ratios,
     ratio_tag,
-    record_protocol,
     rng,
     write_summary,
 )
@@ -297,10 +297,9 @@ def main(
     folders = [f"{s}/{name}" for s, names in used.items() for name in names]
     check_files(root, folders, required)
     os.makedirs(out, exist_ok=True)
-    counts = {"n_train": int(n_train), "n_val": int(n_val), "val_anomalous": int(val_anomalous),
-              "n_test": int(n_test), "test_anomalous": int(test_anomalous)}  # fmt: skip
-    record_protocol(out, {"dataset": "autopet", "root": root, "seed": seed, **counts, "study": study,
-                          "all_training_studies": bool(all_training_studies), "oversample": bool(oversample)})  # fmt: skip
+    protocol = {"dataset": "autopet", "seed": seed, "n_val": int(n_val), "val_anomalous": int(val_anomalous),
+                "n_test": int(n_test), "test_anomalous": int(test_anomalous), "study": study}  # fmt: skip
+    check_protocol(out, protocol)
     voxels = read_status(root, out, folders, workers)
     chosen = [Study(s, name, voxels[f"{s}/{name}"]) for s, name in chosen_names.items()]
     validation, test = split_subjects(chosen, int(n_val), int(val_anomalous), int(n_test), int(test_anomalous), seed)
@@ -351,7 +350,7 @@ def main(
                 "datalist": filename,
             }
         )
-    print(write_summary(out, rows, f"autoPET datalists (seed {seed})"))
+    print(write_summary(out, rows, f"autoPET datalists (seed {seed})", protocol))
     if any(r["max_repeats"] > 1 for r in rows):
         print("Some training sets repeat subjects (max_repeats > 1): a pool was smaller than the ratio needs.")
     print(f"\n{len(rows)} datalists in {out}; image paths are relative to the autoPET root: pass it as --dataset_dir.")

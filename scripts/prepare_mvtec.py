@@ -34,13 +34,13 @@ from PIL import Image
 from scripts.contamination import (
     LayoutError,
     check_no_leakage,
+    check_protocol,
     count_at_ratio,
     draw,
     entry_counts,
     parse_names,
     parse_ratios,
     ratio_tag,
-    record_protocol,
     rng,
     write_summary,
 )
@@ -402,12 +402,12 @@ def main(
         "n_test": int(n_test),
         "test_anomalous": int(test_anomalous),
     }
-    record_protocol(out, {"dataset": "mvtec", "root": root, "seed": int(seed), **splits, "train_size": train_size,
-                          "oversample": bool(oversample), "copy": bool(copy), "size": int(size) if copy else None})  # fmt: skip
+    protocol = {"dataset": "mvtec", "seed": int(seed), **splits}
+    check_protocol(out, protocol)
     rows = []
     for name in names:
         rows += prepare_category(root, out, name, ratios, int(seed), splits, writer, train_size, bool(oversample))
-    table = write_summary(out, rows, f"MVTec AD datalists (seed {seed})")
+    table = write_summary(out, rows, f"MVTec AD datalists (seed {seed})", protocol)
     print(table)
     base = "the output folder" if copy else "the MVTec AD root"
     print(f"\n{len(rows)} datalists in {out}; image paths are relative to {base}: pass it as --dataset_dir.")

@@ -258,6 +258,9 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path) -> None:
     experiments._record(str(tmp_path), {"preset": "configs/demo.yaml", "n_test": 4})
     with pytest.raises(ValueError, match="n_test"):
         experiments._record(str(tmp_path), {"preset": "configs/demo.yaml", "n_test": 8})
+    same = tmp_path / "same"  # one preset file, however it was named then and now
+    experiments._record(str(same), {"preset": os.path.join(experiments.BUNDLE_ROOT, "configs", "demo.yaml")})
+    experiments._record(str(same), {"preset": experiments._preset_name("./configs/demo.yaml")})
     other = tmp_path / "other"
     experiments._record(str(other), {"overrides": {"vqvae#epochs": 2, "seed": 1}})
     with pytest.raises(ValueError, match=r"overrides\['vqvae#epochs'\]=3 \(recorded 2\); use another exp_dir"):

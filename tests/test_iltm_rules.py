@@ -199,3 +199,21 @@ def test_a_killed_mask_pass_resumes_at_the_first_missing_chunk(tmp_path, monkeyp
     assert suspect[:, 0, 0].tolist() == [False, True, False, True, False] and torch.equal(flags, ~suspect)
     with pytest.raises(RuntimeError, match="other images"):
         workflow._sharded_pass([{"image": "other.png"}, *files[1:]], 0.005, "masks", str(tmp_path))
+
+
+def test_tensorboard_gets_each_iteration_once_across_reruns_and_a_longer_run(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from scripts.iltm_report import _log_scalars
+    from scripts.steps import RunState
+
+    state = RunState(str(tmp_path))
+    row = {"masked_tokens": 5, "masked_pct": 1.0, "precision": 0.5, "recall": 0.5, "flag_precision": 0.4,
+           "flag_recall": 0.3, "threshold": 0.005, "val_loglik": -2.0}  # fmt: skip
+    rows = [{**row, "iteration": k} for k in range(4)]
+    _log_scalars(state, rows[:2], str(tmp_path / "tb"))  # a run that ended at iteration 1
+    _log_scalars(state, rows[:2], str(tmp_path / "tb"))  # its rerun
+    _log_scalars(state, rows, str(tmp_path / "tb"))  # rerun with a higher iltm#max_iterations: two more
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("iltm/masked_tokens")] == [0, 1, 2, 3]

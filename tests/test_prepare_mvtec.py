@@ -140,6 +140,10 @@ def test_same_seed_same_bytes_other_seed_other_split(mvtec, tmp_path):
     with pytest.raises(LayoutError, match="other settings .seed: 3 there, 4 now.; use another --out"):
         _run(mvtec, tmp_path / "a", seed=4)
     _run(mvtec, tmp_path / "a", seed=3, ratios="0.6")
+    # a run that stopped before writing any datalist leaves nothing to protect
+    with pytest.raises(LayoutError):
+        _run(mvtec, tmp_path / "d", seed=3, oversample=False, categories="bottle")
+    _run(mvtec, tmp_path / "d", seed=4, categories="bottle")
 
 
 def test_copy_resizes_into_the_output_folder(mvtec, tmp_path):

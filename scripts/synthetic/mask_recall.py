@@ -52,7 +52,7 @@ def _check_same_images(run_dir: str, data_dir: str, images: list[str]) -> None:
     if not os.path.isfile(record):
         return
     with open(record) as f:
-        sizes = {path.replace(os.sep, "/"): stamp[0] for path, stamp in json.load(f).get("training", {}).items()}
+        sizes = {path.replace("\\", "/"): stamp[0] for path, stamp in json.load(f).get("training", {}).items()}
     for image in images:
         known = [size for path, size in sizes.items() if path.endswith("/" + image)]
         size = os.path.getsize(os.path.join(data_dir, image))
