@@ -83,3 +83,11 @@ def test_the_documented_ablation_override_is_a_setting() -> None:
     """`--network_def#resample False` (the sweep's no-resampling ablation) must pass the command-line check."""
     assert unknown_ids([INFERENCE, os.path.join(ROOT, "configs", "evaluate.yaml")], ["network_def#resample"]) == []
     assert unknown_ids([TRAIN, DEMO], ["network_def#resample"]) == []
+
+
+def test_diagnose_shows_its_usage() -> None:
+    """fire needs the function's own signature to say what diagnose takes (a `**kwargs` wrapper crashed instead)."""
+    result = subprocess.run([sys.executable, "-m", "scripts.diagnose", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PAGER": "cat"})  # fmt: skip
+    shown = result.stdout + result.stderr
+    assert "diagnose.py CONFIG_FILE CHECKPOINT" in shown and "Traceback" not in shown
