@@ -388,10 +388,8 @@ class ILTMWorkflow:
     def _export(self, state: RunState, final: int) -> None:
         """The final detector as `<output_dir>/model.pt` and `iltm#export`, once: a rerun of a finished run must not
         replace what a later run has exported since (unless the export is gone)."""
-        source, step = (
-            os.path.join(self.folder(final), "model.pt"),
-            f"export_{final:02d}",
-        )  # a longer run: exported anew
+        source = os.path.join(self.folder(final), "model.pt")
+        step = f"export_{final:02d}"  # per final iteration: a rerun that trained further exports its new model
         targets = [t for t in (os.path.join(self.output_dir, "model.pt"), self.export) if t]
         if state.done(step):
             targets = [t for t in targets if not os.path.isfile(t)]

@@ -180,12 +180,8 @@ def test_check_inputs_accepts_good_files(data) -> None:
 
 
 def test_resume_checkpoints_of_a_killed_process_do_not_pile_up(tmp_path) -> None:
-    for step in (
-        30,
-        40,
-        100,
-        50,
-    ):  # written in this order: the iteration in the name, not the time, says which is newest
+    written = (30, 40, 100, 50)  # in this order: the iteration in the name, not the time, says which is newest
+    for step in written:
         (tmp_path / f"checkpoint_checkpoint_{step}.pt").write_bytes(b"x")
     for name in ("tmpab12_xyz", "tmp_notes.txt", "model.pt"):  # a killed save's temporary; files of other kinds
         (tmp_path / name).write_bytes(b"x")

@@ -89,9 +89,8 @@ def test_masks_that_hold_nothing_are_said_plainly() -> None:
     assert "no validation token was masked in the first pass" in iltm_checks.render(unmeasured)
     assert "+10% from the first pass" in iltm_checks.render(unmeasured)
     late = _with("masks", unlearning=None, mask_growth=None, masked_tokens=[0, 5])
-    assert iltm_checks.warnings(late) == [] and "masked training tokens none in the first pass" in iltm_checks.render(
-        late
-    )
+    assert iltm_checks.warnings(late) == []
+    assert "masked training tokens none in the first pass" in iltm_checks.render(late)
 
 
 def test_a_record_from_before_0_6_3_with_nan_unlearning_reads_as_not_measured() -> None:
