@@ -234,7 +234,7 @@ def share_first_stage(source: str, target: str, iteration_0: bool = True) -> Non
         os.path.join(source, "iltm", "transformer_init.pt"), os.path.join(target, "iltm", "transformer_init.pt")
     )
     done = ("vqvae", "transformer_00") if iteration_0 else ("vqvae",)
-    write_json(os.path.join(target, "state.json"), {k: v for k, v in steps.items() if k in done}, strict=False)
+    write_json(os.path.join(target, "state.json"), {k: v for k, v in steps.items() if k in done})
 
 
 def evaluations(runs: dict[str, tuple[str, dict]], ablation: bool, all_iterations: bool) -> list[tuple[str, str, dict]]:

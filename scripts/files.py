@@ -32,27 +32,24 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def _clean(value: Any) -> Any:
-    """NaN as null (strict JSON readers reject NaN), numpy scalars as Python numbers."""
+    """NaN and infinities as null (strict JSON readers reject them), numpy scalars as Python numbers."""
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) else float(value)
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     return value
 
 
-def write_json(path: str, obj: Any, indent: int = 2, strict: bool = True) -> str:
-    """JSON, atomically; the same object always gives the same bytes. Returns `path`.
-
-    `strict`: NaN written as null, for other readers; False keeps NaN (Python's own records, which read it back).
-    """
+def write_json(path: str, obj: Any, indent: int = 2) -> str:
+    """JSON, atomically; the same object always gives the same bytes, NaN as null. Returns `path`."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(_clean(obj) if strict else obj, f, indent=indent)
+            json.dump(_clean(obj), f, indent=indent, allow_nan=False)
             f.write("\n")
 
     _replace(path, write)

@@ -36,6 +36,12 @@ COLUMNS = (
 )
 
 
+def _measured(record: dict, key: str) -> float:
+    """NaN where nothing was measured: state.json holds null there (NaN before 0.6.4), or no entry."""
+    value = record.get(key)
+    return float("nan") if value is None else float(value)
+
+
 def iteration_rows(state: RunState, final: int) -> list[dict]:
     """One row per iteration: the masks it trained with, their quality, and the Transformer it produced."""
     rows, k = [], 0
@@ -46,16 +52,16 @@ def iteration_rows(state: RunState, final: int) -> list[dict]:
         rows.append(
             {
                 "iteration": k,
-                "threshold": masks.get("threshold", float("nan")),
+                "threshold": _measured(masks, "threshold"),
                 "masked_tokens": masks.get("masked_tokens", 0),
                 "masked_pct": 100.0 * masks["masked_tokens"] / total if total else 0.0,
-                "precision": masks.get("precision", float("nan")),
-                "recall": masks.get("recall", float("nan")),
-                "flag_precision": masks.get("flag_precision", float("nan")),
-                "flag_recall": masks.get("flag_recall", float("nan")),
+                "precision": _measured(masks, "precision"),
+                "recall": _measured(masks, "recall"),
+                "flag_precision": _measured(masks, "flag_precision"),
+                "flag_recall": _measured(masks, "flag_recall"),
                 "mask_s": masks.get("wall_time_s", 0.0),
-                "train_s": train.get("wall_time_s", float("nan")),
-                "val_loglik": train.get("val_loglik", float("nan")),
+                "train_s": _measured(train, "wall_time_s"),
+                "val_loglik": _measured(train, "val_loglik"),
                 "trained": "final" if k == final else ("yes" if train else "no (converged)"),
             }
         )

@@ -94,7 +94,7 @@ class RunState:
         if step in steps:
             raise RuntimeError(f"{self.path}: step {step!r} is already complete and will not be overwritten")
         steps[step] = {"completed_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
-        write_json(self.path, steps, strict=False)  # metrics may be NaN; read back as NaN
+        write_json(self.path, steps)  # an unmeasured metric (NaN) as null, which strict JSON readers accept
 
 
 def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=None, seed: int = 0) -> torch.nn.Module:

@@ -217,3 +217,20 @@ def test_tensorboard_gets_each_iteration_once_across_reruns_and_a_longer_run(tmp
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("iltm/masked_tokens")] == [0, 1, 2, 3]
+
+
+def test_an_unmeasured_mask_precision_is_strict_json_and_shows_as_a_dash(tmp_path) -> None:
+    """Without labelled training images precision is NaN: state.json holds null, which any JSON reader accepts."""
+    import json
+
+    from scripts.iltm_report import format_table, iteration_rows
+    from scripts.steps import RunState
+
+    state = RunState(str(tmp_path))
+    precision, recall = precision_recall(torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool))
+    state.complete("masks_01", masked_tokens=0, total_tokens=4, threshold=0.005, precision=precision, recall=recall)
+    text = (tmp_path / "state.json").read_text()
+    record = json.loads(text, parse_constant=lambda name: pytest.fail(f"state.json holds {name}"))
+    assert record["masks_01"]["precision"] is None and record["masks_01"]["recall"] is None
+    row = iteration_rows(state, final=1)[1]
+    assert math.isnan(row["precision"]) and "| 1 | 5.00e-03 | 0 | 0.000 | - | - |" in format_table([row])
