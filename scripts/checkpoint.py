@@ -25,6 +25,16 @@ from scripts.files import atomic_save
 BINDING = ("spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max", "spacing",
            "foreground_threshold", "resize_mode", "spatial", "vqvae_def#", "transformer_def#",
            "autoencoder_def#", "classifier_def#", "segmenter_def#")  # fmt: skip
+# the networks a record names -> the detector they make and the config layer that builds it
+DETECTORS = {
+    "vqvae_def": ("the ILTM detector (VQ-VAE + Transformer)", None),
+    "autoencoder_def": ("the dense AE/VAE baseline's detector", "configs/baseline_dense.yaml"),
+    "classifier_def": (
+        "the CutPaste or STKD baseline's detector (STKD: configs/baseline_stkd.yaml after its layer)",
+        "configs/baseline_cutpaste.yaml",
+    ),
+    "segmenter_def": ("the NSA baseline's detector", "configs/baseline_nsa.yaml"),
+}
 # record keys of older versions -> today's (0.4.0 renamed the spatial chain's id `resize` to `spatial`)
 OLD_KEYS = {"resize": "spatial"}
 
@@ -132,6 +142,22 @@ def mismatches(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[
     return lines
 
 
+def _detector_kind(networks: set[str]) -> tuple[str, str | None] | None:
+    return next((DETECTORS[n] for n in sorted(networks) if n in DETECTORS), None)
+
+
+def _other_detector(path: str, recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """What to do when a checkpoint holds another kind of detector than the config builds (None: the same kind)."""
+    trained, built = (_detector_kind({key.split("#")[0] for key in record}) for record in (recorded, current))
+    if trained is None or built is None or trained == built:
+        return None
+    if trained[1] is None:
+        step = f"drop {built[1]} from --config_file"
+    else:
+        step = f"layer {trained[1]} last in --config_file" + (f" instead of {built[1]}" if built[1] else "")
+    return f"{path}: holds {trained[0]}, but this config builds {built[0]}; {step}, as when it was trained."
+
+
 def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Loads a detector checkpoint into `detector` after checking that it was built with the same binding settings.
 
@@ -140,7 +166,11 @@ def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None
     """
     checkpoint = load_checkpoint(path)
     recorded = checkpoint.get("settings") if isinstance(checkpoint.get("settings"), dict) else {}
-    differ = mismatches(recorded, detector_record(detector, data or {}))
+    current = detector_record(detector, data or {})
+    other = _other_detector(path, recorded, current)
+    if other:
+        raise CheckpointError(other)
+    differ = mismatches(recorded, current)
     if differ:
         raise CheckpointError(
             f"{path}: built with other settings than this config:\n  "
@@ -152,12 +182,17 @@ def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None
         detector.load_state_dict(state_dict(checkpoint))
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        shown = "\n  ".join(lines[1:6]) + ("\n  ..." if len(lines) > 6 else "")
+        shown = "\n  ".join(_shorten(line) for line in lines[1:6]) + ("\n  ..." if len(lines) > 6 else "")
         raise CheckpointError(
             f"{path}: its weights do not fit this config's detector ({len(lines) - 1} problems), e.g.\n  {shown}\n"
             "Use the config or preset it was trained with."
         ) from None
     return recorded
+
+
+def _shorten(line: str, limit: int = 300) -> str:
+    """One of PyTorch's load_state_dict lines, which list every key: the first ones and how many there are."""
+    return line if len(line) <= limit else f"{line[:limit]}... ({line.count(', ') + 1} keys)"
 
 
 class LoadDetector:

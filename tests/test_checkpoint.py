@@ -99,3 +99,22 @@ def test_records_of_older_versions_are_read_with_todays_keys() -> None:
     old = {"resize": ["Resized"], "resize_mode": "resize"}
     now = {"spatial": ["ResizeWithPadOrCropd"], "resize_mode": "pad_crop"}
     assert [line.split(":")[0] for line in mismatches(old, now)] == ["resize_mode", "spatial"]
+
+
+def test_a_checkpoint_of_another_kind_of_detector_names_the_config_layer(trained: str, tmp_path) -> None:
+    """An ILTM checkpoint under a baseline layer, a baseline's without its layer, or a bare state dict of another
+    detector: the layer to add or drop, or a short list of the keys, never every key of both networks."""
+    dense = {"dense#channels": [4, 8], "dense#strides": [2, 2], "dense#latent_size": 8}
+    parser = parsed(["inference.yaml", "baseline_dense.yaml"], checkpoint=trained, **dense)
+    baseline = parser.get_parsed_content("network_def")
+    with pytest.raises(CheckpointError, match=r"holds the ILTM detector .* drop configs/baseline_dense.yaml"):
+        load_detector(baseline, trained, parser.get_parsed_content("detector_settings"))
+    path = str(tmp_path / "dense.pt")
+    save_detector(baseline, detector_record(baseline, parser.get_parsed_content("detector_settings")), path)
+    iltm = parsed(["inference.yaml"], checkpoint=path, **TINY)
+    with pytest.raises(CheckpointError, match=r"holds the dense AE/VAE .* layer configs/baseline_dense.yaml last"):
+        load_detector(iltm.get_parsed_content("network_def"), path, iltm.get_parsed_content("detector_settings"))
+    torch.save(baseline.state_dict(), path)  # no record: PyTorch's key lists, shortened
+    with pytest.raises(CheckpointError, match="do not fit") as err:
+        load_detector(iltm.get_parsed_content("network_def"), path)
+    assert max(len(line) for line in str(err.value).splitlines()) < 400 and "keys)" in str(err.value)
