@@ -14,6 +14,8 @@ from __future__ import annotations
 import csv
 import math
 import os
+import socket
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +27,22 @@ def settings(handlers: Iterable[Any], tracking_uri: str, experiment_name: str) -
     if not any(type(h).__name__ == "MLFlowHandler" for h in handlers):
         return None
     return {"tracking_uri": tracking_uri, "experiment_name": experiment_name}
+
+
+def check_server(tracking_uri: str, handlers: Iterable[Any], timeout: float = 5.0) -> None:
+    """With tracking on, an http(s) store whose server does not answer stops the run before any work, rather than
+    after minutes of MLflow's retries in the middle of training."""
+    parts = urllib.parse.urlsplit(str(tracking_uri))
+    if parts.scheme not in ("http", "https") or not any(type(h).__name__ == "MLFlowHandler" for h in handlers):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"--tracking_uri {tracking_uri}: no server answers at {parts.hostname}:{port} ({e}); start the MLflow "
+            "server, or leave --tracking_uri out to track into a SQLite store in the output folder"
+        ) from None
 
 
 def engine_handlers(

@@ -62,3 +62,22 @@ def test_training_and_evaluation_are_tracked_locally(tmp_path, single_thread) ->
     client = mlflow.MlflowClient(f"sqlite:///{evaluation}/mlruns.db")
     logged = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert any({"aupro", "pixel_auroc", "image_auroc"} <= set(r.data.metrics) for r in logged)
+
+
+@pytest.mark.parametrize("command", ["training", "evaluating"])
+def test_a_tracking_server_that_does_not_answer_stops_the_run_before_any_work(tmp_path, command) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    files = ("train.yaml", "demo.yaml") if command == "training" else ("inference.yaml", "demo.yaml", "evaluate.yaml")
+    configs = [os.path.join(ROOT, "configs", f) for f in files]
+    common = {"bundle_root": ROOT, "dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")}
+    with pytest.raises(Exception) as err:
+        run(command, config_file=configs, tracking="mlflow", tracking_uri=uri, **common, **TINY)
+    cause = err.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, ConnectionError) and f"--tracking_uri {uri}: no server answers" in str(cause)
+    assert not os.path.exists(tmp_path / "out" / "state.json")  # nothing trained or evaluated
