@@ -250,6 +250,8 @@ class AnomalyOutputd(MapTransform):
             raise ValueError(f"anomaly_output must be one of {self.OUTPUTS}, got {choice!r}")
         for key in self.key_iterator(d):
             score = d[key].float()
+            if isinstance(score, MetaTensor):  # a map has no channel, even where its RGB input had one last
+                score.meta = {**score.meta, "original_channel_dim": "no_channel"}
             seg = segment(score, self.density_threshold).to(torch.uint8)
             d["score_map"], d["segmentation"] = score, seg
             d[key] = seg if choice == "segmentation" else score

@@ -308,3 +308,25 @@ def test_the_overlay_outlines_the_true_mask_where_it_is(tmp_path, monkeypatch, s
     figures.clear()
     overlays.save_overlay(str(tmp_path / "n.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), 0.5)
     assert figures[0].axes[2].get_title() == "segmentation"
+
+
+def test_colour_inputs_get_maps_of_their_size(dataset: str, tmp_path) -> None:
+    """An RGB model (MVTec's colour categories) maps RGB PNG and JPEG inputs: the maps have no channel, whatever the
+    channel-last layout of the loaded image says."""
+    rgb = {**TINY, "in_channels": 3}
+    path = str(tmp_path / "rgb.pt")
+    p = parser("inference.yaml", **rgb)
+    detector = p.get_parsed_content("network_def")
+    save_detector(detector, detector_record(detector, p.get_parsed_content("detector_settings")), path)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = Image.open(os.path.join(dataset, "images", "test_0000.png")).convert("RGB").crop((0, 0, 48, 40))
+    image.save(folder / "a.png")
+    image.save(folder / "b.jpg")
+    out = str(tmp_path / "out")
+    bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=path, output_dir=out, **TINY)
+    for name in ("a", "b"):
+        score = nib.load(os.path.join(out, "inference", f"{name}_score.nii.gz"))
+        seg = nib.load(os.path.join(out, "inference", f"{name}_seg.nii.gz"))
+        assert score.shape == seg.shape == (48, 40), name  # the map has the input's width and height
+        assert os.path.isfile(os.path.join(out, "inference", f"{name}_overlay.png"))
