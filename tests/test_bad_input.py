@@ -53,6 +53,11 @@ def data(tmp_path_factory) -> str:
         ({"iltm#downsample_rule": "all"}, "iltm#downsample_rule must be one of 'any', 'fraction'"),
         ({"intensity_max": -5.0}, "intensity_max (-5.0) must be above intensity_min (0.0)"),
         ({"vqvae#epochs": 2.5}, "vqvae#epochs must be a whole number"),
+        (
+            {"image_size": [36, 30]},
+            "image_size must be a multiple of 4 in every dimension (the network's strides "
+            'divide each side by 4), got [36, 30]; e.g. --image_size "[36, 32]"',
+        ),
     ],
 )
 def test_settings_outside_their_domain_stop_training_before_any_work(tmp_path, data, override, says) -> None:
@@ -189,3 +194,21 @@ def test_resume_checkpoints_of_a_killed_process_do_not_pile_up(tmp_path) -> None
     kept = ["checkpoint_checkpoint_100.pt", "model.pt", "tmp_notes.txt"]
     assert sorted(os.listdir(tmp_path)) == kept
     assert steps.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_checkpoint_100.pt")
+
+
+def test_the_size_check_reads_each_detectors_strides() -> None:
+    """ILTM's VQ-VAE, the dense AE's and NSA's UNet each divide the image by the product of their strides; CutPaste's
+    ResNet pools whatever it gets."""
+    from monai.bundle import ConfigParser
+
+    from scripts.settings import downsampling
+
+    def factor(*layers: str) -> int:
+        parser = ConfigParser()
+        parser.read_config([TRAIN] + [os.path.join(ROOT, "configs", f) for f in layers])
+        parser["bundle_root"] = ROOT
+        return downsampling(parser.get_parsed_content("network_def"))
+
+    assert factor("demo.yaml") == 4 and factor("mvtec.yaml") == 8
+    assert factor("demo.yaml", "baseline_dense.yaml") == 16 and factor("demo.yaml", "baseline_nsa.yaml") == 8
+    assert factor("demo.yaml", "baseline_cutpaste.yaml") == 1
