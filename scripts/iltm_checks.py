@@ -130,6 +130,8 @@ def render(checks: dict) -> str:
         )
     elif stage.get("val_l1") is not None:
         lines.append(f"- First stage: validation L1 {stage['val_l1']:.4f} (no labelled anomalies)" + _codes(stage))
+    else:
+        lines.append("- First stage: not measured (the VQ-VAE step recorded no validation metrics)")
     source = checks.get("map_source", {})
     if source.get("aupro_gap") is not None:
         lines.append(

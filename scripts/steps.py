@@ -102,7 +102,7 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
 
     Every epoch the network, optimiser and trainer state go to a checkpoint beside `weights`; a rerun of the same
     command after a kill resumes from it. Only when training ends are the final weights written and the step, with
-    the last validation metrics of `evaluator`, recorded in `state.json`; a completed step is never rerun.
+    `evaluator`'s validation metrics of the final weights, recorded in `state.json`; a completed step is never rerun.
     The global RNG is re-seeded from (seed, epoch) at every epoch start, so shuffling and dropout after a resume are
     those of an uninterrupted run. Under torchrun every rank trains and resumes from the same checkpoint; only rank 0
     writes (scripts/distributed.py), and every rank returns after the step is recorded.
@@ -135,6 +135,8 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_latest(folder))
     start = time.time()
     trainer.run()
+    if evaluator is not None and evaluator.state.epoch != trainer.state.epoch:  # the record holds the final weights'
+        evaluator.run(trainer.state.epoch)  # metrics, also when val_interval skips the last epoch or none was left
     if distributed.is_main():
         atomic_save(network.state_dict(), weights)
         metrics = {k: float(v) for k, v in (evaluator.state.metrics if evaluator is not None else {}).items()}

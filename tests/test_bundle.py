@@ -111,6 +111,15 @@ def test_vqvae_stage_trains_through_the_bundle_command(tmp_path, preset):
     assert (tmp_path / "out" / "vqvae" / "vqvae.pt").is_file()
 
 
+def test_the_stage_record_validates_the_final_weights_whatever_the_interval(tmp_path):
+    """val_interval above the epochs: the record still holds the validation metrics of the weights it saved."""
+    overrides = {"bundle_root": ROOT, "dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"),
+                 **TINY_2D, "vqvae#epochs": 1, "vqvae#val_interval": 5}  # fmt: skip
+    run("train_vqvae", config_file=_config("train.yaml", "demo.yaml"), **overrides)
+    state = json.loads((tmp_path / "out" / "state.json").read_text())["vqvae"]
+    assert state["val_l1"] > 0 and state["val_codes_used"] >= 1 and "val_l1_anomaly" in state
+
+
 def _pipeline(tmp_path, name, **extra):
     out = tmp_path / name
     overrides = {

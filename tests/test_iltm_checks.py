@@ -52,6 +52,9 @@ def test_missing_evidence_is_not_a_warning() -> None:
               "map_source": {"overlap": None, "marked_voxels": 0}}  # fmt: skip
     assert iltm_checks.warnings(checks) == []
     assert "no labelled anomalies" in iltm_checks.render(checks)
+    unvalidated = {"first_stage": iltm_checks.first_stage({"weights": "vqvae/vqvae.pt"}, 128)}  # no val metrics
+    assert iltm_checks.warnings(unvalidated) == []
+    assert "- First stage: not measured" in iltm_checks.render(unvalidated)
 
 
 def test_lift_and_unlearning() -> None:
