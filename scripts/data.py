@@ -61,10 +61,16 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
             raise DataError(f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'")
     if labels == "drop" or (labels == "auto" and not all("label" in e for e in entries)):
         entries = [{k: v for k, v in e.items() if k != "label"} for e in entries]
-    for entry in entries:
-        for key in ("image", "label"):
-            if key in entry and not os.path.isfile(entry[key]):
-                raise DataError(f"{entry[key]}: {key} file not found (datalist {datalist}, section {section!r})")
+    missing = [
+        f"{e[k]}: {k} file not found"
+        for e in entries
+        for k in ("image", "label")
+        if k in e and not os.path.isfile(e[k])
+    ]
+    if len(missing) == 1:
+        raise DataError(f"{missing[0]} (datalist {datalist}, section {section!r})")
+    if missing:
+        raise DataError(f"{len(missing)} files of section {section!r} of {datalist} not found:{listing(missing)}")
     return entries
 
 

@@ -86,6 +86,11 @@ def test_missing_file(tmp_path):
     os.remove(tmp_path / "img" / "training1.png")
     message = _error(_parser(tmp_path, sections))
     assert "training1.png" in message and "not found" in message
+    for name in ("img/training2.png", "lbl/training0.png"):  # every missing file at once, not one per rerun
+        os.remove(tmp_path / name)
+    message = _error(_parser(tmp_path, sections))
+    assert "3 files of section 'training'" in message and "training2.png: image file not found" in message
+    assert "lbl/training0.png: label file not found" in message
 
 
 def test_missing_datalist_and_empty_or_absent_section(tmp_path):
