@@ -89,7 +89,6 @@ def _resolve(entry: dict, dataset_dir: str, path_keys: Sequence[str] = PATH_KEYS
 class CheckImaged(MapTransform):
     """Validates freshly loaded, channel-first images (and their labels) against what the bundle is configured for."""
 
-    CLIPPED_MAX = 0.05  # an image with more of its voxels outside the intensity range is on another scale: error
     NARROW = 0.02  # an image spanning less of the range is probably on another scale: warning
     warned = 0
 
@@ -100,10 +99,11 @@ class CheckImaged(MapTransform):
         channels: int,
         label_key: str = "label",
         intensity_range: Sequence[float] | None = None,
+        max_clipped: float = 0.05,
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.spatial_dims, self.channels, self.label_key = spatial_dims, channels, label_key
-        self.intensity_range = intensity_range
+        self.intensity_range, self.max_clipped = intensity_range, max_clipped
 
     def _check_scale(self, name: str, img: torch.Tensor) -> None:
         """Inputs on another intensity scale (a 16-bit PNG, a [0, 1] float volume) give meaningless maps silently."""
@@ -111,11 +111,12 @@ class CheckImaged(MapTransform):
         x = torch.as_tensor(img).float()
         lo, hi, span = float(x.min()), float(x.max()), high - low
         clipped = float(((x < low - 0.01 * span) | (x > high + 0.01 * span)).float().mean())
-        if clipped > self.CLIPPED_MAX:
+        if clipped > self.max_clipped:
             raise DataError(
                 f"{name}: {clipped:.0%} of its intensities lie outside [{low:g}, {high:g}] (intensity_min, "
                 f"intensity_max), where the bundle clips them; the image spans {lo:g} to {hi:g}. Another bit depth or "
-                "scale? Set intensity_min and intensity_max to the range of your data."
+                "scale? Set intensity_min and intensity_max to the range of your data, or raise max_clipped_fraction "
+                f"({self.max_clipped:g}) where clipping is intended."
             )
         if hi > lo and (hi - lo) < self.NARROW * span and CheckImaged.warned < 5:
             CheckImaged.warned += 1

@@ -79,6 +79,7 @@ DOMAINS: dict[str, Callable[[Any], str | None]] = {
     "intensity_min": _float(),
     "intensity_max": _float(),
     "label_threshold": _float(),
+    "max_clipped_fraction": _float(0.0, 1.0, low_open=False, high_open=False),
     "seed": _int(0),
     "num_workers": _int(0),
     "num_samples": _int(1),

@@ -53,6 +53,7 @@ def data(tmp_path_factory) -> str:
         ({"iltm#downsample_rule": "all"}, "iltm#downsample_rule must be one of 'any', 'fraction'"),
         ({"intensity_max": -5.0}, "intensity_max (-5.0) must be above intensity_min (0.0)"),
         ({"vqvae#epochs": 2.5}, "vqvae#epochs must be a whole number"),
+        ({"max_clipped_fraction": 2}, "max_clipped_fraction must be <= 1.0, got 2"),
         (
             {"image_size": [36, 30]},
             "image_size must be a multiple of 4 in every dimension (the network's strides "
@@ -120,6 +121,11 @@ def test_inputs_on_another_intensity_scale(tmp_path, data, caplog, monkeypatch) 
     with pytest.raises(Exception) as err:
         loading({"image": str(sixteen)})
     assert "of its intensities lie outside [0, 255]" in str(cause(err.value)) and "sixteen.png" in str(cause(err.value))
+    assert "raise max_clipped_fraction (0.05) where clipping is intended" in str(cause(err.value))
+    windowed = ConfigParser()  # clipping on purpose (a CT window): the user allows it
+    windowed.read_config(INFERENCE)
+    windowed["max_clipped_fraction"] = 1.0
+    assert windowed.get_parsed_content("preprocessing")({"image": str(sixteen)})["image"].max() == 1.0
     with caplog.at_level(logging.WARNING, logger="scripts.data"):
         loading({"image": str(unit)})
     assert any("unit.nii.gz: spans " in r.getMessage() and "of [0, 255]" in r.getMessage() for r in caplog.records)
