@@ -60,7 +60,7 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         before, now = old.get(section, {}), new.get(section, {})
         added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
         changed = sorted(p for p in set(now) & set(before) if now[p] != before[p])
-        for label, paths in (("new", added), ("missing", removed), ("changed since", changed)):
+        for label, paths in (("not in", added), ("no longer given, but in", removed), ("changed since", changed)):
             if paths:
                 names = ", ".join(paths[:SHOWN]) + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
                 lines.append(f"{section} files {label} the run ({len(paths)}): {names}")

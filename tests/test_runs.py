@@ -74,6 +74,12 @@ def test_changed_data_are_named(tmp_path, data) -> None:
         f.write(b"\0")
     with pytest.raises(RunConflict, match=r"training files changed since the run \(1\): .*train_0000"):
         guard(out, data).start()
+    fewer = entries(data, "training")[1:]  # one image dropped from the datalist, one swapped for another
+    fewer[0] = entries(data, "validation")[0]
+    with pytest.raises(RunConflict) as err:
+        RunGuard(out, {"vqvae": {"epochs": 100}, "seed": 0}, fewer, entries(data, "validation")).start()
+    assert "training files not in the run (2): " in str(err.value) and "val_0000" in str(err.value)
+    assert "training files no longer given, but in the run (4): " in str(err.value)
 
 
 def test_resume_keeps_the_record_and_overwrite_moves_the_run_aside(tmp_path, data) -> None:
