@@ -11,8 +11,6 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
-
 from scripts.checkpoint import flatten
 
 
@@ -142,21 +140,16 @@ def check_settings(*settings: Mapping[str, Any]) -> None:
         raise SettingError("settings outside their domain:\n  " + "\n  ".join(problems))
 
 
-def downsampling(network: nn.Module) -> int:
-    """How many times the network's encoder divides each side: the product of its strides (VQ-VAE, UNet, dense AE)."""
-    factor = 1
-    for module in network.modules():
-        settings = getattr(module, "settings", None) or {}
-        strides = [p[0] for p in settings.get("downsample_parameters", ())] or settings.get("strides", ())
-        factor *= math.prod(s if isinstance(s, int) else max(s) for s in strides)
-    return factor
+def check_grid(image_size: list[int], strides: list) -> None:
+    """Sizes the encoder cannot halve evenly fail deep in the first training step (a shape mismatch); stop here.
 
-
-def check_grid(image_size: list[int], network: nn.Module) -> None:
-    """Sizes the encoder cannot halve evenly fail deep in the first training step (a shape mismatch); stop here."""
-    factor = downsampling(network)
-    if any(size % factor for size in image_size):
-        fits = [max(factor, round(size / factor) * factor) for size in image_size]
+    `strides`: one per encoder stage, an int or one per dimension (``network_strides``: the VQ-VAE's or a baseline's).
+    """
+    factors = [[s] * len(image_size) if isinstance(s, int) else list(s) for s in strides]
+    per_dim = [math.prod(f[d] for f in factors) for d in range(len(image_size))]
+    if any(size % factor for size, factor in zip(image_size, per_dim)):
+        fits = [max(f, round(size / f) * f) for size, f in zip(image_size, per_dim)]
+        factor = per_dim[0] if len(set(per_dim)) == 1 else per_dim
         raise SettingError(
             f"image_size must be a multiple of {factor} in every dimension (the network's strides divide each side "
             f'by {factor}), got {list(image_size)}; e.g. --image_size "{fits}"'

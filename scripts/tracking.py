@@ -29,11 +29,11 @@ def settings(handlers: Iterable[Any], tracking_uri: str, experiment_name: str) -
     return {"tracking_uri": tracking_uri, "experiment_name": experiment_name}
 
 
-def check_server(tracking_uri: str, handlers: Iterable[Any], timeout: float = 5.0) -> None:
-    """With tracking on, an http(s) store whose server does not answer stops the run before any work, rather than
-    after minutes of MLflow's retries in the middle of training."""
+def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """An http(s) store whose server does not answer stops the run before any work, rather than after minutes of
+    MLflow's retries in the middle of training (a local SQLite or file store needs no check)."""
     parts = urllib.parse.urlsplit(str(tracking_uri))
-    if parts.scheme not in ("http", "https") or not any(type(h).__name__ == "MLFlowHandler" for h in handlers):
+    if parts.scheme not in ("http", "https"):
         return
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:

@@ -204,17 +204,22 @@ def test_resume_checkpoints_of_a_killed_process_do_not_pile_up(tmp_path) -> None
 
 def test_the_size_check_reads_each_detectors_strides() -> None:
     """ILTM's VQ-VAE, the dense AE's and NSA's UNet each divide the image by the product of their strides; CutPaste's
-    ResNet pools whatever it gets."""
+    ResNet pools whatever it gets. The check reads plain settings, so it builds no network before training seeds."""
+    import math
+
     from monai.bundle import ConfigParser
 
-    from scripts.settings import downsampling
+    from scripts.settings import SettingError, check_grid
 
     def factor(*layers: str) -> int:
         parser = ConfigParser()
         parser.read_config([TRAIN] + [os.path.join(ROOT, "configs", f) for f in layers])
         parser["bundle_root"] = ROOT
-        return downsampling(parser.get_parsed_content("network_def"))
+        return math.prod(parser.get_parsed_content("network_strides"))
 
-    assert factor("demo.yaml") == 4 and factor("mvtec.yaml") == 8
+    assert factor("demo.yaml") == 4 and factor("mvtec.yaml") == 8 and factor("autopet.yaml") == 8
     assert factor("demo.yaml", "baseline_dense.yaml") == 16 and factor("demo.yaml", "baseline_nsa.yaml") == 8
     assert factor("demo.yaml", "baseline_cutpaste.yaml") == 1
+    check_grid([16, 16, 32], [[2, 2, 4]])  # strides per dimension
+    with pytest.raises(SettingError, match=r"multiple of \[2, 2, 4\] in every dimension"):
+        check_grid([16, 16, 30], [[2, 2, 4]])
