@@ -33,6 +33,7 @@ from scripts.detector import AnomalyDetector, check_density_threshold, segment
 from scripts.files import atomic_save
 from scripts.healing import LatentSequencer, token_log_likelihood
 from scripts.iltm_report import write_report
+from scripts.runs import RunConflict
 from scripts.steps import RunState
 from scripts.tokens import cached_tokens, latent_shape, load_token_masks, save_token_masks
 from scripts.transformer_stage import TransformerStage
@@ -186,14 +187,22 @@ class ILTMWorkflow:
             if distributed.is_main() and not os.path.isfile(model):
                 save_detector(self.detector, detector_record(self.detector, self.detector_settings), model)
             final = k
+        if state.done(f"transformer_{final + 1:02d}"):  # settings lowered since: the run would go back an iteration
+            raise RunConflict(
+                f"{self.output_dir}: this run has trained ILTM iteration {final + 1}; with these settings "
+                f"(iltm#max_iterations, iltm#min_iterations, iltm#stop_tolerance) it would end at iteration {final} "
+                f"and replace its final model.pt. Every iteration's detector is kept: use "
+                f"{os.path.join(self.folder(final), 'model.pt')}, or train into a new --output_dir."
+            )
         report = distributed.main_first(lambda: self._finish(state, final, truth, val_seq))
         return report or {}
 
     def _finish(self, state: RunState, final: int, truth: torch.Tensor | None, val_seq: torch.Tensor) -> dict:
-        """Export, checks, report and tracking of a finished loop: rank 0's work under torchrun."""
-        self._export(state, final)
+        """Checks, report, export and tracking of a finished loop: rank 0's work under torchrun. The export comes after
+        the report, so that a run with its `model.pt` has its report too (the experiments runner skips such runs)."""
         checks = self._checks(state, final, truth, val_seq)
         report = write_report(self.output_dir, state, final, self.train_files, self.transform, truth, self.grid, checks)
+        self._export(state, final)
         params = {"final_iteration": final, "thresholds": ", ".join(f"{t:.3g}" for t in self.thresholds[:final]),
                   "downsample_rule": self.downsample_rule, "training_images": len(self.train_files)}  # fmt: skip
         logged = f"tracking_{final:02d}"  # once per final iteration: a rerun of the finished run logs nothing again
@@ -285,9 +294,11 @@ class ILTMWorkflow:
         return torch.cat(masks), torch.cat(flags)
 
     def _checks(self, state: RunState, final: int, truth: torch.Tensor | None, val_seq: torch.Tensor) -> dict:
-        """The evidence of :mod:`scripts.iltm_checks`, computed once per run (``state.json`` step ``checks``)."""
-        if state.done("checks"):
-            return state.steps["checks"]
+        """The evidence of :mod:`scripts.iltm_checks`, computed once per final iteration (``state.json`` step
+        ``checks_KK``): a rerun that trains further checks its new final iteration."""
+        step = f"checks_{final:02d}"
+        if state.done(step):
+            return state.steps[step]
         start = time.time()
         checks: dict = {"first_stage": iltm_checks.first_stage(state.steps.get("vqvae", {}), self.codebook_size)}
         if truth is not None and final >= 1 and truth.any():
@@ -301,7 +312,7 @@ class ILTMWorkflow:
         if self.val_files:
             checks.update(self._map_checks(final))
         self._load_transformer(final)
-        state.complete("checks", wall_time_s=round(time.time() - start, 1), **checks)
+        state.complete(step, wall_time_s=round(time.time() - start, 1), **checks)
         return checks
 
     def _mask_signals(self, state: RunState, final: int, val_seq: torch.Tensor) -> dict:

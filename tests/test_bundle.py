@@ -73,6 +73,12 @@ TINY_2D = {
 }
 
 
+def cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def _untrained_l1(configs, overrides):
     """Validation L1 of the VQ-VAE as initialised (same seed): the baseline its training must beat."""
     parser = ConfigParser()
@@ -177,7 +183,7 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
         assert info["masked_tokens"] == sum(int(m.sum()) for m in masks.values())  # the count is of the saved masks
         assert info["threshold"] == pytest.approx(0.005 * 0.875 ** (k - 1))
     assert os.listdir(whole / "iltm" / "tensorboard")
-    checks = state["checks"]  # "Can ILTM help here?": computed once, rendered into the summary
+    checks = state["checks_02"]  # "Can ILTM help here?": computed once per final iteration, rendered into the summary
     assert {"first_stage", "masks", "map_source"} <= set(checks)
     assert len(checks["masks"]["unlearning_per_iteration"]) == 2
     assert checks["masks"]["masked_tokens"] == [state["masks_01"]["masked_tokens"], state["masks_02"]["masked_tokens"]]
@@ -237,6 +243,35 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     _pipeline(tmp_path, "whole")
     assert (whole / "exported.pt").read_bytes() == b"a later run's detector"
     assert torch.equal(torch.load(whole / "model.pt", weights_only=True)["model"][key], weights_a[key])
+
+    # Settings lowered on the finished run would end it an iteration earlier: refused, nothing replaced. Raised, the
+    # run trains one more iteration, and its checks and summary are those of the new final iteration.
+    from scripts.runs import RunConflict
+
+    exported = (whole / "exported.pt").read_bytes()
+    with pytest.raises(Exception) as err:
+        _pipeline(tmp_path, "whole", **{"iltm#max_iterations": 1, "iltm#min_iterations": 1})
+    assert isinstance(cause(err.value), RunConflict) and "has trained ILTM iteration 2" in str(cause(err.value))
+    assert (whole / "exported.pt").read_bytes() == exported
+    assert torch.equal(torch.load(whole / "model.pt", weights_only=True)["model"][key], weights_a[key])
+    _pipeline(tmp_path, "whole", **{"iltm#max_iterations": 3})
+    state = json.loads((whole / "state.json").read_text())
+    assert len(state["checks_03"]["masks"]["masked_tokens"]) == 3
+    assert "# ILTM iterations (final: 3)" in (whole / "iltm" / "summary.md").read_text()
+    final = torch.load(whole / "iltm" / "iter_03" / "model.pt", weights_only=True)["model"]
+    assert torch.equal(torch.load(whole / "model.pt", weights_only=True)["model"][key], final[key])
+
+    # The report comes before the export: a run killed in between has no model.pt, which the experiments runner
+    # reads as "not finished" (it skips runs with one), so the rerun writes both.
+    (whole / "model.pt").unlink()
+    (whole / "iltm" / "summary.md").unlink()
+    monkeypatch.setattr(iltm, "write_report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(BaseException, match="killed"):
+        _pipeline(tmp_path, "whole", **{"iltm#max_iterations": 3})
+    assert not (whole / "model.pt").exists()
+    monkeypatch.undo()
+    _pipeline(tmp_path, "whole", **{"iltm#max_iterations": 3})
+    assert (whole / "model.pt").is_file() and (whole / "iltm" / "summary.md").is_file()
 
 
 def test_small_cpu_preset_for_user_data(load_preset):
