@@ -11,6 +11,7 @@ run aside). ``<output_dir>/run.lock`` names the process that trains into the fol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -168,24 +169,32 @@ class RunGuard:
 
     def _acquire(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        while True:
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self._holder()
-                if holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
-                    return  # this process already holds it (an earlier call in the same process)
-                if holder.get("host") == me["host"] and _alive(holder.get("pid")):
-                    raise RunConflict(
-                        f"{self.output_dir} is in use: process {holder['pid']} has trained into it since "
-                        f"{holder.get('started', '?')} ({self.lock}). Wait for it, or use another --output_dir."
-                    ) from None
-                logger.warning(f"{self.lock}: left by a run that is gone ({holder or 'unreadable'}); replacing it")
+        while not self._create_lock(me):
+            holder = self._holder()
+            if holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
+                return  # this process already holds it (an earlier call in the same process)
+            if holder.get("host") == me["host"] and _alive(holder.get("pid")):
+                raise RunConflict(
+                    f"{self.output_dir} is in use: process {holder['pid']} has trained into it since "
+                    f"{holder.get('started', '?')} ({self.lock}). Wait for it, or use another --output_dir."
+                ) from None
+            logger.warning(f"{self.lock}: left by a run that is gone ({holder or 'unreadable'}); replacing it")
+            with contextlib.suppress(FileNotFoundError):  # another process replaced it first
                 os.remove(self.lock)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return
+
+    def _create_lock(self, me: dict) -> bool:
+        """The lock appears with its content or not at all (a hard link is atomic), so that no other process ever
+        reads it empty and takes it for a dead run's."""
+        tmp = f"{self.lock}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(me, f)
+        try:
+            os.link(tmp, self.lock)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
 
 
 def _bundle_version() -> str:

@@ -109,7 +109,7 @@ def test_resume_keeps_the_record_and_overwrite_moves_the_run_aside(tmp_path, dat
         guard(out, data, resume="false")
 
 
-def test_a_second_process_is_kept_out_and_a_stale_lock_replaced(tmp_path, data) -> None:
+def test_a_second_process_is_kept_out_and_a_stale_lock_replaced(tmp_path, data, monkeypatch) -> None:
     out = str(tmp_path / "run")
     os.makedirs(out)
     lock = os.path.join(out, "run.lock")
@@ -123,9 +123,14 @@ def test_a_second_process_is_kept_out_and_a_stale_lock_replaced(tmp_path, data) 
         holder.kill()
         holder.wait()
     g = guard(out, data)  # the holder is gone: its lock is stale
+    created = []
+    link = os.link
+    monkeypatch.setattr(os, "link", lambda src, dst: (created.append(open(src).read()), link(src, dst)))
     g.start()
+    assert json.loads(created[0])["pid"] == os.getpid()  # the lock appears whole: nobody ever reads it empty
     with open(lock) as f:
         assert json.load(f)["pid"] == os.getpid()
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
     g.finish()
     assert not os.path.exists(lock)
 
