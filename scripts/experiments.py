@@ -291,7 +291,9 @@ def bundle(run_id: str, configs: Sequence[str], overrides: dict, log: str, in_pr
 
         bundle_run(run_id, config_file=[_path(c) for c in configs], **overrides)
     else:
-        with open(log, "w") as f:
+        with open(log, "a") as f:  # a rerun after a kill keeps the killed attempt's log above its own
+            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd[1:])}\n")
+            f.flush()
             code = subprocess.call(cmd, cwd=BUNDLE_ROOT, stdout=f, stderr=subprocess.STDOUT)
         if code:
             with open(log) as f:

@@ -230,6 +230,7 @@ class ILTMWorkflow:
         path = os.path.join(self.folder(k), "token_masks.pt")
         step = f"masks_{k:02d}"
         if state.done(step):
+            logger.info(f"{step}: already complete, loading {path}")
             return load_token_masks(path, self.train_files, self.grid)
         start, threshold = time.time(), self.thresholds[k - 1]
         chunks = os.path.join(self.folder(k), "mask_chunks")
@@ -268,6 +269,9 @@ class ILTMWorkflow:
         """
         chunks = [files[i : i + MASK_CHUNK] for i in range(0, len(files), MASK_CHUNK)]
         paths = [os.path.join(folder, f"{name}_{i:05d}.pt") for i in range(len(chunks))]
+        done = sum(os.path.isfile(p) for p in paths)
+        if done and distributed.is_main():
+            logger.info(f"{desc}: resuming, {done} of {len(chunks)} chunks of {MASK_CHUNK} images already on disk")
         for i in range(distributed.rank(), len(chunks), distributed.world_size()):
             if not os.path.isfile(paths[i]):
                 suspect, flags = self._mask_pass(chunks[i], threshold, f"{desc} [{i + 1}/{len(chunks)}]")

@@ -337,3 +337,21 @@ def test_command_line_help_shows_the_options() -> None:
         out = subprocess.run([sys.executable, "-m", "scripts.experiments", command, "--help"], cwd=ROOT,
                              capture_output=True, text=True, env={**os.environ, "PAGER": "cat"})  # fmt: skip
         assert out.returncode == 0 and option in out.stdout + out.stderr  # fire writes help to stderr off a tty
+
+
+def test_a_rerun_appends_to_the_steps_log(tmp_path, monkeypatch) -> None:
+    """The log of a killed or failed attempt stays above the rerun's, each under the command it ran."""
+    from scripts import experiments
+
+    def failing(cmd, stdout, **kwargs) -> int:
+        stdout.write("Traceback: killed\n")
+        return 1
+
+    monkeypatch.setattr(experiments.subprocess, "call", failing)
+    log = str(tmp_path / "logs" / "step.log")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="training failed"):
+            experiments.bundle("training", ["configs/demo.yaml"], {"seed": 0}, log, in_process=False)
+    text = open(log).read()
+    assert text.count("=== ") == 2 and text.count("monai.bundle run training") == 2
+    assert text.count("Traceback: killed") == 2

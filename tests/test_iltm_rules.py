@@ -1,5 +1,6 @@
 """The ILTM loop's rules on hand-made inputs: threshold schedule, stopping, map -> token masks, masks reach training."""
 
+import logging
 import math
 
 import pytest
@@ -172,7 +173,7 @@ def test_every_transformer_training_setting_comes_from_the_config(tmp_path, load
     assert Inspect.seen == [{"lr": 0.003, "epochs": 2, "batch_size": 4, "num_workers": 1}]
 
 
-def test_a_killed_mask_pass_resumes_at_the_first_missing_chunk(tmp_path, monkeypatch) -> None:
+def test_a_killed_mask_pass_resumes_at_the_first_missing_chunk(tmp_path, monkeypatch, caplog) -> None:
     """Mask passes are written in chunks (shared out over torchrun's ranks); a rerun computes only what is missing,
     and a chunk of other images is refused rather than used."""
     from scripts import iltm
@@ -194,7 +195,10 @@ def test_a_killed_mask_pass_resumes_at_the_first_missing_chunk(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         workflow._sharded_pass(files, 0.005, "masks", str(tmp_path))
     mask_pass.resumed = True
-    suspect, flags = workflow._sharded_pass(files, 0.005, "masks", str(tmp_path))
+    monkeypatch.setattr(logging.getLogger("scripts.iltm"), "disabled", False)  # logging.conf of an earlier run
+    with caplog.at_level(logging.INFO, logger="scripts.iltm"):
+        suspect, flags = workflow._sharded_pass(files, 0.005, "masks", str(tmp_path))
+    assert "masks: resuming, 1 of 3 chunks of 2 images already on disk" in caplog.text
     assert computed == [["img_0.png", "img_1.png"], ["img_2.png", "img_3.png"], ["img_4.png"]]  # chunk 0 once
     assert suspect[:, 0, 0].tolist() == [False, True, False, True, False] and torch.equal(flags, ~suspect)
     with pytest.raises(RuntimeError, match="other images"):
