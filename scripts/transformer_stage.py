@@ -159,14 +159,13 @@ class TransformerStage:
             ProgressBar(persist=False, desc=step).attach(
                 trainer, output_transform=lambda out: {"loss": out["loss"].item()}
             )
-        if main and trainer.state.max_epochs % self.val_interval:
-            trainer.add_event_handler(Events.COMPLETED, lambda _: evaluator.run())
         tracked = tracking.engine_handlers(self.tracking, step, lambda _: trainer.state.epoch) if main else None
         if tracked:
             tracked[0].attach(trainer)
             tracked[1].attach(evaluator)
         try:
-            return train_stage(step, trainer, os.path.join(folder, "transformer.pt"), output_dir, evaluator, self.seed)
+            weights = os.path.join(folder, "transformer.pt")  # rank 0 validates (the last epoch too) and records
+            return train_stage(step, trainer, weights, output_dir, evaluator if main else None, self.seed)
         finally:
             for handler in tracked or ():
                 handler.close()

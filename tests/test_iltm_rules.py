@@ -83,6 +83,23 @@ def test_masks_of_an_iteration_are_used_by_its_training(tmp_path, load_preset):
         assert not torch.allclose(model(probe)[:, 5:], model(altered)[:, 5:], atol=1e-4)
 
 
+def test_the_last_epoch_of_a_transformer_is_validated_once(tmp_path, load_preset, monkeypatch):
+    """val_interval 2 over 3 epochs: validated at epochs 2 and 3, and the record holds the final weights' val_loglik."""
+    import json
+
+    from monai.engines import SupervisedEvaluator
+
+    epochs, run = [], SupervisedEvaluator.run
+    monkeypatch.setattr(SupervisedEvaluator, "run", lambda self, *a, **k: (epochs.append(a or k), run(self, *a, **k)))
+    torch.manual_seed(0)
+    seq = torch.cat([torch.full((8, 1), 6), torch.randint(0, 6, (8, 12))], dim=1)
+    stage = config_stage(load_preset, epochs=3, batch_size=8, val_interval=2, lr=1e-2)
+    model = MaskedTransformer(7, 12, embed_dim=16, num_layers=1, num_heads=2)
+    stage("t", model, seq, torch.ones_like(seq, dtype=torch.bool), seq[:4], str(tmp_path / "t"), str(tmp_path))
+    assert epochs == [(2,), (3,)]
+    assert json.loads((tmp_path / "state.json").read_text())["t"]["val_loglik"] < 0
+
+
 class Killed(Exception):
     pass
 
