@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
+from monai.data.utils import set_rnd
 from monai.handlers import CheckpointLoader
 
 from scripts import distributed
@@ -97,14 +98,20 @@ class RunState:
         write_json(self.path, steps)  # an unmeasured metric (NaN) as null, which strict JSON readers accept
 
 
+def _reseed(engine, seed: int) -> None:
+    """torch's RNG and the random transforms of the epoch's data (MONAI's own random states) from (seed, epoch)."""
+    torch.manual_seed(seed)
+    set_rnd(getattr(engine.data_loader, "dataset", None), seed)
+
+
 def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=None, seed: int = 0) -> torch.nn.Module:
     """Runs `trainer` unless `step` is complete; either way its network ends with the stage's final weights.
 
     Every epoch the network, optimiser and trainer state go to a checkpoint beside `weights`; a rerun of the same
     command after a kill resumes from it. Only when training ends are the final weights written and the step, with
     `evaluator`'s validation metrics of the final weights, recorded in `state.json`; a completed step is never rerun.
-    The global RNG is re-seeded from (seed, epoch) at every epoch start, so shuffling and dropout after a resume are
-    those of an uninterrupted run. Under torchrun every rank trains and resumes from the same checkpoint; only rank 0
+    The global RNG and the data's random transforms are re-seeded from (seed, epoch) at every epoch start, so
+    shuffling, dropout and augmentation after a resume are those of an uninterrupted run. Under torchrun every rank trains and resumes from the same checkpoint; only rank 0
     writes (scripts/distributed.py), and every rank returns after the step is recorded.
     """
     network, state = distributed.unwrap(trainer.network), RunState(output_dir)
@@ -126,9 +133,7 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
             raise CheckpointError(f"{e}\nDelete it to train step {step!r} from its first epoch.") from None
         logger.info(f"{step}: resuming from {resume}")
         CheckpointLoader(load_path=resume, load_dict=objects, map_location="cpu").attach(trainer)
-    trainer.add_event_handler(
-        Events.EPOCH_STARTED, lambda engine: torch.manual_seed(seed * 100_003 + engine.state.epoch)
-    )
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: _reseed(engine, seed * 100_003 + engine.state.epoch))
     if distributed.is_main():
         saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=None)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)

@@ -192,6 +192,8 @@ def test_stkd_drops_the_highest_scores_then_distils_through_the_bundle_command(t
     run("train_baseline", config_file=_configs("train.yaml", "demo.yaml", *layers), **common)
     rounds = json.load(open(os.path.join(out, "stkd", "rounds.json")))
     assert [r["trained_on"] for r in rounds["rounds"]] == [8, 6, 6]  # round 0 on all 8, then 2 dropped
+    kept = rounds["kept"]  # the training images the student learnt from, by file
+    assert len(set(kept)) == 6 and all(os.path.isfile(path) and "train_" in path for path in kept)
     state = json.load(open(os.path.join(out, "state.json")))
     assert {"round_0", "round_1", "student"} <= set(state)
     run("evaluating", config_file=_configs("inference.yaml", "demo.yaml", "evaluate.yaml", *layers), **common)
@@ -271,3 +273,25 @@ def test_every_baseline_layer_resolves_on_every_preset_for_training_and_evaluati
                     parser.get_parsed_content("baseline_def")
             else:
                 parser.get_parsed_content("baseline_def")
+
+
+def test_random_crops_are_reseeded_each_epoch_so_a_resume_repeats_them() -> None:
+    """CutPaste's random patch per image comes from MONAI's own random state, which the stage runner seeds from
+    (seed, epoch) with torch's: a resumed epoch crops where the uninterrupted one did."""
+    from types import SimpleNamespace
+
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import RandSpatialCropd
+
+    from scripts.steps import _reseed
+
+    images = [{"image": torch.arange(64.0).reshape(1, 8, 8) + 100 * i} for i in range(3)]
+    loader = DataLoader(Dataset(images, RandSpatialCropd(keys=["image"], roi_size=[3, 3], random_size=False)))
+    engine = SimpleNamespace(data_loader=loader)
+
+    def epoch(seed: int) -> list[float]:
+        _reseed(engine, seed)
+        return [float(batch["image"][0, 0, 0, 0]) for batch in loader]
+
+    first = epoch(7)
+    assert epoch(8) != first and epoch(7) == first

@@ -116,6 +116,7 @@ def self_train(
     fit_gaussian(detector, [images[i] for i in kept], shrinkage)
     history.append({"round": "student", "trained_on": len(kept)})
     if distributed.is_main():
-        kept_files = [item_filename(images[i]) for i in kept]
+        entries = getattr(images, "data", None)  # the datalist entries behind the loaded (metadata-free) items
+        kept_files = [str(entries[i]["image"]) if entries else item_filename(images[i]) for i in kept]
         write_json(os.path.join(output_dir, "stkd", "rounds.json"), {"rounds": history, "kept": kept_files})
     return detector
