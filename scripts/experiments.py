@@ -44,8 +44,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from monai.bundle import ConfigParser
+
 from scripts.baselines import METHODS, own_overrides
-from scripts.cli import as_list, quiet
+from scripts.cli import UnknownSetting, as_list, quiet, unknown_ids
 from scripts.contamination import parse_names, parse_ratios, ratio_tag
 from scripts.experiments_report import final_iteration, report
 from scripts.files import write_json
@@ -119,6 +121,7 @@ def run(
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {unknown or methods}; available: iltm, {', '.join(METHODS)}")
     overrides, eval_overrides = dict(overrides or {}), dict(eval_overrides or {})
+    _check_before_any_work(preset, methods, overrides, eval_overrides)
     exp_dir = os.path.abspath(exp_dir)
     _record(
         exp_dir, dict(preset=preset, n_train=n_train, n_test=n_test, overrides=overrides, eval_overrides=eval_overrides)
@@ -165,6 +168,27 @@ def run(
                 out = os.path.join(root, "eval", tag, name)
                 evaluate(checkpoint, out, test_datalist, preset, {**common, **eval_only, **extra}, exp_dir, in_process)
     return report(exp_dir)
+
+
+def _check_before_any_work(preset: str, methods: Sequence[str], overrides: dict, eval_overrides: dict) -> None:
+    """Methods not defined for the preset's dimensions and override ids no config defines stop the sweep before
+    experiment.json records them (a typo would otherwise lock the folder to the misspelt overrides)."""
+    train_files = [_path("configs/train.yaml"), _path(preset)]
+    parser = ConfigParser()
+    parser.read_config(train_files)
+    dims = parser["spatial_dims"]
+    wrong = [m for m in methods if m != "iltm" and dims not in METHODS[m].dims]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: not defined for spatial_dims {dims} ({preset}); leave them out")
+    problems = []
+    for method in methods:
+        layers = [_path(f) for f in (METHODS[method].layers if method != "iltm" else ())]
+        own = None if method == "iltm" else method
+        problems += unknown_ids(train_files + layers, list(own_overrides(overrides, own)))
+        evaluation = [_path(f) for f in ("configs/inference.yaml", preset, "configs/evaluate.yaml")] + layers
+        problems += unknown_ids(evaluation, list(own_overrides(eval_overrides, own)))
+    if problems:
+        raise UnknownSetting("\n".join(dict.fromkeys(p.replace("--", "--overrides ", 1) for p in problems)))
 
 
 # ---------------------------------------------------------------------------------------------- steps

@@ -30,6 +30,7 @@ class Method(NamedTuple):
     overrides: dict[str, Any]
     label: str
     sections: tuple[str, ...]
+    dims: tuple[int, ...] = (2, 3)  # the spatial_dims it is defined for
 
 
 METHODS = {
@@ -37,10 +38,10 @@ METHODS = {
                        ("dense",)),
     "dense_vae": Method(("configs/baseline_dense.yaml",), {"dense#variational": True}, "Dense VAE (Baur et al.)",
                         ("dense",)),
-    "cutpaste": Method(("configs/baseline_cutpaste.yaml",), {}, "CutPaste (Li et al.)", ("cutpaste",)),
+    "cutpaste": Method(("configs/baseline_cutpaste.yaml",), {}, "CutPaste (Li et al.)", ("cutpaste",), (2,)),
     "nsa": Method(("configs/baseline_nsa.yaml",), {}, "NSA (Schlüter et al.)", ("nsa",)),
     "stkd": Method(("configs/baseline_cutpaste.yaml", "configs/baseline_stkd.yaml"), {},
-                   "STKD (self-trained CutPaste)", ("cutpaste", "stkd")),
+                   "STKD (self-trained CutPaste)", ("cutpaste", "stkd"), (2,)),
 }  # fmt: skip
 SECTIONS = tuple(sorted({s for method in METHODS.values() for s in method.sections}))
 
