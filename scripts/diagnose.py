@@ -26,6 +26,7 @@ from tqdm import tqdm
 from scripts.checkpoint import load_detector
 from scripts.cli import check_ids
 from scripts.data import load_datalist
+from scripts.detector import AnomalyDetector
 from scripts.files import write_json
 from scripts.iltm import precision_recall, tokens_from_map
 from scripts.metrics import image_auroc, pixel_metrics
@@ -69,6 +70,11 @@ def diagnose(
     if "checkpoint" in parser:  # inference.yaml: the detector is built from the checkpoint's recorded settings,
         parser.update({"checkpoint": checkpoint, "data_labels": "require"})  # and loads labels only when asked
     detector = parser.get_parsed_content("network_def").to(parser.get_parsed_content("device"))
+    if not isinstance(detector, AnomalyDetector):
+        raise ValueError(
+            f"{checkpoint}: diagnose measures an ILTM detector's flags, token masks and VQ-VAE; a baseline "
+            f"({type(detector).__name__}) has none. Evaluate it instead (python -m monai.bundle run evaluating ...)."
+        )
     load_detector(detector, checkpoint)
     files = load_datalist(
         parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), section, labels="require"

@@ -67,6 +67,14 @@ def test_diagnose_refuses_an_argument_it_does_not_have(tmp_path) -> None:
         diagnose([TRAIN, DEMO], checkpoint=str(tmp_path / "none.pt"), json=str(tmp_path / "out.json"))
 
 
+def test_diagnose_refuses_a_baseline_with_a_message(tmp_path) -> None:
+    from scripts.diagnose import diagnose
+
+    nsa = os.path.join(ROOT, "configs", "baseline_nsa.yaml")
+    with pytest.raises(ValueError, match=r"none.pt: diagnose measures an ILTM detector.* a baseline \(Segment"):
+        diagnose([TRAIN, DEMO, nsa], checkpoint=str(tmp_path / "none.pt"), bundle_root=ROOT)
+
+
 def test_an_argument_that_only_passes_a_setting_on_is_refused() -> None:
     """One id per setting: `iltm#workflow#min_iterations` is `@iltm#min_iterations`; overriding it would bypass the
     setting that run.json records. A setting whose default is another setting stays a setting of its own."""
