@@ -20,7 +20,9 @@ class SaveOverlays:
     with matplotlib's Agg canvas (no pyplot state, safe in worker processes and headless machines).
     """
 
-    def __init__(self, output_dir: str, density_threshold: float, root: str | None = None, dpi: int = 80) -> None:
+    def __init__(
+        self, output_dir: str, density_threshold: float | None, root: str | None = None, dpi: int = 80
+    ) -> None:
         self.output_dir, self.density_threshold, self.root, self.dpi = output_dir, density_threshold, root, dpi
 
     def attach(self, engine: Engine) -> None:
@@ -46,11 +48,12 @@ def save_overlay(
     path: str,
     image: torch.Tensor,
     score: torch.Tensor,
-    density_threshold: float,
+    density_threshold: float | None,
     label: torch.Tensor | None = None,
     dpi: int = 80,
 ) -> None:
-    """Image | score map | segmentation (red) with the true mask's outline (green) if given."""
+    """Image | score map | segmentation (red) with the true mask's outline (green) if given. Without a density
+    threshold (a baseline's map is no density) the third panel is the image with the outline alone."""
     origin = "lower" if image.ndim == 4 else "upper"
     shown, scores = np.clip(_view(image), 0, 1), _view(score)
     fig = figure(figsize=(7.5, 2.8), dpi=dpi)
@@ -59,18 +62,20 @@ def save_overlay(
     axes[0].set_title("image", fontsize=8)
     im = axes[1].imshow(scores, cmap="inferno", origin=origin)
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02)
-    axes[1].set_title("score (-log density)", fontsize=8)
+    axes[1].set_title("anomaly score" if density_threshold is None else "score (-log density)", fontsize=8)
     axes[2].imshow(shown, cmap="gray", vmin=0, vmax=1, origin=origin)
-    axes[2].imshow(
-        np.ma.masked_where(~segment(scores, density_threshold), np.ones_like(scores)),
-        cmap="autumn",
-        alpha=0.5,
-        origin=origin,
-    )
+    if density_threshold is not None:
+        axes[2].imshow(
+            np.ma.masked_where(~segment(scores, density_threshold), np.ones_like(scores)),
+            cmap="autumn",
+            alpha=0.5,
+            origin=origin,
+        )
     labelled = label is not None and isinstance(label, torch.Tensor) and label.ndim == image.ndim
     if labelled and label.any():  # no `origin`: contour's default puts Z[i, j] at (j, i), imshow's pixel centres
         axes[2].contour(_view(label > 0).astype(float), levels=[0.5], colors="lime", linewidths=0.8)
-    axes[2].set_title("segmentation (green: truth)" if labelled else "segmentation", fontsize=8)
+    title = "truth (green)" if density_threshold is None else "segmentation" + (" (green: truth)" if labelled else "")
+    axes[2].set_title(title, fontsize=8)
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(os.path.basename(path), fontsize=7)

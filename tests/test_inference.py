@@ -308,6 +308,11 @@ def test_the_overlay_outlines_the_true_mask_where_it_is(tmp_path, monkeypatch, s
     figures.clear()
     overlays.save_overlay(str(tmp_path / "n.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), 0.5)
     assert figures[0].axes[2].get_title() == "segmentation"
+    figures.clear()  # a baseline's map is no density: no segmentation, the truth alone beside its score
+    overlays.save_overlay(str(tmp_path / "b.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), None, label)
+    assert [ax.get_title() for ax in figures[0].axes[:3]] == ["image", "anomaly score", "truth (green)"]
+    assert len(figures[0].axes[2].get_images()) == 1  # the image, no segmentation layer
+    assert parser("inference.yaml", "baseline_nsa.yaml").get_parsed_content("overlay_threshold") is None
 
 
 def test_colour_inputs_get_maps_of_their_size(dataset: str, tmp_path) -> None:
