@@ -342,6 +342,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--flag-fraction {args.flag_fraction}: a fraction of the tokens, strictly between 0 and 1")
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: at least 1")
+    positive = ("size_2d", "size_3d", "levels", "vqvae_channels", "codebook", "embedding_dim", "embed_dim", "layers",
+                "heads", "num_samples", "num_decodes", "clusters", "kde_max_bytes", "decode_batch_size")  # fmt: skip
+    for name in positive:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
+    if args.kde_reconstructions < 0:
+        p.error(f"--kde-reconstructions {args.kde_reconstructions}: 0 (= N * M) or more")
+    for case, side in (("2d", args.size_2d), ("3d", args.size_3d)):
+        if case in cases and (side % 2**args.levels or side // 2**args.levels < 2):
+            p.error(f"--size-{case} {side}: a multiple of 2**levels = {2**args.levels} with at least 2 tokens a side")
+    if args.embed_dim % args.heads:
+        p.error(f"--embed-dim {args.embed_dim}: a multiple of --heads {args.heads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (use auto or cpu)")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist (checked now, not after the benchmark)")
     args.cases = ",".join(cases)

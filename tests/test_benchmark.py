@@ -28,7 +28,10 @@ def test_benchmark_reports_every_stage(tmp_path, single_thread) -> None:
 @pytest.mark.parametrize(
     "argv, says",
     [(["--cases", "4d"], "--cases '4d'"), (["--cases", ""], "--cases ''"), (["--flag-fraction", "0"], "strictly"),
-     (["--repeats", "0"], "at least 1"), (["--json", "/no/such/folder/b.json"], "its folder does not exist")],
+     (["--repeats", "0"], "at least 1"), (["--json", "/no/such/folder/b.json"], "its folder does not exist"),
+     (["--num-samples", "0"], "--num-samples 0: at least 1"), (["--size-2d", "30", "--levels", "2"], "multiple of"),
+     (["--cases", "3d", "--levels", "6", "--size-3d", "32"], "--size-3d 32: a multiple of 2**levels = 64"),
+     (["--embed-dim", "30", "--heads", "8"], "a multiple of --heads 8")],
 )  # fmt: skip
 def test_bad_arguments_stop_before_any_timing(argv, says, capsys) -> None:
     from scripts.benchmark import parse_args
