@@ -35,6 +35,9 @@ DETECTORS = {
     ),
     "segmenter_def": ("the NSA baseline's detector", "configs/baseline_nsa.yaml"),
 }
+# a baseline network's record prefix -> the layer's section whose settings build it (`dense#variational`, ...)
+SECTIONS = {"autoencoder_def": "dense", "segmenter_def": "nsa"}
+DATA = ("spatial_dims", "in_channels", "image_size")  # a network's settings that come from the data settings
 # record keys of older versions -> today's (0.4.0 renamed the spatial chain's id `resize` to `spatial`)
 OLD_KEYS = {"resize": "spatial"}
 
@@ -138,7 +141,9 @@ def mismatches(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[
         if not key.startswith(BINDING) or key not in recorded or key not in current:
             continue
         if _plain(recorded[key]) != _plain(current[key]):
-            lines.append(f"{key}: trained with {recorded[key]!r}, this config has {current[key]!r}")
+            network, _, name = key.partition("#")
+            where = f" (set with --{SECTIONS[network]}#{name})" if network in SECTIONS and name not in DATA else ""
+            lines.append(f"{key}: trained with {recorded[key]!r}, this config has {current[key]!r}{where}")
     return lines
 
 

@@ -87,7 +87,9 @@ def test_trains_and_evaluates_through_the_bundle_commands(tmp_path) -> None:
     cause = error.value
     while cause is not None and not isinstance(cause, CheckpointError):  # MONAI wraps the handler's error
         cause = cause.__cause__ or cause.__context__
-    assert "autoencoder_def#variational: trained with True, this config has False" in str(cause)
+    assert "autoencoder_def#variational: trained with True, this config has False (set with --dense#variational)" in (
+        str(cause)
+    )
 
 
 def test_cutpaste_pastes_a_rectangle_of_the_image_where_the_mask_says() -> None:
@@ -295,3 +297,19 @@ def test_random_crops_are_reseeded_each_epoch_so_a_resume_repeats_them() -> None
 
     first = epoch(7)
     assert epoch(8) != first and epoch(7) == first
+
+
+def test_each_baseline_networks_recorded_settings_name_the_layer_setting_behind_them() -> None:
+    """A checkpoint mismatch of `autoencoder_def#latent_size` says `--dense#latent_size`: every such setting of the
+    layer's network is the layer's own setting of the same name."""
+    from monai.bundle import ConfigParser
+
+    from scripts.checkpoint import DATA, SECTIONS
+    from scripts.cli import passed_on
+
+    layers = {"dense": "baseline_dense.yaml", "nsa": "baseline_nsa.yaml"}
+    for network, section in SECTIONS.items():
+        parser = ConfigParser()
+        parser.read_config(_configs("train.yaml", "demo.yaml", layers[section]))
+        names = [k for k in parser["baseline_def"] if not k.startswith("_") and k not in DATA]
+        assert names and all(passed_on(parser, f"baseline_def#{name}") == f"{section}#{name}" for name in names)
