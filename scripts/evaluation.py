@@ -79,6 +79,7 @@ class AnomalyMetrics:
         self.scores: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         self.categories: list[str | None] = []
+        self.names: list[str] = []
         self.results: dict | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -87,7 +88,7 @@ class AnomalyMetrics:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
-        self.scores, self.labels, self.categories = [], [], []
+        self.scores, self.labels, self.categories, self.names = [], [], [], []
 
     def _collect(self, engine: Engine) -> None:
         batches = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(engine.state.output)
@@ -98,6 +99,7 @@ class AnomalyMetrics:
             self.scores.append(item["score"][0].detach().cpu().float().numpy())
             self.labels.append(item["label"][0].detach().cpu().numpy() > 0)
             self.categories.append(None if category is None else str(category))
+            self.names.append(str(item_filename(item)))
 
     def per_image(self) -> dict[str, torch.Tensor]:
         """Each of :data:`PER_IMAGE` as an [N, 1] tensor, MONAI's layout of metric details."""
@@ -112,9 +114,9 @@ class AnomalyMetrics:
 
     def _write(self, engine: Engine) -> None:
         if distributed.active():  # every rank's maps to rank 0, in rank order (as MetricsSaver gathers the names)
-            self.scores, self.labels, self.categories = (
+            self.scores, self.labels, self.categories, self.names = (
                 [x for part in distributed.gather(kept) for x in part]
-                for kept in (self.scores, self.labels, self.categories)
+                for kept in (self.scores, self.labels, self.categories, self.names)
             )
             if not distributed.is_main():
                 return
@@ -123,11 +125,15 @@ class AnomalyMetrics:
             "density_threshold": self.density_threshold,
             "fpr_limit": self.fpr_limit,
         }
-        results.update(summarise(self.scores, self.labels, self.density_threshold, self.fpr_limit))
+        order = sorted(range(len(self.names)), key=self.names.__getitem__)  # one summation order, however sharded
+        results.update(summarise(*self._subset(order), self.density_threshold, self.fpr_limit))
         named = sorted({c for c in self.categories if c is not None})
         if named:
             results["per_category"] = {
-                c: summarise(*self._subset(c), self.density_threshold, self.fpr_limit) for c in named
+                c: summarise(
+                    *self._subset([i for i in order if self.categories[i] == c]), self.density_threshold, self.fpr_limit
+                )
+                for c in named
             }
         os.makedirs(self.output_dir, exist_ok=True)
         write_json(os.path.join(self.output_dir, "metrics.json"), results)
@@ -142,6 +148,5 @@ class AnomalyMetrics:
         )
         self.results = results
 
-    def _subset(self, category: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        idx = [i for i, c in enumerate(self.categories) if c == category]
+    def _subset(self, idx: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return [self.scores[i] for i in idx], [self.labels[i] for i in idx]
