@@ -172,23 +172,30 @@ def run(
 
 def _check_before_any_work(preset: str, methods: Sequence[str], overrides: dict, eval_overrides: dict) -> None:
     """Methods not defined for the preset's dimensions and override ids no config defines stop the sweep before
-    experiment.json records them (a typo would otherwise lock the folder to the misspelt overrides)."""
+    experiment.json records them (a typo would otherwise lock the folder to the misspelt overrides). The ids are
+    checked where :func:`run` sends them: `overrides` to training and, but for training-only sections and the data's
+    `synthetic#...`, to evaluation; `eval_overrides` to evaluation."""
     train_files = [_path("configs/train.yaml"), _path(preset)]
     parser = ConfigParser()
     parser.read_config(train_files)
-    dims = parser["spatial_dims"]
+    dims = overrides.get("spatial_dims", parser["spatial_dims"])
     wrong = [m for m in methods if m != "iltm" and dims not in METHODS[m].dims]
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: not defined for spatial_dims {dims} ({preset}); leave them out")
+    evaluated = {k: v for k, v in overrides.items() if k.split("#", 1)[0] not in (*TRAINING_ONLY, "synthetic")}
     problems = []
     for method in methods:
         layers = [_path(f) for f in (METHODS[method].layers if method != "iltm" else ())]
         own = None if method == "iltm" else method
-        problems += unknown_ids(train_files + layers, list(own_overrides(overrides, own)))
         evaluation = [_path(f) for f in ("configs/inference.yaml", preset, "configs/evaluate.yaml")] + layers
-        problems += unknown_ids(evaluation, list(own_overrides(eval_overrides, own)))
+        for argument, files, given in (("overrides", train_files + layers, overrides),
+                                       ("overrides", evaluation, evaluated),
+                                       ("eval_overrides", evaluation, eval_overrides)):  # fmt: skip
+            problems += [
+                p.replace("--", f"--{argument} ", 1) for p in unknown_ids(files, list(own_overrides(given, own)))
+            ]
     if problems:
-        raise UnknownSetting("\n".join(dict.fromkeys(p.replace("--", "--overrides ", 1) for p in problems)))
+        raise UnknownSetting("\n".join(dict.fromkeys(problems)))
 
 
 # ---------------------------------------------------------------------------------------------- steps

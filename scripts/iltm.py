@@ -317,7 +317,7 @@ class ILTMWorkflow:
             checks.update(self._map_checks(final))
         self._load_transformer(final)
         state.complete(step, wall_time_s=round(time.time() - start, 1), **checks)
-        return checks
+        return state.steps[step]  # as a rerun reads it: an unmeasured value is None, never NaN
 
     def _mask_signals(self, state: RunState, final: int, val_seq: torch.Tensor) -> dict:
         """Validation log-likelihoods of masked and kept tokens before and after each retraining (no labels)."""

@@ -74,7 +74,10 @@ def save_overlay(
     labelled = label is not None and isinstance(label, torch.Tensor) and label.ndim == image.ndim
     if labelled and label.any():  # no `origin`: contour's default puts Z[i, j] at (j, i), imshow's pixel centres
         axes[2].contour(_view(label > 0).astype(float), levels=[0.5], colors="lime", linewidths=0.8)
-    title = "truth (green)" if density_threshold is None else "segmentation" + (" (green: truth)" if labelled else "")
+    if density_threshold is None:
+        title = "truth (green)" if labelled else "image"
+    else:
+        title = "segmentation" + (" (green: truth)" if labelled else "")
     axes[2].set_title(title, fontsize=8)
     for ax in axes:
         ax.set_axis_off()

@@ -184,17 +184,26 @@ class RunGuard:
 
     def _create_lock(self, me: dict) -> bool:
         """The lock appears with its content or not at all (a hard link is atomic), so that no other process ever
-        reads it empty and takes it for a dead run's."""
+        reads it empty and takes it for a dead run's. Where the file system has no hard links, an exclusive create."""
         tmp = f"{self.lock}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(me, f)
         try:
+            with open(tmp, "w") as f:
+                json.dump(me, f)
             os.link(tmp, self.lock)
             return True
         except FileExistsError:
             return False
+        except OSError:  # no hard links here (FAT, some network mounts)
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return True
         finally:
-            os.remove(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
 
 
 def _bundle_version() -> str:

@@ -204,7 +204,8 @@ def test_resume_checkpoints_of_a_killed_process_do_not_pile_up(tmp_path) -> None
 
 def test_the_size_check_reads_each_detectors_strides() -> None:
     """ILTM's VQ-VAE, the dense AE's and NSA's UNet each divide the image by the product of their strides; CutPaste's
-    ResNet pools whatever it gets. The check reads plain settings, so it builds no network before training seeds."""
+    ResNet pools whatever it gets. The check reads plain settings (`network_strides`), not the networks: built before
+    training seeds them, they would start from other weights (the kill-and-resume test of test_bundle.py shows it)."""
     import math
 
     from monai.bundle import ConfigParser

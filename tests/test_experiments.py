@@ -248,7 +248,8 @@ def test_training_only_overrides_reach_training_only(tmp_path, monkeypatch) -> N
      ({"ratios": "[1.5]"}, r"must be in \[0, 1\], got \[1.5\]"), ({"ratios": "[0.333,0.334]"}, "share a file name"),
      ({"kind": "3d", "methods": "nsa,cutpaste"}, "cutpaste: not defined for spatial_dims 3"),
      ({"methods": "iltm,nsa", "overrides": {"nsa#epoch": 1}}, "--overrides nsa#epoch: no such setting.*nsa#epochs"),
-     ({"eval_overrides": {"num_sample": 1}}, "--overrides num_sample: no such setting")],
+     ({"eval_overrides": {"num_sample": 1}}, "--eval_overrides num_sample: no such setting"),
+     ({"overrides": {"run_name": "x"}}, "--overrides run_name: no such setting in .*inference.yaml")],
 )  # fmt: skip
 def test_bad_arguments_stop_the_sweep_before_anything_is_written(tmp_path, arguments, says) -> None:
     with pytest.raises(ValueError, match=says):

@@ -311,6 +311,9 @@ def test_the_overlay_outlines_the_true_mask_where_it_is(tmp_path, monkeypatch, s
     figures.clear()  # a baseline's map is no density: no segmentation, the truth alone beside its score
     overlays.save_overlay(str(tmp_path / "b.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), None, label)
     assert [ax.get_title() for ax in figures[0].axes[:3]] == ["image", "anomaly score", "truth (green)"]
+    figures.clear()
+    overlays.save_overlay(str(tmp_path / "u.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), None)
+    assert figures[0].axes[2].get_title() == "image"
     assert len(figures[0].axes[2].get_images()) == 1  # the image, no segmentation layer
     assert parser("inference.yaml", "baseline_nsa.yaml").get_parsed_content("overlay_threshold") is None
 

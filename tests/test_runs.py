@@ -153,3 +153,17 @@ def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, data, monkey
     monkeypatch.setattr(os, "makedirs", refuse)
     with pytest.raises(RunConflict, match=r"run: cannot write into the output folder .*writable --output_dir"):
         guard(str(tmp_path / "run"), data).start()
+
+
+def test_the_lock_works_where_the_file_system_has_no_hard_links(tmp_path, data, monkeypatch) -> None:
+    def no_links(src, dst):
+        raise PermissionError("Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = str(tmp_path / "run")
+    g = guard(out, data)
+    g.start()
+    with open(os.path.join(out, "run.lock")) as f:
+        assert json.load(f)["pid"] == os.getpid()
+    assert sorted(os.listdir(out)) == ["run.json", "run.lock"]
+    g.finish()

@@ -80,4 +80,5 @@ def test_a_tracking_server_that_does_not_answer_stops_the_run_before_any_work(tm
     while cause.__cause__ is not None:
         cause = cause.__cause__
     assert isinstance(cause, ConnectionError) and f"--tracking_uri {uri}: no server answers" in str(cause)
-    assert not os.path.exists(tmp_path / "out" / "state.json")  # nothing trained or evaluated
+    assert not os.path.exists(tmp_path / "out" / "state.json")  # nothing trained
+    assert not os.path.exists(tmp_path / "out" / "metrics.json") and not os.path.exists(tmp_path / "out" / "evaluation")
