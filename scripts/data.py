@@ -59,7 +59,14 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
             raise DataError(f"{datalist}: entry {i} of {section!r} has no 'image'")
         if labels == "require" and "label" not in entry:
             raise DataError(f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'")
-    if labels == "drop" or (labels == "auto" and not all("label" in e for e in entries)):
+    labelled = sum("label" in e for e in entries)
+    if labels == "auto" and 0 < labelled < len(entries):
+        logger.warning(
+            f"{datalist}: {labelled} of {len(entries)} entries of section {section!r} have a label; a section's labels "
+            "are used only when every entry has one (for the checks and mask precision that need them), so none is "
+            "used or checked. Label every entry of the section, or none."
+        )
+    if labels == "drop" or (labels == "auto" and labelled < len(entries)):
         entries = [{k: v for k, v in e.items() if k != "label"} for e in entries]
     missing = [
         f"{e[k]}: {k} file not found"

@@ -150,7 +150,10 @@ def unfinished(
                     f"mapping the other {len(todo)} (--resume_maps False maps them all)")  # fmt: skip
     distributed.barrier()
     if outputs and distributed.is_main():
-        os.makedirs(maps_dir, exist_ok=True)
+        try:
+            os.makedirs(maps_dir, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"{maps_dir}: the maps cannot be written there ({e}); use a writable --output_dir") from None
         if not same:  # another run's finished maps must not pass for this run's if this one is killed
             for marker in last:
                 if os.path.isfile(marker):

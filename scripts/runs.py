@@ -127,7 +127,7 @@ class RunGuard:
         try:
             os.makedirs(self.output_dir, exist_ok=True)
             self._acquire()
-        except PermissionError as e:
+        except OSError as e:  # no permission, a read-only or a pseudo file system (/proc)
             raise RunConflict(f"{self.output_dir}: cannot write into the output folder ({e}); use a writable "
                               "--output_dir") from None  # fmt: skip
         self._compare()

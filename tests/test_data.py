@@ -195,3 +195,23 @@ def test_the_command_line_cause_survives_a_cyclic_chain():
     with contextlib.redirect_stderr(shown):
         _cause_last(RuntimeError, outer, None, previous=lambda *args: None)
     assert shown.getvalue().strip() == "Cause: DataError: x.png: has 3 channels"
+
+
+def test_labels_on_some_entries_of_a_section_are_named_as_unused(tmp_path, caplog, monkeypatch):
+    """Labels reach the checks only when every entry of a section has one: a partly labelled section says so."""
+    import logging
+
+    from scripts.data import load_datalist
+
+    monkeypatch.setattr(logging.getLogger("scripts.data"), "disabled", False)  # logging.conf of an earlier run
+    sections = _dataset(tmp_path)
+    del sections["validation"][1]["label"]
+    (tmp_path / "partial.json").write_text(json.dumps(sections))
+    with caplog.at_level(logging.WARNING, logger="scripts.data"):
+        entries = load_datalist(str(tmp_path / "partial.json"), str(tmp_path), "validation")
+    assert not any("label" in e for e in entries)
+    assert "2 of 3 entries of section 'validation' have a label" in caplog.text and "Label every entry" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scripts.data"):
+        assert all("label" in e for e in load_datalist(str(tmp_path / "partial.json"), str(tmp_path), "training"))
+    assert caplog.text == ""

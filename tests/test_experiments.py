@@ -249,9 +249,10 @@ def test_training_only_overrides_reach_training_only(tmp_path, monkeypatch) -> N
      ({"kind": "3d", "methods": "nsa,cutpaste"}, "cutpaste: not defined for spatial_dims 3"),
      ({"methods": "iltm,nsa", "overrides": {"nsa#epoch": 1}}, "--overrides nsa#epoch: no such setting.*nsa#epochs"),
      ({"eval_overrides": {"num_sample": 1}}, "--eval_overrides num_sample: no such setting"),
-     ({"overrides": {"run_name": "x"}}, "--overrides run_name: no such setting in .*inference.yaml")],
+     ({"overrides": {"resume": True}}, "--overrides resume: no such setting in .*inference.yaml")],
 )  # fmt: skip
-def test_bad_arguments_stop_the_sweep_before_anything_is_written(tmp_path, arguments, says) -> None:
+def test_bad_arguments_stop_the_sweep_before_anything_is_written(tmp_path, arguments, says, monkeypatch) -> None:
+    monkeypatch.setattr(experiments, "bundle", lambda *a, **k: pytest.fail("a bad argument reached the bundle"))
     with pytest.raises(ValueError, match=says):
         experiments.run(exp_dir=str(tmp_path / "exp"), **arguments)
     assert not (tmp_path / "exp").exists()

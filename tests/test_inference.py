@@ -338,3 +338,10 @@ def test_colour_inputs_get_maps_of_their_size(dataset: str, tmp_path) -> None:
         seg = nib.load(os.path.join(out, "inference", f"{name}_seg.nii.gz"))
         assert score.shape == seg.shape == (48, 40), name  # the map has the input's width and height
         assert os.path.isfile(os.path.join(out, "inference", f"{name}_overlay.png"))
+
+
+def test_a_maps_folder_that_cannot_be_made_is_named() -> None:
+    from scripts.inference import unfinished
+
+    with pytest.raises(OSError, match=r"/proc/iltm_maps: the maps cannot be written there .*writable --output_dir"):
+        unfinished([{"image": "a.png"}], "/proc/iltm_maps", None, {}, ["_score.nii.gz"])

@@ -153,6 +153,9 @@ def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, data, monkey
     monkeypatch.setattr(os, "makedirs", refuse)
     with pytest.raises(RunConflict, match=r"run: cannot write into the output folder .*writable --output_dir"):
         guard(str(tmp_path / "run"), data).start()
+    monkeypatch.undo()  # a pseudo file system: no such folder can be made
+    with pytest.raises(RunConflict, match=r"/proc/iltm_run: cannot write into the output folder"):
+        guard("/proc/iltm_run", data).start()
 
 
 def test_the_lock_works_where_the_file_system_has_no_hard_links(tmp_path, data, monkeypatch) -> None:
