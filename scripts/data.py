@@ -48,7 +48,10 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{datalist}: not a valid JSON datalist ({e})") from e
     if not isinstance(sections, dict) or not sections.get(section):
-        raise DataError(f"{datalist}: section {section!r} is missing or empty")
+        raise DataError(
+            f"{datalist}: section {section!r} is missing or empty; add it (training needs `training` and "
+            "`validation` sections, evaluation and inference a `test` section or another --data_section)"
+        )
     base = dataset_dir
     if os.path.isfile(os.path.join(dataset_dir, "params.json")) and not _inside(datalist, dataset_dir):
         # a generated synthetic set's folder (the default dataset_dir) is never the base of a datalist kept elsewhere

@@ -143,12 +143,24 @@ def render(checks: dict) -> str:
             f"- Map source (iteration 0, validation): {source['overlap']:.0%} of the marked voxels are marked "
             "without resampling too"
         )
-    start = checks.get("iteration_0", {})
-    if start.get("flag_lift") is not None:
-        lines.append(
-            f"- Iteration 0 on the training images: flags {start['flag_lift']:.1f}x and first masks "
-            f"{start['mask_lift']:.1f}x as likely as chance to hit a labelled anomalous token"
-        )
+    start = checks.get("iteration_0")
+    if start:  # there are labelled anomalous training tokens; a lift is None where nothing was flagged or masked
+        flags, masks = (start.get(k) for k in ("flag_lift", "mask_lift"))
+        if flags is not None and masks is not None:
+            lines.append(
+                f"- Iteration 0 on the training images: flags {flags:.1f}x and first masks {masks:.1f}x as likely as "
+                "chance to hit a labelled anomalous token"
+            )
+        else:
+            said = [
+                (
+                    "no token flagged"
+                    if flags is None
+                    else f"flags {flags:.1f}x as likely as chance to hit a labelled " "anomalous token"
+                ),
+                "no token in the first masks" if masks is None else f"first masks {masks:.1f}x as likely",
+            ]
+            lines.append(f"- Iteration 0 on the training images: {'; '.join(said)}")
     masks = checks.get("masks", {})
     if masks.get("masked_tokens") and not any(masks["masked_tokens"]):
         lines.append("- Masks: no training token was masked in any pass")

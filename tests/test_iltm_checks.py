@@ -100,3 +100,14 @@ def test_a_record_from_before_0_6_3_with_nan_unlearning_reads_as_not_measured() 
     old = _with("masks", unlearning=float("nan"), unlearning_per_iteration=[float("nan")])
     assert iltm_checks.warnings(old) == []
     assert "not measured" in iltm_checks.render(old) and "nan" not in iltm_checks.render(old)
+
+
+def test_nothing_flagged_or_masked_at_iteration_0_is_said_not_formatted() -> None:
+    """A lift is None where iteration 0 flagged or masked no training token: the section says so (it crashed)."""
+    for lifts, says in (
+        ({"flag_lift": 3.0, "mask_lift": None}, "flags 3.0x as likely as chance to hit a labelled anomalous token; "
+                                                "no token in the first masks"),
+        ({"flag_lift": None, "mask_lift": None}, "no token flagged; no token in the first masks"),
+        ({"flag_lift": 0.0, "mask_lift": 2.0}, "flags 0.0x and first masks 2.0x as likely as chance"),
+    ):  # fmt: skip
+        assert f"- Iteration 0 on the training images: {says}" in iltm_checks.render({"iteration_0": lifts})
