@@ -104,6 +104,12 @@ def _reseed(engine, seed: int) -> None:
     set_rnd(getattr(engine.data_loader, "dataset", None), seed)
 
 
+def _validate_last(trainer, evaluator) -> None:
+    """The record holds the final weights' validation metrics, also when `val_interval` skips the last epoch."""
+    if trainer.state.epoch == trainer.state.max_epochs and evaluator.state.epoch != trainer.state.epoch:
+        evaluator.run(trainer.state.epoch)
+
+
 def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=None, seed: int = 0) -> torch.nn.Module:
     """Runs `trainer` unless `step` is complete; either way its network ends with the stage's final weights.
 
@@ -134,14 +140,16 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
         logger.info(f"{step}: resuming from {resume}")
         CheckpointLoader(load_path=resume, load_dict=objects, map_location="cpu").attach(trainer)
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: _reseed(engine, seed * 100_003 + engine.state.epoch))
+    if evaluator is not None:  # the last epoch is validated while the run is open (MLflow closes it on COMPLETED)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: _validate_last(engine, evaluator))
     if distributed.is_main():
         saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=None)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_latest(folder))
     start = time.time()
     trainer.run()
-    if evaluator is not None and evaluator.state.epoch != trainer.state.epoch:  # the record holds the final weights'
-        evaluator.run(trainer.state.epoch)  # metrics, also when val_interval skips the last epoch or none was left
+    if evaluator is not None and evaluator.state.epoch != trainer.state.epoch:  # a resume that found no epoch left
+        evaluator.run(trainer.state.epoch)
     if distributed.is_main():
         atomic_save(network.state_dict(), weights)
         metrics = {k: float(v) for k, v in (evaluator.state.metrics if evaluator is not None else {}).items()}

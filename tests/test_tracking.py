@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
     "synthetic#n_train": 8, "synthetic#n_val": 4, "synthetic#n_test": 4, "synthetic#image_size": 32,
     "image_size": [32, 32], "vqvae_def#channels": [16, 32], "vqvae_def#num_res_channels": [16, 32],
-    "vqvae_def#num_embeddings": 32, "vqvae_def#embedding_dim": 8, "vqvae#batch_size": 4, "vqvae#epochs": 2,
-    "vqvae#val_interval": 1, "transformer_def#embed_dim": 16, "transformer_def#num_layers": 1,
+    "vqvae_def#num_embeddings": 32, "vqvae_def#embedding_dim": 8, "vqvae#batch_size": 4, "vqvae#epochs": 3,
+    "vqvae#val_interval": 2, "transformer_def#embed_dim": 16, "transformer_def#num_layers": 1,
     "transformer_def#num_heads": 2, "transformer#epochs": 2, "transformer#val_interval": 1, "num_samples": 2,
     "num_decodes": 1, "iltm#mask_batch_size": 4, "iltm#mask_num_samples": 2, "iltm#mask_num_decodes": 1,
     "iltm#max_iterations": 1,
@@ -37,6 +37,8 @@ def test_training_and_evaluation_are_tracked_locally(tmp_path, single_thread) ->
     runs, client = _runs(f"sqlite:///{out}/mlruns.db", "iltm")
     assert set(runs) == {"vqvae", "transformer_00", "transformer_01", "iltm"}
     assert {"train_loss", "val_l1"} <= set(runs["vqvae"].data.metrics)
+    history = client.get_metric_history(runs["vqvae"].info.run_id, "val_l1")
+    assert [m.step for m in history] == [2, 3]  # val_interval 2 over 3 epochs: the last epoch too, in the same run
     for k in (0, 1):
         history = client.get_metric_history(runs[f"transformer_{k:02d}"].info.run_id, "val_loglik")
         assert [m.step for m in history] == [1, 2]  # at the trainer's epochs
