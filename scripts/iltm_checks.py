@@ -146,21 +146,15 @@ def render(checks: dict) -> str:
     start = checks.get("iteration_0")
     if start:  # there are labelled anomalous training tokens; a lift is None where nothing was flagged or masked
         flags, masks = (start.get(k) for k in ("flag_lift", "mask_lift"))
+        odds = "as likely as chance to hit a labelled anomalous token"
         if flags is not None and masks is not None:
             lines.append(
-                f"- Iteration 0 on the training images: flags {flags:.1f}x and first masks {masks:.1f}x as likely as "
-                "chance to hit a labelled anomalous token"
+                f"- Iteration 0 on the training images: flags {flags:.1f}x and first masks {masks:.1f}x {odds}"
             )
         else:
-            said = [
-                (
-                    "no token flagged"
-                    if flags is None
-                    else f"flags {flags:.1f}x as likely as chance to hit a labelled " "anomalous token"
-                ),
-                "no token in the first masks" if masks is None else f"first masks {masks:.1f}x as likely",
-            ]
-            lines.append(f"- Iteration 0 on the training images: {'; '.join(said)}")
+            flagged = "no token flagged" if flags is None else f"flags {flags:.1f}x {odds}"
+            masked = "no token in the first masks" if masks is None else f"first masks {masks:.1f}x as likely"
+            lines.append(f"- Iteration 0 on the training images: {flagged}; {masked}")
     masks = checks.get("masks", {})
     if masks.get("masked_tokens") and not any(masks["masked_tokens"]):
         lines.append("- Masks: no training token was masked in any pass")

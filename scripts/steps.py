@@ -117,8 +117,9 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
     command after a kill resumes from it. Only when training ends are the final weights written and the step, with
     `evaluator`'s validation metrics of the final weights, recorded in `state.json`; a completed step is never rerun.
     The global RNG and the data's random transforms are re-seeded from (seed, epoch) at every epoch start, so
-    shuffling, dropout and augmentation after a resume are those of an uninterrupted run. Under torchrun every rank trains and resumes from the same checkpoint; only rank 0
-    writes (scripts/distributed.py), and every rank returns after the step is recorded.
+    shuffling, dropout and augmentation after a resume are those of an uninterrupted run. Under torchrun every rank
+    trains and resumes from the same checkpoint; only rank 0 writes (scripts/distributed.py), and every rank returns
+    after the step is recorded.
     """
     network, state = distributed.unwrap(trainer.network), RunState(output_dir)
     if state.done(step):
@@ -148,8 +149,8 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_latest(folder))
     start = time.time()
     trainer.run()
-    if evaluator is not None and evaluator.state.epoch != trainer.state.epoch:  # a resume that found no epoch left
-        evaluator.run(trainer.state.epoch)
+    if evaluator is not None:  # a resume that found no epoch left to train
+        _validate_last(trainer, evaluator)
     if distributed.is_main():
         atomic_save(network.state_dict(), weights)
         metrics = {k: float(v) for k, v in (evaluator.state.metrics if evaluator is not None else {}).items()}
