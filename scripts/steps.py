@@ -110,12 +110,38 @@ def _validate_last(trainer, evaluator) -> None:
         evaluator.run(trainer.state.epoch)
 
 
-def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=None, seed: int = 0) -> torch.nn.Module:
+class BestWeights:
+    """Keeps the weights of the best validation so far on disk (`path`), so a stage can end with them.
+
+    A network that goes on training after its validation score peaks fits its own training images better than
+    unseen ones; for the Transformer that means ILTM's masks, computed on those very images, stop catching what it
+    memorised (docs/README.md, "Which epoch's Transformer"). The file survives a kill, so a resumed run compares
+    against the best epoch of the whole run. Ties go to the later epoch.
+    """
+
+    def __init__(self, path: str, metric: str) -> None:
+        self.path, self.metric = path, metric
+
+    def best(self) -> dict | None:
+        return load_checkpoint(self.path) if os.path.isfile(self.path) else None
+
+    def update(self, epoch: int, metrics: dict, network: torch.nn.Module) -> None:
+        score, best = float(metrics.get(self.metric, float("nan"))), self.best()
+        if score == score and (best is None or score >= best["metrics"][self.metric]):
+            metrics = {k: float(v) for k, v in metrics.items()}
+            atomic_save({"epoch": epoch, "metrics": metrics, "model": network.state_dict()}, self.path)
+
+
+def train_stage(
+    step: str, trainer, weights: str, output_dir: str, evaluator=None, seed: int = 0, best_metric: str | None = None
+) -> torch.nn.Module:
     """Runs `trainer` unless `step` is complete; either way its network ends with the stage's final weights.
 
     Every epoch the network, optimiser and trainer state go to a checkpoint beside `weights`; a rerun of the same
     command after a kill resumes from it. Only when training ends are the final weights written and the step, with
     `evaluator`'s validation metrics of the final weights, recorded in `state.json`; a completed step is never rerun.
+    With `best_metric` (higher is better) the final weights are those of the best validated epoch (:class:`BestWeights`),
+    recorded as `best_epoch` with that epoch's metrics.
     The global RNG and the data's random transforms are re-seeded from (seed, epoch) at every epoch start, so
     shuffling, dropout and augmentation after a resume are those of an uninterrupted run. Under torchrun every rank
     trains and resumes from the same checkpoint; only rank 0 writes (scripts/distributed.py), and every rank returns
@@ -143,6 +169,11 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: _reseed(engine, seed * 100_003 + engine.state.epoch))
     if evaluator is not None:  # the last epoch is validated while the run is open (MLflow closes it on COMPLETED)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: _validate_last(engine, evaluator))
+    keeper = BestWeights(os.path.join(folder, "best.pt"), best_metric) if best_metric and evaluator else None
+    if keeper is not None:
+        evaluator.add_event_handler(
+            Events.EPOCH_COMPLETED, lambda engine: keeper.update(trainer.state.epoch, engine.state.metrics, network)
+        )
     if distributed.is_main():
         saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=None)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
@@ -151,11 +182,20 @@ def train_stage(step: str, trainer, weights: str, output_dir: str, evaluator=Non
     trainer.run()
     if evaluator is not None:  # a resume that found no epoch left to train
         _validate_last(trainer, evaluator)
+    best = keeper.best() if keeper is not None else None
     if distributed.is_main():
-        atomic_save(network.state_dict(), weights)
         metrics = {k: float(v) for k, v in (evaluator.state.metrics if evaluator is not None else {}).items()}
+        if best is not None:
+            network.load_state_dict(best["model"])
+            metrics = {**best["metrics"], "best_epoch": best["epoch"]}
+            logger.info(f"{step}: keeping epoch {best['epoch']} of {trainer.state.max_epochs}, the best {best_metric}")
+        atomic_save(network.state_dict(), weights)
         state.complete(
             step, weights=os.path.relpath(weights, output_dir), wall_time_s=round(time.time() - start, 1), **metrics
         )
+        if keeper is not None and os.path.isfile(keeper.path):  # now a copy of `weights`
+            os.remove(keeper.path)
     distributed.barrier()
+    if best_metric and distributed.active():  # every rank goes on (ILTM's mask passes) with the kept weights
+        network.load_state_dict(state_dict(load_checkpoint(weights)))
     return network

@@ -165,7 +165,8 @@ class TransformerStage:
             tracked[1].attach(evaluator)
         try:
             weights = os.path.join(folder, "transformer.pt")  # rank 0 validates (the last epoch too) and records
-            return train_stage(step, trainer, weights, output_dir, evaluator if main else None, self.seed)
+            best = "val_loglik" if len(val_seq) else None  # the epoch whose Transformer generalises best
+            return train_stage(step, trainer, weights, output_dir, evaluator if main else None, self.seed, best)
         finally:
             for handler in tracked or ():
                 handler.close()

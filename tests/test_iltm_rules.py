@@ -84,7 +84,7 @@ def test_masks_of_an_iteration_are_used_by_its_training(tmp_path, load_preset):
 
 
 def test_the_last_epoch_of_a_transformer_is_validated_once(tmp_path, load_preset, monkeypatch):
-    """val_interval 2 over 3 epochs: validated at epochs 2 and 3, and the record holds the final weights' val_loglik."""
+    """val_interval 2 over 3 epochs: validated at epochs 2 and 3, and the record holds the kept weights' val_loglik."""
     import json
 
     from monai.engines import SupervisedEvaluator
@@ -98,6 +98,43 @@ def test_the_last_epoch_of_a_transformer_is_validated_once(tmp_path, load_preset
     stage("t", model, seq, torch.ones_like(seq, dtype=torch.bool), seq[:4], str(tmp_path / "t"), str(tmp_path))
     assert epochs == [(2,), (3,)]
     assert json.loads((tmp_path / "state.json").read_text())["t"]["val_loglik"] < 0
+
+
+def test_a_transformer_that_memorises_its_training_sequences_keeps_its_best_validated_epoch(
+    tmp_path, load_preset, monkeypatch
+):
+    """Random training sequences, other random validation ones: once the Transformer memorises the first its
+    validation likelihood falls, and the stage ends with the weights of the best validated epoch, not the last."""
+    import json
+    import os
+
+    from ignite.engine import Events
+    from monai.engines import SupervisedEvaluator
+
+    from scripts.healing import token_log_likelihood
+
+    torch.manual_seed(0)
+    seq = torch.cat([torch.full((16, 1), 6), torch.randint(0, 6, (16, 12))], dim=1)
+    train, val = seq[:4], seq[8:]
+    scores, run = {}, SupervisedEvaluator.run
+
+    def record(self, epoch):  # each validation's score, by the trainer's epoch
+        self.add_event_handler(
+            Events.EPOCH_COMPLETED, lambda e: scores.setdefault(epoch, e.state.metrics["val_loglik"])
+        )
+        return run(self, epoch)
+
+    stage = config_stage(load_preset, epochs=12, batch_size=4, val_interval=1, lr=1e-2)
+    model = MaskedTransformer(7, 12, embed_dim=32, num_layers=2, num_heads=2)
+    monkeypatch.setattr(SupervisedEvaluator, "run", record)
+    stage("t", model, train, torch.ones_like(train, dtype=torch.bool), val, str(tmp_path / "t"), str(tmp_path))
+    best = max(scores, key=lambda epoch: (scores[epoch], epoch))
+    assert best < 12 and scores[best] > scores[12] + 0.1  # it did memorise, so the choice matters
+    record_ = json.loads((tmp_path / "state.json").read_text())["t"]
+    assert record_["best_epoch"] == best and record_["val_loglik"] == pytest.approx(scores[best])
+    with torch.no_grad():  # the weights in memory and on disk are that epoch's
+        assert token_log_likelihood(model.eval(), val).mean().item() == pytest.approx(scores[best], abs=1e-5)
+    assert not os.path.exists(tmp_path / "t" / "best.pt")
 
 
 class Killed(Exception):
