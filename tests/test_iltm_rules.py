@@ -109,7 +109,7 @@ def test_a_transformer_that_memorises_its_training_sequences_keeps_its_best_vali
     import os
 
     from ignite.engine import Events
-    from monai.engines import SupervisedEvaluator
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
     from scripts.healing import token_log_likelihood
 
@@ -124,17 +124,43 @@ def test_a_transformer_that_memorises_its_training_sequences_keeps_its_best_vali
         )
         return run(self, epoch)
 
+    def model() -> MaskedTransformer:
+        torch.manual_seed(1)
+        return MaskedTransformer(7, 12, embed_dim=32, num_layers=2, num_heads=2)
+
+    def train_into(folder, network: MaskedTransformer) -> MaskedTransformer:
+        keep = torch.ones_like(train, dtype=torch.bool)
+        return stage("t", network, train, keep, val, str(tmp_path / folder / "t"), str(tmp_path / folder))
+
     stage = config_stage(load_preset, epochs=12, batch_size=4, val_interval=1, lr=1e-2)
-    model = MaskedTransformer(7, 12, embed_dim=32, num_layers=2, num_heads=2)
-    monkeypatch.setattr(SupervisedEvaluator, "run", record)
-    stage("t", model, train, torch.ones_like(train, dtype=torch.bool), val, str(tmp_path / "t"), str(tmp_path))
+    with monkeypatch.context() as patch:
+        patch.setattr(SupervisedEvaluator, "run", record)
+        whole = train_into("a", model())
     best = max(scores, key=lambda epoch: (scores[epoch], epoch))
-    assert best < 12 and scores[best] > scores[12] + 0.1  # it did memorise, so the choice matters
-    record_ = json.loads((tmp_path / "state.json").read_text())["t"]
+    assert best < 6 and scores[best] > scores[12] + 0.1  # it did memorise, so the choice matters
+    record_ = json.loads((tmp_path / "a" / "state.json").read_text())["t"]
     assert record_["best_epoch"] == best and record_["val_loglik"] == pytest.approx(scores[best])
+    saved = model()
+    saved.load_state_dict(torch.load(tmp_path / "a" / "t" / "transformer.pt"))
     with torch.no_grad():  # the weights in memory and on disk are that epoch's
-        assert token_log_likelihood(model.eval(), val).mean().item() == pytest.approx(scores[best], abs=1e-5)
-    assert not os.path.exists(tmp_path / "t" / "best.pt")
+        for network in (whole, saved):
+            assert token_log_likelihood(network.eval(), val).mean().item() == pytest.approx(scores[best], abs=1e-5)
+    assert not os.path.exists(tmp_path / "a" / "t" / "best.pt")
+
+    # killed after epoch 6, past the best one: the resumed run still ends with the best epoch's weights
+    original = SupervisedTrainer.run
+
+    def run_and_die(self, *args, **kwargs):
+        self.add_event_handler(Events.EPOCH_COMPLETED(once=6), lambda _: (_ for _ in ()).throw(Killed()))
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(SupervisedTrainer, "run", run_and_die)
+        train_into("b", model())
+    resumed = train_into("b", model())
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["t"]["best_epoch"] == best
 
 
 class Killed(Exception):
