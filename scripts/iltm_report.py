@@ -31,6 +31,7 @@ COLUMNS = (
     "flag_recall",
     "mask_s",
     "train_s",
+    "epoch",
     "val_loglik",
     "trained",
 )
@@ -61,6 +62,7 @@ def iteration_rows(state: RunState, final: int) -> list[dict]:
                 "flag_recall": _measured(masks, "flag_recall"),
                 "mask_s": masks.get("wall_time_s", 0.0),
                 "train_s": _measured(train, "wall_time_s"),
+                "epoch": train.get("best_epoch", "-"),  # the Transformer's kept (best validated) epoch
                 "val_loglik": _measured(train, "val_loglik"),
                 "trained": "final" if k == final else ("yes" if train else "no (converged)"),
             }

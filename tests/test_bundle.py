@@ -1,5 +1,6 @@
 """The bundle as users run it: metadata, the VQ-VAE stage (2D and 3D), and the whole ILTM pipeline with resume."""
 
+import csv
 import json
 import os
 import shutil
@@ -189,6 +190,11 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     assert checks["masks"]["masked_tokens"] == [state["masks_01"]["masked_tokens"], state["masks_02"]["masked_tokens"]]
     summary = (whole / "iltm" / "summary.md").read_text()
     assert "## Can ILTM help here?" in summary and "flag_precision" in summary
+    with open(whole / "iltm" / "summary.csv", newline="") as f:  # each Transformer's kept, best validated epoch
+        kept = [row["epoch"] for row in csv.DictReader(f)]
+    assert kept == [str(state[f"transformer_{k:02d}"]["best_epoch"]) for k in range(3)]
+    assert all(1 <= int(e) <= TINY_2D["transformer#epochs"] for e in kept)
+    assert not list(whole.glob("iltm/iter_*/best.pt"))
     assert "on normal voxels of the same intensities" in summary
 
     # The diagnostics of any checkpoint on a labelled section, the first stage's fidelity among them.
