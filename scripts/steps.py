@@ -121,15 +121,18 @@ class BestWeights:
 
     def __init__(self, path: str, metric: str) -> None:
         self.path, self.metric = path, metric
+        kept = self.best()  # read once: a resumed run's best so far
+        self.score = kept["metrics"][metric] if kept is not None else float("-inf")
 
     def best(self) -> dict | None:
         return load_checkpoint(self.path) if os.path.isfile(self.path) else None
 
     def update(self, epoch: int, metrics: dict, network: torch.nn.Module) -> None:
-        score, best = float(metrics.get(self.metric, float("nan"))), self.best()
-        if score == score and (best is None or score >= best["metrics"][self.metric]):
+        score = float(metrics.get(self.metric, float("nan")))
+        if score >= self.score:  # False for NaN
             metrics = {k: float(v) for k, v in metrics.items()}
             atomic_save({"epoch": epoch, "metrics": metrics, "model": network.state_dict()}, self.path)
+            self.score = score
 
 
 def train_stage(
@@ -182,8 +185,8 @@ def train_stage(
     trainer.run()
     if evaluator is not None:  # a resume that found no epoch left to train
         _validate_last(trainer, evaluator)
-    best = keeper.best() if keeper is not None else None
     if distributed.is_main():
+        best = keeper.best() if keeper is not None else None
         metrics = {k: float(v) for k, v in (evaluator.state.metrics if evaluator is not None else {}).items()}
         if best is not None:
             network.load_state_dict(best["model"])
