@@ -69,6 +69,32 @@ def quiet(fn: Callable) -> Callable:
     return command
 
 
+def fire_main(component: Any, **kwargs: Any) -> None:
+    """``fire.Fire(component)`` for the ``python -m scripts....`` commands: an error the bundle raises on purpose ends
+    the command with its message (which names the file and the problem) and exit status 1, not a traceback through
+    fire. On purpose: one of the bundle's own exception classes, or a ValueError / FileNotFoundError raised by the
+    bundle's code itself; anything else is a bug and keeps its traceback."""
+    import fire
+
+    try:
+        fire.Fire(component, **kwargs)
+    except (ValueError, RuntimeError, OSError) as e:
+        if not _raised_on_purpose(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _raised_on_purpose(e: BaseException) -> bool:
+    if type(e).__module__.partition(".")[0] == "scripts":
+        return True
+    frame = e.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    raised_here = frame is not None and frame.tb_frame.f_globals.get("__name__", "").partition(".")[0] == "scripts"
+    return raised_here and isinstance(e, (ValueError, FileNotFoundError))
+
+
 def _ids(config: Any, prefix: str = "") -> Iterator[str]:
     if isinstance(config, dict):
         items = config.items()

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 
-import fire
 import torch
 from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from scripts.checkpoint import load_detector
-from scripts.cli import check_ids
+from scripts.cli import check_ids, fire_main
 from scripts.data import load_datalist
 from scripts.detector import AnomalyDetector
 from scripts.files import write_json
@@ -112,4 +111,4 @@ def diagnose(
 
 
 if __name__ == "__main__":
-    fire.Fire(diagnose, serialize=lambda results: None)  # printed already
+    fire_main(diagnose, serialize=lambda results: None)  # printed already

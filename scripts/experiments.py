@@ -47,7 +47,7 @@ from typing import Any
 from monai.bundle import ConfigParser
 
 from scripts.baselines import METHODS, own_overrides
-from scripts.cli import UnknownSetting, as_list, quiet, unknown_ids
+from scripts.cli import UnknownSetting, as_list, fire_main, quiet, unknown_ids
 from scripts.contamination import parse_names, parse_ratios, ratio_tag
 from scripts.experiments_report import final_iteration, report
 from scripts.files import write_json
@@ -381,9 +381,7 @@ def _path(config: str) -> str:
 
 
 def main() -> None:
-    import fire
-
-    fire.Fire({"run": quiet(run), "report": quiet(report)})
+    fire_main({"run": quiet(run), "report": quiet(report)})
 
 
 if __name__ == "__main__":

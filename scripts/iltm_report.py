@@ -84,6 +84,12 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _csv_cell(value):
+    """An empty cell where nothing was measured (spreadsheets and pandas read it as missing; `nan` is a string to
+    some readers)."""
+    return "" if value == "-" or (isinstance(value, float) and math.isnan(value)) else value
+
+
 def write_report(
     output_dir: str,
     state: RunState,
@@ -109,7 +115,7 @@ def write_report(
     with open(os.path.join(folder, "summary.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({c: _csv_cell(row[c]) for c in COLUMNS} for row in rows)
     _log_scalars(state, rows, os.path.join(folder, "tensorboard"))
     _plot_progress(rows, os.path.join(folder, "progress.png"))
     masks = [

@@ -36,11 +36,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import fire
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from scripts.cli import fire_main
 from scripts.contamination import (
     LayoutError,
     check_no_leakage,
@@ -358,4 +358,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda rows: None)  # the summary is printed already
+    fire_main(main, serialize=lambda rows: None)  # the summary is printed already

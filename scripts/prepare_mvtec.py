@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fire
 import numpy as np
 from PIL import Image
 
+from scripts.cli import fire_main
 from scripts.contamination import (
     LayoutError,
     check_no_leakage,
@@ -417,4 +417,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda rows: None)  # the summary is printed already
+    fire_main(main, serialize=lambda rows: None)  # the summary is printed already

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from scripts.cli import UnknownSetting, check_overrides, command_line_ids, unknown_ids
+from scripts.cli import UnknownSetting, check_overrides, command_line_ids, fire_main, unknown_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN, DEMO, INFERENCE = (os.path.join(ROOT, "configs", f) for f in ("train.yaml", "demo.yaml", "inference.yaml"))
@@ -99,3 +99,34 @@ def test_diagnose_shows_its_usage() -> None:
                             text=True, timeout=120, env={**os.environ, "PAGER": "cat"})  # fmt: skip
     shown = result.stdout + result.stderr
     assert "diagnose.py CONFIG_FILE CHECKPOINT" in shown and "Traceback" not in shown
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["scripts.prepare_mvtec", "{missing}", "{out}"], "{missing}: MVTec AD folder not found"),
+        (["scripts.prepare_autopet", "{missing}", "{out}"], "{missing}: autoPET folder not found"),
+        (["scripts.experiments", "report", "--exp_dir", "{missing}"], "{missing}: no evaluations yet"),
+        (["scripts.synthetic", "mask_recall", "--run_dir", "{missing}", "--data_dir", "{out}"], "{missing}: no iltm"),
+    ],
+)
+def test_the_scripts_end_a_bad_input_with_its_message_not_a_traceback(tmp_path, command, message) -> None:
+    paths = {"missing": str(tmp_path / "missing"), "out": str(tmp_path / "out")}
+    argv = [part.format(**paths) for part in command]
+    result = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"error: {message.format(**paths)}")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bug_keeps_its_traceback() -> None:
+    """Only errors the bundle raises on purpose lose their traceback: a TypeError, or a ValueError from a library, is a
+    bug and must stay debuggable."""
+
+    def buggy() -> None:
+        int("not a number")  # a ValueError raised inside Python, not by the bundle
+
+    with pytest.raises(ValueError, match="invalid literal"):
+        fire_main(buggy, command=[])
+    with pytest.raises(TypeError):
+        fire_main(lambda: None + 1, command=[])
