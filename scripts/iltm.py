@@ -101,7 +101,9 @@ class ILTMWorkflow:
         export: where the final detector's state dict is also written (the bundle's `models/model.pt`); None = not.
         initial_masks: a token mask file (`token_masks.pt` of an earlier run, or one written with
             `scripts.tokens.save_token_masks`) that iteration 0 trains with; None = all tokens; "labels" = the
-            training labels' anomalous tokens, the oracle that bounds what any mask can achieve (a diagnostic).
+            training labels' anomalous tokens, the oracle that bounds what any mask can achieve (a diagnostic);
+            "labels&PATH" / "labels|PATH" = the file's masks within / together with the labelled tokens (diagnostics
+            of a run's masks: their recall alone, and their false masks alone).
     """
 
     def __init__(
@@ -150,6 +152,23 @@ class ILTMWorkflow:
         self.grid = latent_shape(detector.vqvae, detector.vqvae.in_channels, image_size)
         self.codebook_size = detector.vqvae.num_embeddings
 
+    def _initial_masks(self, truth: torch.Tensor | None) -> torch.Tensor:
+        """Iteration 0's token masks: none, a file, the labels (the oracle), or the labels combined with a file's
+        masks, which separates what a run's masks miss from what they mask wrongly: ``labels&PATH`` keeps the
+        file's correct masks only (its recall, no false masks), ``labels|PATH`` adds every labelled token (full
+        recall, its false masks)."""
+        spec = self.initial_masks or ""
+        if not spec:
+            return torch.zeros((len(self.train_files), *self.grid), dtype=torch.bool)
+        if spec != "labels" and not spec.startswith(("labels&", "labels|")):
+            return load_token_masks(spec, self.train_files, self.grid)
+        if truth is None:
+            raise ValueError(f"iltm#initial_masks {spec!r} needs a label for every training image")
+        if spec == "labels":
+            return truth
+        masks = load_token_masks(spec[len("labels&") :], self.train_files, self.grid)
+        return truth & masks if spec[len("labels")] == "&" else truth | masks
+
     def folder(self, k: int) -> str:
         return os.path.join(self.output_dir, "iltm", f"iter_{k:02d}")
 
@@ -164,13 +183,7 @@ class ILTMWorkflow:
         val_seq = sequencer.to_sequence(self._tokens(self.val_files, f"{tokens}/val.pt"))
         truth = self._true_tokens()
 
-        suspect = torch.zeros((len(train_seq), *self.grid), dtype=torch.bool)
-        if self.initial_masks == "labels":
-            if truth is None:
-                raise ValueError("iltm#initial_masks 'labels' needs a label for every training image")
-            suspect = truth
-        elif self.initial_masks:
-            suspect = load_token_masks(self.initial_masks, self.train_files, self.grid)
+        suspect = self._initial_masks(truth)
         final = 0
         for k in range(self.max_iterations + 1):
             if k > 0:

@@ -318,3 +318,31 @@ def test_an_unmeasured_mask_precision_is_strict_json_and_shows_as_a_dash(tmp_pat
     assert record["masks_01"]["precision"] is None and record["masks_01"]["recall"] is None
     row = iteration_rows(state, final=1)[1]
     assert math.isnan(row["precision"]) and "| 1 | 5.00e-03 | 0 | 0.000 | - | - |" in format_table([row])
+
+
+def test_initial_masks_split_a_runs_masks_into_what_they_catch_and_what_they_mask_wrongly(tmp_path) -> None:
+    """`labels&PATH` keeps the file's correct masks (its recall, no false masks), `labels|PATH` adds every labelled
+    token (full recall, the file's false masks); `labels` alone is the oracle, a plain path the file's masks."""
+    from scripts import iltm
+    from scripts.tokens import save_token_masks
+
+    workflow = object.__new__(iltm.ILTMWorkflow)
+    workflow.grid = (2, 2)
+    workflow.train_files = [{"image": f"img_{i}.png"} for i in range(2)]
+    truth = torch.tensor([[[True, True], [False, False]], [[False, False], [False, False]]])
+    run = torch.tensor([[[True, False], [True, False]], [[False, True], [False, False]]])  # 1 hit, 2 false, 1 missed
+    path = str(tmp_path / "token_masks.pt")
+    save_token_masks(path, workflow.train_files, run)
+    expected = {None: torch.zeros_like(truth), path: run, "labels": truth, f"labels&{path}": truth & run,
+                f"labels|{path}": truth | run}  # fmt: skip
+    for spec, masks in expected.items():
+        workflow.initial_masks = spec
+        assert torch.equal(workflow._initial_masks(truth), masks), spec
+    assert precision_recall(workflow._initial_masks(truth), truth) == (0.5, 1.0)  # `labels|`: 2 labelled, 2 false
+    for spec in ("labels", f"labels&{path}"):
+        workflow.initial_masks = spec
+        with pytest.raises(ValueError, match=f"iltm#initial_masks '{spec}' needs a label for every training image"):
+            workflow._initial_masks(None)
+    workflow.initial_masks = f"labels|{tmp_path / 'missing.pt'}"
+    with pytest.raises(FileNotFoundError, match="missing.pt: token mask file not found"):
+        workflow._initial_masks(truth)
