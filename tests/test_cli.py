@@ -101,22 +101,32 @@ def test_diagnose_shows_its_usage() -> None:
     assert "diagnose.py CONFIG_FILE CHECKPOINT" in shown and "Traceback" not in shown
 
 
+def test_a_script_ends_a_bad_input_with_its_message_not_a_traceback(tmp_path) -> None:
+    missing = str(tmp_path / "missing")
+    cmd = [sys.executable, "-m", "scripts.prepare_mvtec", missing, str(tmp_path / "out")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {missing}: MVTec AD folder not found"
+
+
 @pytest.mark.parametrize(
-    "command, message",
+    "module, argv, message",
     [
-        (["scripts.prepare_mvtec", "{missing}", "{out}"], "{missing}: MVTec AD folder not found"),
-        (["scripts.prepare_autopet", "{missing}", "{out}"], "{missing}: autoPET folder not found"),
-        (["scripts.experiments", "report", "--exp_dir", "{missing}"], "{missing}: no evaluations yet"),
-        (["scripts.synthetic", "mask_recall", "--run_dir", "{missing}", "--data_dir", "{out}"], "{missing}: no iltm"),
+        ("scripts.prepare_autopet", ["{missing}", "{out}"], "{missing}: autoPET folder not found"),
+        ("scripts.experiments", ["report", "--exp_dir", "{missing}"], "{missing}: no evaluations yet"),
+        ("scripts.synthetic", ["mask_recall", "--run_dir", "{missing}", "--data_dir", "{out}"], "{missing}: no iltm"),
     ],
 )
-def test_the_scripts_end_a_bad_input_with_its_message_not_a_traceback(tmp_path, command, message) -> None:
+def test_every_script_command_shares_that_ending(tmp_path, monkeypatch, capsys, module, argv, message) -> None:
+    """The same as above in-process (each command line as `python -m MODULE ...` would run it)."""
+    import runpy
+
     paths = {"missing": str(tmp_path / "missing"), "out": str(tmp_path / "out")}
-    argv = [part.format(**paths) for part in command]
-    result = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip().startswith(f"error: {message.format(**paths)}")
-    assert "Traceback" not in result.stderr
+    monkeypatch.setattr(sys, "argv", [module, *(a.format(**paths) for a in argv)])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.startswith(f"error: {message.format(**paths)}")
 
 
 def test_a_bug_keeps_its_traceback() -> None:
