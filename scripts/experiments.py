@@ -15,8 +15,10 @@ Evaluated per seed and ratio (:data:`scripts.experiments_report.LABELS`):
 - variants (``variants``), each sharing the VQ-VAE (and iteration 0, where the variant does not change it) of the
   seed and ratio, so that a comparison isolates the one setting: ``fixed`` (a fixed resampling threshold, paper
   Fig. 3), ``unrestricted`` (the anomaly map without the prior work's restriction to flagged tokens, in training's
-  masks and in evaluation) and ``oracle`` (one Transformer trained with the labelled anomalous tokens masked: the
-  upper bound of what ILTM's masks can give).
+  masks and in evaluation), ``oracle`` (one Transformer trained with the labelled anomalous tokens masked: the
+  upper bound of what ILTM's masks can give), and two that split ILTM's first masks against the labels: ``hits``
+  (only those of its masks that are labelled anomalous: its recall without its false masks) and ``hits_false``
+  (every labelled token and its false masks: full recall with them).
 
 Writes under ``exp_dir``: ``seed_S/{data,runs,eval}/...``, ``results.csv`` (one row per evaluated model),
 ``table1.md`` (mean +- sd), ``figure4.png``, ``figure3.png``. Resumable: a finished training (``model.pt``) or
@@ -55,12 +57,16 @@ from scripts.files import write_json
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"2d": "configs/demo.yaml", "3d": "configs/demo3d.yaml"}
 RATIOS = {"2d": (0.0, 0.2, 0.4, 0.6, 0.8), "3d": (0.0, 0.5, 1.0)}
-# variant -> (training overrides, evaluation overrides, shares iteration 0); the VQ-VAE is always the base run's
+# variant -> (training overrides, {base} = the base run's folder; evaluation overrides; shares iteration 0); the VQ-VAE
+# is always the base run's
 VARIANTS = {
     "fixed": ({"iltm#fixed_threshold": True}, {}, True),
     "unrestricted": ({"restrict_to_flags": False}, {"restrict_to_flags": False}, True),
     "oracle": ({"iltm#initial_masks": "labels", "iltm#max_iterations": 0}, {}, False),
-}
+    "hits": ({"iltm#initial_masks": "labels&{base}/iltm/iter_01/token_masks.pt", "iltm#max_iterations": 0}, {}, False),
+    "hits_false": ({"iltm#initial_masks": "labels|{base}/iltm/iter_01/token_masks.pt", "iltm#max_iterations": 0}, {},
+                   False),
+}  # fmt: skip
 # what determines results: a rerun with other values would mix incompatible outputs in one folder
 RECORDED = ("preset", "n_train", "n_test", "overrides", "eval_overrides")
 TRAINING_ONLY = ("vqvae", "transformer", "iltm")  # sections inference.yaml holds empty: evaluation never reads them
@@ -92,7 +98,8 @@ def run(
         seeds: data and model seeds (``synthetic#seed`` and ``seed``); the report averages over them.
         preset: config layered on train/inference (default configs/demo.yaml or configs/demo3d.yaml).
         n_train, n_test: override the preset's synthetic set sizes (a smaller test set is faster to evaluate).
-        variants: names from :data:`VARIANTS` ("fixed", "unrestricted", "oracle"), comma-separated or a list.
+        variants: names from :data:`VARIANTS` ("fixed", "unrestricted", "oracle", "hits", "hits_false"),
+            comma-separated or a list.
         methods: "iltm" (its iteration 0, final iteration, ablation and variants) and the baselines of
             :data:`scripts.baselines.METHODS` ("dense_ae", "dense_vae"), comma-separated or a list; each trained on
             the same data with the same seed and evaluated on the same test set.
@@ -162,6 +169,7 @@ def run(
                 train_over, eval_over, share_iteration_0 = VARIANTS[name]
                 folder = f"{base}_{name}"
                 share_first_stage(base, folder, share_iteration_0)
+                train_over = {k: v.format(base=base) if isinstance(v, str) else v for k, v in train_over.items()}
                 train(folder, data_dir, train_data, preset, {**common, **train_over}, exp_dir, in_process)
                 runs[name] = (folder, eval_over)
             for name, checkpoint, extra in evaluations(runs, ablation, all_iterations):
@@ -280,7 +288,11 @@ def evaluations(runs: dict[str, tuple[str, dict]], ablation: bool, all_iteration
         final = final_iteration(folder)
         chosen = range(final + 1) if all_iterations else sorted({0, final})
         prefix = f"{variant}_" if variant else ""
-        own_start = variant and not filecmp.cmp(_iteration_model(folder, 0), _iteration_model(base, 0), shallow=False)
+        own_start = variant and (
+            variant in VARIANTS
+            and not VARIANTS[variant][2]  # trains its own iteration 0, even if to the same weights
+            or not filecmp.cmp(_iteration_model(folder, 0), _iteration_model(base, 0), shallow=False)
+        )
         out += [(f"{prefix}iter_{k:02d}", _iteration_model(folder, k), dict(extra))
                 for k in chosen if not variant or k > 0 or extra or own_start]  # fmt: skip
     return out

@@ -275,10 +275,17 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path) -> None:
 def test_end_to_end_tiny_and_resumable(tmp_path) -> None:
     """Training (VQ-VAE, iteration 0, one ILTM iteration) and three evaluations; a rerun redoes nothing."""
     exp = str(tmp_path / "exp")
-    options = dict(exp_dir=exp, ratios=[0.8], n_train=8, n_test=4, overrides=TINY, variants="oracle", in_process=True)
+    options = dict(exp_dir=exp, ratios=[0.8], n_train=8, n_test=4, overrides=TINY, variants="oracle,hits,hits_false",
+                   in_process=True)  # fmt: skip
     rows = experiments.run(**options)
     assert {(r["method"], r["iteration"], r["variant"]) for r in rows} == {
-        ("vqvae_dropout", 0, ""), ("transformer", 0, ""), ("iltm", 1, ""), ("transformer", 0, "oracle")}  # fmt: skip
+        ("vqvae_dropout", 0, ""), ("transformer", 0, ""), ("iltm", 1, ""), ("transformer", 0, "oracle"),
+        ("transformer", 0, "hits"), ("transformer", 0, "hits_false")}  # fmt: skip
+    runs = os.path.join(exp, "seed_0", "runs")
+    for variant, combine in (("hits", "&"), ("hits_false", "|")):  # ILTM's first masks against the labels
+        with open(os.path.join(runs, f"r0.80_{variant}", "run.json")) as f:
+            recorded = json.load(f)["settings"]["iltm#initial_masks"]
+        assert recorded == f"labels{combine}{os.path.join(runs, 'r0.80')}/iltm/iter_01/token_masks.pt"
     oracle = torch.load(os.path.join(exp, "seed_0", "runs", "r0.80_oracle", "model.pt"), weights_only=True)["model"]
     base = torch.load(os.path.join(exp, "seed_0", "runs", "r0.80", "iltm", "iter_00", "model.pt"), weights_only=True)[
         "model"
