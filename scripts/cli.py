@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import dis
 import functools
 import os
 import re
@@ -72,27 +73,40 @@ def quiet(fn: Callable) -> Callable:
 def fire_main(component: Any, **kwargs: Any) -> None:
     """``fire.Fire(component)`` for the ``python -m scripts....`` commands: an error the bundle raises on purpose ends
     the command with its message (which names the file and the problem) and exit status 1, not a traceback through
-    fire. On purpose: one of the bundle's own exception classes, or a ValueError / FileNotFoundError raised by the
-    bundle's code itself; anything else is a bug and keeps its traceback."""
+    fire. On purpose: one of the bundle's own exception classes, or an exception a ``raise`` statement of the bundle's
+    code raised, also where MONAI's config parser wrapped it; a failure inside an expression (a bug) keeps its
+    traceback, as does everything else."""
     import fire
 
     try:
         fire.Fire(component, **kwargs)
-    except (ValueError, RuntimeError, OSError) as e:
-        if not _raised_on_purpose(e):
+    except Exception as e:  # noqa: BLE001 - re-raised unless the bundle raised it on purpose
+        cause = _on_purpose(e)
+        if cause is None:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(1)
 
 
-def _raised_on_purpose(e: BaseException) -> bool:
-    if type(e).__module__.partition(".")[0] == "scripts":
-        return True
-    frame = e.__traceback__
-    while frame is not None and frame.tb_next is not None:
-        frame = frame.tb_next
-    raised_here = frame is not None and frame.tb_frame.f_globals.get("__name__", "").partition(".")[0] == "scripts"
-    return raised_here and isinstance(e, (ValueError, FileNotFoundError))
+def _on_purpose(error: BaseException | None) -> BaseException | None:
+    """The first exception in the chain of `error` and its causes that the bundle raised on purpose, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__module__.partition(".")[0] == "scripts" or _raised_by_the_bundle(error):
+            return error
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None
+
+
+def _raised_by_the_bundle(error: BaseException) -> bool:
+    """Whether the innermost frame is the bundle's and stopped at a ``raise`` statement (not at a failing call)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or tb.tb_frame.f_globals.get("__name__", "").partition(".")[0] != "scripts":
+        return False
+    return dis.opname[tb.tb_frame.f_code.co_code[tb.tb_lasti]] == "RAISE_VARARGS"
 
 
 def _ids(config: Any, prefix: str = "") -> Iterator[str]:

@@ -35,7 +35,7 @@ from scripts.healing import LatentSequencer, token_log_likelihood
 from scripts.iltm_report import write_report
 from scripts.runs import RunConflict
 from scripts.steps import RunState
-from scripts.tokens import cached_tokens, latent_shape, load_token_masks, save_token_masks
+from scripts.tokens import cached_tokens, latent_shape, load_token_masks, mask_spec, save_token_masks
 from scripts.transformer_stage import TransformerStage
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,9 @@ class ILTMWorkflow:
             raise ValueError(f"mask_density_threshold must be > 0, got {self.mask_density_threshold}")
         check_density_threshold("mask_density_threshold", self.mask_density_threshold, detector.epsilon)
         self.grid = latent_shape(detector.vqvae, detector.vqvae.in_channels, image_size)
+        path = mask_spec(os.fspath(initial_masks or ""))[1]
+        if path and not os.path.isfile(path):  # the run's settings check has said so before any training
+            raise FileNotFoundError(f"{path}: token mask file not found (iltm#initial_masks {initial_masks!r})")
         self.codebook_size = detector.vqvae.num_embeddings
 
     def _initial_masks(self, truth: torch.Tensor | None) -> torch.Tensor:
@@ -157,17 +160,24 @@ class ILTMWorkflow:
         masks, which separates what a run's masks miss from what they mask wrongly: ``labels&PATH`` keeps the
         file's correct masks only (its recall, no false masks), ``labels|PATH`` adds every labelled token (full
         recall, its false masks)."""
-        spec = self.initial_masks or ""
+        spec = os.fspath(self.initial_masks or "")
         if not spec:
             return torch.zeros((len(self.train_files), *self.grid), dtype=torch.bool)
-        if spec != "labels" and not spec.startswith(("labels&", "labels|")):
-            return load_token_masks(spec, self.train_files, self.grid)
-        if truth is None:
+        labels, path = mask_spec(spec)
+        if labels and truth is None:
             raise ValueError(f"iltm#initial_masks {spec!r} needs a label for every training image")
-        if spec == "labels":
+        if not path:
             return truth
-        masks = load_token_masks(spec[len("labels&") :], self.train_files, self.grid)
-        return truth & masks if spec[len("labels")] == "&" else truth | masks
+        masks = load_token_masks(path, self.train_files, self.grid)
+        stored = load_checkpoint(path)
+        listed = sum(str(e["image"]) in stored for e in self.train_files)
+        if not listed:  # e.g. written for another dataset folder: every image would silently train unmasked
+            raise ValueError(f"{path}: token masks of none of the {len(self.train_files)} training images (keyed by "
+                             f"image path, e.g. {self.train_files[0]['image']}); masks of another dataset?")  # fmt: skip
+        if listed < len(self.train_files):
+            logger.warning(f"{path}: no token masks for {len(self.train_files) - listed} of the training images; "
+                           "they train unmasked")  # fmt: skip
+        return masks if not labels else (truth & masks if labels == "labels&" else truth | masks)
 
     def folder(self, k: int) -> str:
         return os.path.join(self.output_dir, "iltm", f"iter_{k:02d}")

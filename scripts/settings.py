@@ -8,10 +8,12 @@ inside healing, ``--image_size "[0,0]"`` after the VQ-VAE has trained. The confi
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from scripts.checkpoint import flatten
+from scripts.tokens import mask_spec
 
 
 def _int(low: int | None = None) -> Callable[[Any], str | None]:
@@ -50,6 +52,15 @@ def _spacing(v: Any) -> str | None:
     if not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, (int, float)) and s > 0 for s in v):
         return "None or a list of positive spacings in mm, e.g. [4.0, 4.0, 4.0]"
     return None
+
+
+def _initial_masks(v: Any) -> str | None:
+    if v is None or v == "":
+        return None
+    path = mask_spec(v)[1] if isinstance(v, str) else None
+    if path is None:
+        return 'None, "labels", a token mask file, or "labels&FILE" / "labels|FILE"'
+    return f"a token mask file that exists ({path} not found)" if path and not os.path.isfile(path) else None
 
 
 def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
@@ -109,6 +120,7 @@ DOMAINS: dict[str, Callable[[Any], str | None]] = {
     "iltm#mask_num_decodes": _int(1),
     "iltm#mask_resample_threshold": _float(0.0, 1.0),
     "iltm#mask_density_threshold": _float(0.0),
+    "iltm#initial_masks": _initial_masks,
     "save_maps": _bool,
     "save_overlays": _bool,
     "invert_maps": _bool,

@@ -91,3 +91,13 @@ def load_token_masks(path: str, files: Sequence[dict], grid: Sequence[int]) -> t
                 raise ValueError(f"{path}: mask of {entry['image']} has shape {tuple(mask.shape)}, latent grid {grid}")
             suspect[i] = mask
     return suspect
+
+
+def mask_spec(spec: str) -> tuple[str, str]:
+    """``iltm#initial_masks`` -> (labels part: "", "labels", "labels&" or "labels|"; mask file path or "")."""
+    if spec == "labels":
+        return "labels", ""
+    for labels in ("labels&", "labels|"):
+        if spec.startswith(labels):
+            return labels, spec[len(labels) :]
+    return "", spec

@@ -343,6 +343,19 @@ def test_initial_masks_split_a_runs_masks_into_what_they_catch_and_what_they_mas
         workflow.initial_masks = spec
         with pytest.raises(ValueError, match=f"iltm#initial_masks '{spec}' needs a label for every training image"):
             workflow._initial_masks(None)
+    workflow.initial_masks = tmp_path / "token_masks.pt"  # a path object from Python
+    assert torch.equal(workflow._initial_masks(truth), run)
     workflow.initial_masks = f"labels|{tmp_path / 'missing.pt'}"
     with pytest.raises(FileNotFoundError, match="missing.pt: token mask file not found"):
         workflow._initial_masks(truth)
+    # masks of other images (another dataset folder) would silently train every image unmasked: refused
+    save_token_masks(str(tmp_path / "other.pt"), [{"image": "elsewhere/img_0.png"}], run[:1])
+    workflow.initial_masks = f"labels|{tmp_path / 'other.pt'}"
+    with pytest.raises(ValueError, match="other.pt: token masks of none of the 2 training images .* another dataset"):
+        workflow._initial_masks(truth)
+    # and the run's settings check names a missing file before any training
+    from scripts.settings import SettingError, check_settings
+
+    check_settings({"iltm": {"initial_masks": f"labels&{path}"}}, {"iltm#initial_masks": "labels"})
+    with pytest.raises(SettingError, match=r"iltm#initial_masks must be a token mask file that exists \(.*nope.pt not"):
+        check_settings({"iltm": {"initial_masks": f"labels|{tmp_path / 'nope.pt'}"}})
