@@ -33,10 +33,7 @@ LABELS = {
     ("iltm", "unrestricted"): "ILTM, map not restricted to flags (final iteration)",
     ("transformer", "oracle"): "Oracle: Transformer trained with the labelled anomalous tokens masked",
     ("transformer", "hits"): "Transformer trained with ILTM's first masks that are labelled anomalous (no false mask)",
-    (
-        "transformer",
-        "hits_false",
-    ): "Transformer trained with all labelled anomalous tokens and ILTM's first false masks",
+    ("transformer", "hits_false"): "Transformer trained with all labelled tokens and ILTM's first false masks",
 }
 TITLES = {"aupro": "AUPRO", "best_dice": "best Dice", "pixel_auroc": "pixel AUROC", "image_auroc": "image AUROC"}
 

@@ -150,9 +150,6 @@ class ILTMWorkflow:
             raise ValueError(f"mask_density_threshold must be > 0, got {self.mask_density_threshold}")
         check_density_threshold("mask_density_threshold", self.mask_density_threshold, detector.epsilon)
         self.grid = latent_shape(detector.vqvae, detector.vqvae.in_channels, image_size)
-        path = mask_spec(os.fspath(initial_masks or ""))[1]
-        if path and not os.path.isfile(path):  # the run's settings check has said so before any training
-            raise FileNotFoundError(f"{path}: token mask file not found (iltm#initial_masks {initial_masks!r})")
         self.codebook_size = detector.vqvae.num_embeddings
 
     def _initial_masks(self, truth: torch.Tensor | None) -> torch.Tensor:

@@ -84,7 +84,7 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _csv_cell(value):
+def _csv_cell(value: object) -> object:
     """An empty cell where nothing was measured (spreadsheets and pandas read it as missing; `nan` is a string to
     some readers)."""
     return "" if value == "-" or (isinstance(value, float) and math.isnan(value)) else value
