@@ -75,6 +75,14 @@ def precision_recall(suspect: torch.Tensor, truth: torch.Tensor) -> tuple[float,
     return (hits / flagged if flagged else float("nan")), (hits / positives if positives else float("nan"))
 
 
+def mask_counts(suspect: torch.Tensor, truth: torch.Tensor | None) -> dict:
+    """What ``state.json`` records of a set of token masks: its size, and its quality where labels exist."""
+    counts = {"masked_tokens": int(suspect.sum()), "total_tokens": suspect.numel()}
+    if truth is not None:
+        counts["precision"], counts["recall"] = precision_recall(suspect, truth)
+    return counts
+
+
 class ILTMWorkflow:
     """Runs iteration 0 and the ILTM iterations; `run()` is the bundle's Transformer + ILTM training.
 
@@ -165,15 +173,7 @@ class ILTMWorkflow:
             raise ValueError(f"iltm#initial_masks {spec!r} needs a label for every training image")
         if not path:
             return truth
-        masks = load_token_masks(path, self.train_files, self.grid)
-        stored = load_checkpoint(path)
-        listed = sum(str(e["image"]) in stored for e in self.train_files)
-        if not listed:  # e.g. written for another dataset folder: every image would silently train unmasked
-            raise ValueError(f"{path}: token masks of none of the {len(self.train_files)} training images (keyed by "
-                             f"image path, e.g. {self.train_files[0]['image']}); masks of another dataset?")  # fmt: skip
-        if listed < len(self.train_files):
-            logger.warning(f"{path}: no token masks for {len(self.train_files) - listed} of the training images; "
-                           "they train unmasked")  # fmt: skip
+        masks = load_token_masks(path, self.train_files, self.grid, required=True)
         return masks if not labels else (truth & masks if labels == "labels&" else truth | masks)
 
     def folder(self, k: int) -> str:
@@ -191,6 +191,8 @@ class ILTMWorkflow:
         truth = self._true_tokens()
 
         suspect = self._initial_masks(truth)
+        if self.initial_masks and distributed.is_main() and not state.done("masks_00"):  # row 0 of the summary
+            state.complete("masks_00", source=os.fspath(self.initial_masks), **mask_counts(suspect, truth))
         final = 0
         for k in range(self.max_iterations + 1):
             if k > 0:
@@ -262,13 +264,11 @@ class ILTMWorkflow:
             info = {
                 "threshold": threshold,
                 "density_threshold": self.mask_density_threshold,
-                "masked_tokens": int(suspect.sum()),
-                "total_tokens": suspect.numel(),
+                **mask_counts(suspect, truth),
                 "resampled_tokens": int(flags.sum()),
                 "val_masked_tokens": int(val_suspect.sum()),
             }
             if truth is not None:
-                info["precision"], info["recall"] = precision_recall(suspect, truth)
                 info["flag_precision"], info["flag_recall"] = precision_recall(flags, truth)
             info["wall_time_s"] = round(time.time() - start, 1)
             info["seconds_per_image"] = round(info["wall_time_s"] / len(self.train_files), 3)

@@ -78,8 +78,12 @@ def save_token_masks(path: str, files: Sequence[dict], suspect: torch.Tensor) ->
     atomic_save({str(e["image"]): m.bool().cpu() for e, m in zip(files, suspect)}, path)
 
 
-def load_token_masks(path: str, files: Sequence[dict], grid: Sequence[int]) -> torch.Tensor:
-    """[N, *grid] suspect masks for `files` from a file written by `save_token_masks`; unlisted images: none."""
+def load_token_masks(path: str, files: Sequence[dict], grid: Sequence[int], required: bool = False) -> torch.Tensor:
+    """[N, *grid] suspect masks for `files` from a file written by `save_token_masks`; unlisted images: none.
+
+    ``required``: masks a user gave (``iltm#initial_masks``). A file listing none of `files` is refused (written for
+    another dataset folder, it would silently train every image unmasked); one listing only some gets a warning.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: token mask file not found")
     stored = load_checkpoint(path)
@@ -90,6 +94,12 @@ def load_token_masks(path: str, files: Sequence[dict], grid: Sequence[int]) -> t
             if tuple(mask.shape) != tuple(grid):
                 raise ValueError(f"{path}: mask of {entry['image']} has shape {tuple(mask.shape)}, latent grid {grid}")
             suspect[i] = mask
+    listed = sum(str(e["image"]) in stored for e in files)
+    if required and files and not listed:
+        raise ValueError(f"{path}: token masks of none of the {len(files)} training images (keyed by image path, "
+                         f"e.g. {files[0]['image']}); masks of another dataset?")  # fmt: skip
+    if required and listed < len(files):
+        logger.warning(f"{path}: no token masks for {len(files) - listed} of the training images; they train unmasked")
     return suspect
 
 

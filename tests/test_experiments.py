@@ -286,6 +286,17 @@ def test_end_to_end_tiny_and_resumable(tmp_path) -> None:
         with open(os.path.join(runs, f"r0.80_{variant}", "run.json")) as f:
             recorded = json.load(f)["settings"]["iltm#initial_masks"]
         assert recorded == f"labels{combine}{os.path.join(runs, 'r0.80')}/iltm/iter_01/token_masks.pt"
+    given = {}  # row 0 of each variant's summary: the masks its iteration 0 trained with
+    for variant in ("oracle", "hits", "hits_false"):
+        with open(os.path.join(runs, f"r0.80_{variant}", "state.json")) as f:
+            given[variant] = json.load(f)["masks_00"]
+    assert given["oracle"]["masked_tokens"] > 0 and given["oracle"]["source"] == "labels"
+    assert given["oracle"]["precision"] == given["oracle"]["recall"] == given["hits_false"]["recall"] == 1.0
+    assert given["hits"]["precision"] in (1.0, None)  # None: ILTM's first masks caught no labelled token
+    assert given["hits"]["masked_tokens"] <= given["oracle"]["masked_tokens"] <= given["hits_false"]["masked_tokens"]
+    with open(os.path.join(runs, "r0.80_oracle", "iltm", "summary.csv")) as f:
+        row0 = next(csv.DictReader(f))
+    assert int(row0["masked_tokens"]) == given["oracle"]["masked_tokens"] and row0["threshold"] == ""
     oracle = torch.load(os.path.join(exp, "seed_0", "runs", "r0.80_oracle", "model.pt"), weights_only=True)["model"]
     base = torch.load(os.path.join(exp, "seed_0", "runs", "r0.80", "iltm", "iter_00", "model.pt"), weights_only=True)[
         "model"

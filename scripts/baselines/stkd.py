@@ -30,7 +30,18 @@ from scripts.vqvae import eval_except
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistillBatch", "FeatureStudent", "keep_least_anomalous", "self_train"]
+__all__ = ["DistillBatch", "FeatureStudent", "check_layers", "keep_least_anomalous", "self_train"]
+
+
+def check_layers(detector: nn.Module) -> None:
+    """STKD's layer extends CutPaste's (its patches, augmentations and map); without it MONAI would stop at the first
+    CutPaste setting STKD reads, naming only that config id."""
+    if not isinstance(detector, PatchGaussianDetector):
+        raise ValueError(
+            "configs/baseline_stkd.yaml extends configs/baseline_cutpaste.yaml: layer both, CutPaste's first, e.g. "
+            "--config_file \"['configs/train.yaml','configs/demo.yaml','configs/baseline_cutpaste.yaml',"
+            "'configs/baseline_stkd.yaml']\""
+        )
 
 
 def keep_least_anomalous(scores: Sequence[float], drop_fraction: float) -> list[int]:
