@@ -385,10 +385,15 @@ class ILTMWorkflow:
         if labels is not None and labels.any() and not labels.all():
             scores = {"full": full["score"], "ablation": ablation["score"], "final": maps(final, True)["score"]}
             aupro = {k: metrics.aupro(v[:, 0].numpy(), labels[:, 0].numpy()) for k, v in scores.items()}
+            images = labels.flatten(1).any(dim=1)  # image AUROC needs normal and anomalous validation images
+            image = {k: metrics.image_auroc(scores[k][:, 0].numpy(), labels[:, 0].numpy()) if 0 < images.sum() <
+                     len(images) else None for k in ("full", "final")}  # fmt: skip
             return {
                 "map_source": {"aupro_full": aupro["full"], "aupro_ablation": aupro["ablation"],
                                "aupro_gap": aupro["full"] - aupro["ablation"]},
-                "outcome": {"aupro_iteration_0": aupro["full"], "aupro_final": aupro["final"]},
+                "outcome": {"aupro_iteration_0": aupro["full"], "aupro_final": aupro["final"],
+                            "image_auroc_iteration_0": image["full"], "image_auroc_final": image["final"],
+                            "normal_images": int((~images).sum()), "anomalous_images": int(images.sum())},
             }  # fmt: skip
         marked = int(full["segmentation"].sum())
         overlap = int((full["segmentation"] & ablation["segmentation"]).sum()) / marked if marked else None

@@ -15,7 +15,8 @@ has; the thresholds are rules of thumb, stated here and in the model card, not g
   images its likelihood of masked tokens drops more than that of kept ones. Masks of ordinary tokens show no such
   drop (its other instances are still learned). Also: the kept tokens' likelihood must not fall, and masks grow as
   later passes find what earlier models had learned as normal.
-- outcome: with validation labels, final iteration against iteration 0.
+- outcome: with validation labels, final iteration against iteration 0: AUPRO, and image AUROC where the validation
+  images are both normal and anomalous (ILTM can localise better yet rank whole images worse).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ FIRST_STAGE_OVERLAP = 0.8  # without labels: share of the map's anomalous voxels
 LIFT = 2.0  # flags / masks must hit anomalous tokens this many times more often than chance
 UNLEARNING = 0.1  # nats: masked-token likelihood drop beyond the kept tokens' after retraining
 KEPT_DROP = 0.1  # nats: fall of the kept validation tokens' likelihood from iteration 0 to the final one
-WORSE = 0.01  # AUPRO on labelled validation images by which the final iteration may trail iteration 0
+WORSE = 0.01  # AUPRO (or image AUROC) on labelled validation images by which the final iteration may trail iteration 0
 
 
 def first_stage(step: dict, codebook_size: int) -> dict:
@@ -116,6 +117,14 @@ def warnings(checks: dict) -> list[str]:
             f"the final iteration vs {outcome['aupro_iteration_0']:.3f} at iteration 0. Iteration 0's detector is "
             "iltm/iter_00/model.pt."
         )
+    if _number(outcome.get("image_auroc_final")) and outcome["image_auroc_final"] < (
+        outcome["image_auroc_iteration_0"] - WORSE
+    ):
+        out.append(
+            f"ILTM ranked whole images worse on the labelled validation images: image AUROC "
+            f"{outcome['image_auroc_final']:.3f} at the final iteration vs {outcome['image_auroc_iteration_0']:.3f} at "
+            f"iteration 0 ({_images(outcome)}). Where image-level decisions matter, compare iltm/iter_00/model.pt."
+        )
     return out
 
 
@@ -177,6 +186,12 @@ def render(checks: dict) -> str:
         lines.append(
             f"- Outcome (labelled validation images): AUPRO {outcome['aupro_iteration_0']:.3f} at iteration 0, "
             f"{outcome['aupro_final']:.3f} at the final iteration"
+            + (
+                f"; image AUROC {outcome['image_auroc_iteration_0']:.3f} at iteration 0, "
+                f"{outcome['image_auroc_final']:.3f} at the final iteration ({_images(outcome)})"
+                if _number(outcome.get("image_auroc_final"))
+                else ""
+            )
         )
     found = warnings(checks)
     lines += (
@@ -190,6 +205,11 @@ def render(checks: dict) -> str:
 def _number(value: float | None) -> bool:
     """A measured value: runs recorded before 0.6.3 stored NaN where nothing was measured."""
     return value is not None and not math.isnan(value)
+
+
+def _images(outcome: dict) -> str:
+    """How many validation images an image AUROC rests on: with few normal ones it moves in large steps."""
+    return f"{outcome.get('normal_images')} normal and {outcome.get('anomalous_images')} anomalous images"
 
 
 def _matched(stage: dict) -> str:

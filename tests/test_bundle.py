@@ -187,6 +187,9 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     checks = state["checks_02"]  # "Can ILTM help here?": computed once per final iteration, rendered into the summary
     assert {"first_stage", "masks", "map_source"} <= set(checks)
     assert len(checks["masks"]["unlearning_per_iteration"]) == 2
+    outcome = checks["outcome"]  # labelled validation images, normal and anomalous: AUPRO and image AUROC
+    assert outcome["normal_images"] > 0 and outcome["normal_images"] + outcome["anomalous_images"] == 4
+    assert all(0 <= outcome[k] <= 1 for k in ("aupro_final", "image_auroc_iteration_0", "image_auroc_final"))
     assert checks["masks"]["masked_tokens"] == [state["masks_01"]["masked_tokens"], state["masks_02"]["masked_tokens"]]
     summary = (whole / "iltm" / "summary.md").read_text()
     assert "## Can ILTM help here?" in summary and "flag_precision" in summary

@@ -12,7 +12,8 @@ HEALTHY = {
     "map_source": {"aupro_full": 0.55, "aupro_ablation": 0.40, "aupro_gap": 0.15},
     "iteration_0": {"flag_lift": 4.0, "mask_lift": 5.0},
     "masks": {"unlearning": 0.25, "unlearning_per_iteration": [0.25, 0.1], "kept_drop": 0.02, "mask_growth": 0.1},
-    "outcome": {"aupro_iteration_0": 0.55, "aupro_final": 0.60},
+    "outcome": {"aupro_iteration_0": 0.55, "aupro_final": 0.60, "image_auroc_iteration_0": 0.70,
+                "image_auroc_final": 0.75, "normal_images": 4, "anomalous_images": 16},
 }  # fmt: skip
 
 
@@ -25,6 +26,9 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
     text = iltm_checks.render(HEALTHY)
     assert text.startswith("## Can ILTM help here?") and "No warning" in text
     assert "0.0400 inside labelled anomalies" in text and "+0.150" in text and "by 0.25 nats more" in text
+    assert "0.600 at the final iteration; image AUROC 0.700 at iteration 0, 0.750 at the final" in text
+    no_normal = _with("outcome", image_auroc_iteration_0=None, image_auroc_final=None, normal_images=0)
+    assert iltm_checks.warnings(no_normal) == [] and "image AUROC" not in iltm_checks.render(no_normal)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +41,8 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
         (_with("masks", unlearning=0.02), "do not look like anomalies"),
         (_with("masks", kept_drop=0.3), "hurts the modelling of normal tokens"),
         (_with("outcome", aupro_final=0.50), "made the detector worse"),
+        (_with("outcome", image_auroc_final=0.60), "image AUROC 0.600 at the final iteration vs 0.700 at iteration 0 "
+                                                   "(4 normal and 16 anomalous images)"),
         ({**HEALTHY, "map_source": {"overlap": 0.95, "marked_voxels": 100}}, "marked without any resampling"),
     ],
 )  # fmt: skip
