@@ -385,9 +385,10 @@ class ILTMWorkflow:
         if labels is not None and labels.any() and not labels.all():
             scores = {"full": full["score"], "ablation": ablation["score"], "final": maps(final, True)["score"]}
             aupro = {k: metrics.aupro(v[:, 0].numpy(), labels[:, 0].numpy()) for k, v in scores.items()}
-            images = labels.flatten(1).any(dim=1)  # image AUROC needs normal and anomalous validation images
-            image = {k: metrics.image_auroc(scores[k][:, 0].numpy(), labels[:, 0].numpy()) if 0 < images.sum() <
-                     len(images) else None for k in ("full", "final")}  # fmt: skip
+            images = labels.flatten(1).any(dim=1)
+            both = 0 < int(images.sum()) < len(images)  # image AUROC needs normal and anomalous validation images
+            image = {k: metrics.image_auroc(scores[k][:, 0].numpy(), labels[:, 0].numpy()) if both else None
+                     for k in ("full", "final")}  # fmt: skip
             return {
                 "map_source": {"aupro_full": aupro["full"], "aupro_ablation": aupro["ablation"],
                                "aupro_gap": aupro["full"] - aupro["ablation"]},
