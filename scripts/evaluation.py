@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai import handlers
 
 from scripts import distributed, metrics
 from scripts.data import DataError
@@ -62,6 +64,16 @@ def dice(tp: int, fp: int, fn: int) -> float | None:
 def image_names(batch: Sequence[dict], root: str | None) -> list[dict]:
     """MetricsSaver's `batch_transform`: each image by the name its maps have (folders below `root` kept)."""
     return [{"filename_or_obj": output_name(item_filename(entry), root)} for entry in batch]
+
+
+class MetricsSaver(handlers.MetricsSaver):
+    """MONAI's ``MetricsSaver`` without numpy's warnings where a per-image value is undefined on every image (the
+    Dice of a set without anomalies): its summary row is NaN, as MONAI writes it anyway."""
+
+    def __call__(self, engine: Engine) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Mean of empty slice|All-NaN slice|Degrees of freedom", RuntimeWarning)
+            super().__call__(engine)
 
 
 class AnomalyMetrics:

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -162,6 +163,33 @@ def test_evaluation_writes_metrics_maps_and_overlays(dataset: str, checkpoint: s
     assert score.shape == (48, 48) and seg.dtype == np.uint8
     assert np.array_equal(seg > 0, np.asarray(score.dataobj, dtype=np.float32) > np.float32(-math.log(0.005)))
     assert Image.open(os.path.join(maps, "test_0003_overlay.png")).size[0] > 0
+
+
+def test_evaluation_of_a_set_without_anomalies_leaves_its_metrics_undefined_quietly(
+    dataset: str, checkpoint: str, tmp_path
+) -> None:
+    """A test set of normal images only: the set's AUPRO, AUROCs and Dice are null, the per-image Dice NaN, and MONAI's
+    MetricsSaver summarises the all-NaN column without numpy's warnings."""
+    empty = tmp_path / "empty.png"
+    Image.fromarray(np.zeros((48, 48), dtype=np.uint8)).save(empty)
+    with open(os.path.join(dataset, "datalist.json")) as f:
+        test = [{"image": os.path.join(dataset, e["image"]), "label": str(empty)} for e in json.load(f)["test"]]
+    datalist = tmp_path / "normal.json"
+    datalist.write_text(json.dumps({"training": [], "validation": [], "test": test}))
+    out = str(tmp_path / "eval")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bundle_run(
+            "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset, datalist=str(datalist),
+            checkpoint=checkpoint, output_dir=out, save_maps=False, save_overlays=False, **TINY,
+        )  # fmt: skip
+    assert not [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    with open(os.path.join(out, "metrics.json")) as f:
+        result = json.load(f)
+    assert result["n_images"] == 4 and result["n_anomalous_images"] == 0
+    assert all(result[k] is None for k in ("aupro", "pixel_auroc", "best_dice", "image_auroc"))
+    with open(os.path.join(out, "dice_at_density_threshold_raw.csv")) as f:
+        assert len(list(csv.DictReader(f))) == 4
 
 
 def test_evaluation_without_resampling_is_recorded(dataset: str, checkpoint: str, tmp_path) -> None:
