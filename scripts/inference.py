@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -123,7 +123,13 @@ def check_inputs(files: Sequence[dict], root: str | None) -> None:
 
 
 def unfinished(
-    files: Sequence[dict], maps_dir: str, root: str | None, record: dict, outputs: Sequence[str], resume: bool = True
+    files: Sequence[dict],
+    maps_dir: str,
+    root: str | None,
+    record: dict,
+    outputs: Sequence[str],
+    resume: bool = True,
+    check: Callable[[list[dict]], list[dict]] | None = None,
 ) -> list[dict]:
     """The inputs still to map. A rerun of the same inference (the same checkpoint file, settings and input files,
     recorded in ``<maps_dir>/inference.json``) skips every input whose last output (`outputs`, in the order they are
@@ -132,7 +138,8 @@ def unfinished(
     another run's maps for its own.
 
     Every rank decides from the folder as it was before rank 0 records this run (a barrier in between), so the ranks
-    of a torchrun agree on the list they shard.
+    of a torchrun agree on the list they shard. ``check`` (the input check) runs on that list before anything is
+    recorded or removed: inputs that stop the run leave the folder as it was.
     """
     path = os.path.join(maps_dir, "inference.json")
     record = json.loads(json.dumps({**record, "inputs": file_table(files)}, default=str))
@@ -148,6 +155,8 @@ def unfinished(
     if len(todo) < len(files):
         logger.info(f"{maps_dir}: {len(files) - len(todo)} of {len(files)} inputs already mapped by this inference; "
                     f"mapping the other {len(todo)} (--resume_maps False maps them all)")  # fmt: skip
+    if check is not None:
+        todo = check(todo)
     distributed.barrier()
     if outputs and distributed.is_main():
         try:

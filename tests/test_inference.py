@@ -244,8 +244,19 @@ def test_inputs_that_load_badly_are_all_named_before_any_map(dataset: str, check
     assert lines[0] == "2 of 3 entries cannot be used:"
     assert any("colour.png" in line and "3 channels" in line for line in lines)
     assert any("sixteen.png" in line and "outside [0, 255]" in line for line in lines)
-    assert not [f for f in os.listdir(out / "inference") if f.endswith((".nii.gz", ".png"))]
+    assert not (out / "inference").exists()  # nothing written: no map, not even the record of this inference
     assert "the images in its subfolders (deeper) are not processed" in capsys.readouterr().out  # logging.conf: stdout
+    # after another inference into the folder, a run with other settings whose inputs fail leaves its maps as they are
+    (folder / "colour.png").unlink()
+    (folder / "sixteen.png").unlink()
+    bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=checkpoint, output_dir=str(out), **TINY)
+    before = {f: os.path.getmtime(out / "inference" / f) for f in os.listdir(out / "inference")}
+    assert "good_overlay.png" in before and "inference.json" in before
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "sixteen.png")
+    with pytest.raises(Exception):
+        bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=checkpoint, output_dir=str(out),
+                   **{**TINY, "seed": 1})  # fmt: skip
+    assert {f: os.path.getmtime(out / "inference" / f) for f in os.listdir(out / "inference")} == before
 
 
 def test_killed_inference_resumes_without_remapping(dataset: str, checkpoint: str, tmp_path, monkeypatch) -> None:
