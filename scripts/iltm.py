@@ -75,7 +75,7 @@ def precision_recall(suspect: torch.Tensor, truth: torch.Tensor) -> tuple[float,
     return (hits / flagged if flagged else float("nan")), (hits / positives if positives else float("nan"))
 
 
-def mask_counts(suspect: torch.Tensor, truth: torch.Tensor | None) -> dict:
+def mask_record(suspect: torch.Tensor, truth: torch.Tensor | None) -> dict:
     """What ``state.json`` records of a set of token masks: its size, and its quality where labels exist."""
     counts = {"masked_tokens": int(suspect.sum()), "total_tokens": suspect.numel()}
     if truth is not None:
@@ -176,6 +176,19 @@ class ILTMWorkflow:
         masks = load_token_masks(path, self.train_files, self.grid, required=True)
         return masks if not labels else (truth & masks if labels == "labels&" else truth | masks)
 
+    def _record_initial_masks(self, state: RunState, suspect: torch.Tensor, truth: torch.Tensor | None) -> None:
+        """``masks_00``, row 0 of the summary: the masks iteration 0 trains with. Recorded once; a rerun whose masks
+        differ (another mask file under ``resume``) is told that the record and iteration 0 keep the first ones."""
+        record = {"source": os.fspath(self.initial_masks), **mask_record(suspect, truth)}
+        if not state.done("masks_00"):
+            state.complete("masks_00", **record)
+            return
+        kept = state.steps["masks_00"]
+        if (kept.get("source"), kept.get("masked_tokens")) != (record["source"], record["masked_tokens"]):
+            logger.warning(f"iltm#initial_masks: {record['source']} ({record['masked_tokens']} tokens) now, but this run "
+                           f"recorded {kept.get('source')} ({kept.get('masked_tokens')} tokens) as iteration 0's masks; "
+                           "a completed iteration 0 is not retrained")  # fmt: skip
+
     def folder(self, k: int) -> str:
         return os.path.join(self.output_dir, "iltm", f"iter_{k:02d}")
 
@@ -191,8 +204,8 @@ class ILTMWorkflow:
         truth = self._true_tokens()
 
         suspect = self._initial_masks(truth)
-        if self.initial_masks and distributed.is_main() and not state.done("masks_00"):  # row 0 of the summary
-            state.complete("masks_00", source=os.fspath(self.initial_masks), **mask_counts(suspect, truth))
+        if self.initial_masks and distributed.is_main():
+            self._record_initial_masks(state, suspect, truth)
         final = 0
         for k in range(self.max_iterations + 1):
             if k > 0:
@@ -264,7 +277,7 @@ class ILTMWorkflow:
             info = {
                 "threshold": threshold,
                 "density_threshold": self.mask_density_threshold,
-                **mask_counts(suspect, truth),
+                **mask_record(suspect, truth),
                 "resampled_tokens": int(flags.sum()),
                 "val_masked_tokens": int(val_suspect.sum()),
             }

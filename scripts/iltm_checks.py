@@ -32,7 +32,9 @@ FIRST_STAGE_OVERLAP = 0.8  # without labels: share of the map's anomalous voxels
 LIFT = 2.0  # flags / masks must hit anomalous tokens this many times more often than chance
 UNLEARNING = 0.1  # nats: masked-token likelihood drop beyond the kept tokens' after retraining
 KEPT_DROP = 0.1  # nats: fall of the kept validation tokens' likelihood from iteration 0 to the final one
-WORSE = 0.01  # AUPRO (or image AUROC) on labelled validation images by which the final iteration may trail iteration 0
+# AUPRO on labelled validation images by which the final iteration may trail iteration 0; for image AUROC, this or
+# one swapped pair of a normal and an anomalous image (1 / (normal x anomalous)), whichever is larger
+WORSE = 0.01
 
 
 def first_stage(step: dict, codebook_size: int) -> dict:
@@ -117,9 +119,8 @@ def warnings(checks: dict) -> list[str]:
             f"the final iteration vs {outcome['aupro_iteration_0']:.3f} at iteration 0. Iteration 0's detector is "
             "iltm/iter_00/model.pt."
         )
-    if _number(outcome.get("image_auroc_final")) and outcome["image_auroc_final"] < (
-        outcome["image_auroc_iteration_0"] - WORSE
-    ):
+    drop = outcome["image_auroc_iteration_0"] - outcome["image_auroc_final"] if _image_aurocs(outcome) else 0.0
+    if drop > max(WORSE, _auroc_step(outcome)) + 1e-9:
         out.append(
             f"ILTM ranked whole images worse on the labelled validation images: image AUROC "
             f"{outcome['image_auroc_final']:.3f} at the final iteration vs {outcome['image_auroc_iteration_0']:.3f} at "
@@ -189,7 +190,7 @@ def render(checks: dict) -> str:
             + (
                 f"; image AUROC {outcome['image_auroc_iteration_0']:.3f} at iteration 0, "
                 f"{outcome['image_auroc_final']:.3f} at the final iteration ({_images(outcome)})"
-                if _number(outcome.get("image_auroc_final"))
+                if _image_aurocs(outcome)
                 else ""
             )
         )
@@ -205,6 +206,16 @@ def render(checks: dict) -> str:
 def _number(value: float | None) -> bool:
     """A measured value: runs recorded before 0.6.3 stored NaN where nothing was measured."""
     return value is not None and not math.isnan(value)
+
+
+def _image_aurocs(outcome: dict) -> bool:
+    return _number(outcome.get("image_auroc_iteration_0")) and _number(outcome.get("image_auroc_final"))
+
+
+def _auroc_step(outcome: dict) -> float:
+    """One pair of a normal and an anomalous image ranked the other way: a smaller change is one image's noise."""
+    pairs = (outcome.get("normal_images") or 0) * (outcome.get("anomalous_images") or 0)
+    return 1.0 / pairs if pairs else 0.0
 
 
 def _images(outcome: dict) -> str:

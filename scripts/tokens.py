@@ -99,7 +99,8 @@ def load_token_masks(path: str, files: Sequence[dict], grid: Sequence[int], requ
         raise ValueError(f"{path}: token masks of none of the {len(files)} training images (keyed by image path, "
                          f"e.g. {files[0]['image']}); masks of another dataset?")  # fmt: skip
     if required and listed < len(files):
-        logger.warning(f"{path}: no token masks for {len(files) - listed} of the training images; they train unmasked")
+        logger.warning(f"{path}: no token masks for {len(files) - listed} of the training images; none of their tokens "
+                       "is masked by this file")  # fmt: skip
     return suspect
 
 

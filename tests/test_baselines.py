@@ -208,7 +208,11 @@ def test_stkd_drops_the_highest_scores_then_distils_through_the_bundle_command(t
     assert "baseline_stkd.yaml extends configs/baseline_cutpaste.yaml" in str(error.value.__cause__ or error.value)
     with pytest.raises(Exception) as error:
         run("evaluating", config_file=_configs("inference.yaml", "demo.yaml", "evaluate.yaml", layers[1]), **alone)
-    assert "holds the CutPaste or STKD baseline's detector" in str(error.value.__cause__)
+    assert "baseline_stkd.yaml extends configs/baseline_cutpaste.yaml" in str(error.value.__cause__)
+    # and CutPaste's after STKD's, which would replace STKD's steps with its own: stopped too, before any training
+    with pytest.raises(Exception) as error:
+        run("train_baseline", config_file=_configs("train.yaml", "demo.yaml", *layers[::-1]), **common)
+    assert "baseline_cutpaste.yaml came after configs/baseline_stkd.yaml" in str(error.value.__cause__)
 
 
 def test_a_presets_baseline_settings_reach_its_layer_and_a_misspelt_name_stops() -> None:

@@ -29,6 +29,10 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
     assert "0.600 at the final iteration; image AUROC 0.700 at iteration 0, 0.750 at the final" in text
     no_normal = _with("outcome", image_auroc_iteration_0=None, image_auroc_final=None, normal_images=0)
     assert iltm_checks.warnings(no_normal) == [] and "image AUROC" not in iltm_checks.render(no_normal)
+    # one normal and three anomalous validation images: one pair ranked the other way (1/3) is no evidence, more is
+    few = {"image_auroc_iteration_0": 1.0, "normal_images": 1, "anomalous_images": 3}
+    assert iltm_checks.warnings(_with("outcome", **few, image_auroc_final=2 / 3)) == []
+    assert len(iltm_checks.warnings(_with("outcome", **few, image_auroc_final=1 / 3))) == 1
 
 
 @pytest.mark.parametrize(

@@ -320,7 +320,7 @@ def test_an_unmeasured_mask_precision_is_strict_json_and_shows_as_a_dash(tmp_pat
     assert math.isnan(row["precision"]) and "| 1 | 5.00e-03 | 0 | 0.000 | - | - |" in format_table([row])
 
 
-def test_initial_masks_split_a_runs_masks_into_what_they_catch_and_what_they_mask_wrongly(tmp_path) -> None:
+def test_initial_masks_split_a_runs_masks_into_what_they_catch_and_what_they_mask_wrongly(tmp_path, caplog) -> None:
     """`labels&PATH` keeps the file's correct masks (its recall, no false masks), `labels|PATH` adds every labelled
     token (full recall, the file's false masks); `labels` alone is the oracle, a plain path the file's masks."""
     from scripts import iltm
@@ -353,6 +353,26 @@ def test_initial_masks_split_a_runs_masks_into_what_they_catch_and_what_they_mas
     workflow.initial_masks = f"labels|{tmp_path / 'other.pt'}"
     with pytest.raises(ValueError, match="other.pt: token masks of none of the 2 training images .* another dataset"):
         workflow._initial_masks(truth)
+    # a file missing some training images: a warning names it (those images get no mask from the file)
+    save_token_masks(str(tmp_path / "half.pt"), workflow.train_files[:1], run[:1])
+    workflow.initial_masks = f"labels|{tmp_path / 'half.pt'}"
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(workflow._initial_masks(truth), truth | torch.stack([run[0], torch.zeros_like(run[1])]))
+    assert "half.pt: no token masks for 1 of the training images" in caplog.text
+    # row 0 of the summary: the given masks, recorded once; other masks on a rerun are named, the record kept
+    from scripts.steps import RunState
+
+    state = RunState(str(tmp_path))
+    workflow.initial_masks = "labels"
+    workflow._record_initial_masks(state, truth, truth)
+    recorded = {k: v for k, v in state.steps["masks_00"].items() if k != "completed_at"}
+    assert recorded == {"source": "labels", "masked_tokens": 2, "total_tokens": 8, "precision": 1.0, "recall": 1.0}
+    workflow.initial_masks = path
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        workflow._record_initial_masks(state, run, truth)
+    assert f"{path} (3 tokens) now, but this run recorded labels (2 tokens)" in caplog.text
+    assert state.steps["masks_00"]["source"] == "labels"
     # and the run's settings check names a missing file before any training
     from scripts.settings import SettingError, check_settings
 

@@ -33,15 +33,18 @@ logger = logging.getLogger(__name__)
 __all__ = ["DistillBatch", "FeatureStudent", "check_layers", "keep_least_anomalous", "self_train"]
 
 
-def check_layers(detector: nn.Module) -> None:
-    """STKD's layer extends CutPaste's (its patches, augmentations and map); without it MONAI would stop at the first
-    CutPaste setting STKD reads, naming only that config id."""
+def check_layers(detector: nn.Module, method: str | None = None) -> None:
+    """STKD's layer extends CutPaste's (its patches, augmentations and map) and must come after it: without CutPaste's,
+    MONAI would stop at the first CutPaste setting STKD reads, naming only that config id; layered before it,
+    CutPaste's layer replaces STKD's steps and the run would silently be CutPaste's (``method``, the evaluation
+    record's, then says "cutpaste")."""
+    order = ("'configs/baseline_cutpaste.yaml','configs/baseline_stkd.yaml'", "CutPaste's first")
     if not isinstance(detector, PatchGaussianDetector):
-        raise ValueError(
-            "configs/baseline_stkd.yaml extends configs/baseline_cutpaste.yaml: layer both, CutPaste's first, e.g. "
-            "--config_file \"['configs/train.yaml','configs/demo.yaml','configs/baseline_cutpaste.yaml',"
-            "'configs/baseline_stkd.yaml']\""
-        )
+        raise ValueError(f"configs/baseline_stkd.yaml extends configs/baseline_cutpaste.yaml: layer both, {order[1]}, "
+                         f"e.g. --config_file \"['configs/train.yaml','configs/demo.yaml',{order[0]}]\"")  # fmt: skip
+    if method is not None and method != "stkd":
+        raise ValueError(f"configs/baseline_cutpaste.yaml came after configs/baseline_stkd.yaml and replaced STKD's "
+                         f"steps (this would be CutPaste's run): layer them as ...,{order[0]}")  # fmt: skip
 
 
 def keep_least_anomalous(scores: Sequence[float], drop_fraction: float) -> list[int]:
