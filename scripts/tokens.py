@@ -88,13 +88,14 @@ def load_token_masks(path: str, files: Sequence[dict], grid: Sequence[int], requ
         raise FileNotFoundError(f"{path}: token mask file not found")
     stored = load_checkpoint(path)
     suspect = torch.zeros((len(files), *grid), dtype=torch.bool)
+    listed = 0
     for i, entry in enumerate(files):
         mask = stored.get(str(entry["image"]))
         if mask is not None:
             if tuple(mask.shape) != tuple(grid):
                 raise ValueError(f"{path}: mask of {entry['image']} has shape {tuple(mask.shape)}, latent grid {grid}")
             suspect[i] = mask
-    listed = sum(str(e["image"]) in stored for e in files)
+            listed += 1
     if required and files and not listed:
         raise ValueError(f"{path}: token masks of none of the {len(files)} training images (keyed by image path, "
                          f"e.g. {files[0]['image']}); masks of another dataset?")  # fmt: skip

@@ -253,9 +253,10 @@ def test_inputs_that_load_badly_are_all_named_before_any_map(dataset: str, check
     before = {f: os.path.getmtime(out / "inference" / f) for f in os.listdir(out / "inference")}
     assert "good_overlay.png" in before and "inference.json" in before
     Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "sixteen.png")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as err:
         bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=checkpoint, output_dir=str(out),
                    **{**TINY, "seed": 1})  # fmt: skip
+    assert "sixteen.png" in str(next(e for e in cause_chain(err.value) if isinstance(e, DataError)))
     assert {f: os.path.getmtime(out / "inference" / f) for f in os.listdir(out / "inference")} == before
 
 
