@@ -62,6 +62,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def check_launch(overlay: str, single_process: str | None = None) -> None:
+    """Stops a torchrun whose processes would not form one run, before any work: without `overlay` (the config that
+    joins them) each would train or map everything on its own into the same folder; `single_process` names a config
+    that trains in one process only, where every rank would train the whole model again."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched <= 1:
+        return
+    if single_process:
+        raise RuntimeError(
+            f"{single_process} trains in one process, and torchrun started {launched}: each would train the whole "
+            "model again. Run it with `python -m monai.bundle run ...`, without torchrun."
+        )
+    if not active():
+        raise RuntimeError(
+            f"torchrun started {launched} processes, but they did not join into one run: layer {overlay} last in "
+            '--config_file (docs/README.md, "Several processes: torchrun").'
+        )
+
+
 def main_first(write: Callable[[], T]) -> T | None:
     """Runs `write` on rank 0 only (a file the run keeps), then lets every rank on; rank 0 gets its result."""
     result = write() if is_main() else None

@@ -79,6 +79,7 @@ class RunGuard:
         version: the bundle's version, recorded (a new version alone does not stop a rerun); None: metadata.json's.
         resume: continue even when the settings or data differ, keeping the completed steps as they are.
         overwrite: move an existing run aside (to ``<output_dir>.replaced-<time>``) and start afresh; nothing is deleted.
+        single_process: the config of a training that runs in one process only (the baselines), refused under torchrun.
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class RunGuard:
         version: str | None = None,
         resume: bool = False,
         overwrite: bool = False,
+        single_process: str | None = None,
     ) -> None:
         for name, flag in (("resume", resume), ("overwrite", overwrite)):
             if not isinstance(flag, bool):
@@ -98,6 +100,7 @@ class RunGuard:
         if resume and overwrite:
             raise ValueError("resume and overwrite exclude each other: choose one")
         self.output_dir, self.resume, self.overwrite = output_dir, resume, overwrite
+        self.single_process = single_process
         self.record = {
             "settings": {**flatten(settings), **flatten(detector or {})},
             "training": file_table(train_files),
@@ -112,6 +115,7 @@ class RunGuard:
         """Checks and records the run, and takes the lock: rank 0's work under torchrun, the others wait for it."""
         if self.started:  # `training` runs `train_vqvae` and `train_iltm`, each of which starts the guard
             return
+        distributed.check_launch("configs/multi_gpu_train.yaml", self.single_process)
         distributed.main_first(self._start)
         self.started = True
 

@@ -120,3 +120,20 @@ def test_evaluation_with_two_processes_gives_the_metrics_of_one(runs, tmp_path) 
         results[name + "_files"] = files(out)
     assert results["ddp"] == results["single"] and results["ddp"]["n_images"] == 4
     assert results["ddp_rows"] == results["single_rows"] and results["ddp_files"] == results["single_files"]
+
+
+def test_torchrun_that_would_not_be_one_run_stops_before_any_work(runs, tmp_path) -> None:
+    """Without the overlay each process would train (or map) everything into the same folder; a baseline would be
+    trained whole by every rank. Each stops with what to do instead, and leaves no run behind."""
+    common = {**SETTINGS, "dataset_dir": runs["data"]}
+    with pytest.raises(RuntimeError, match="did not join into one run: layer configs/multi_gpu_train.yaml last"):
+        bundle("training", TRAIN, 2, output_dir=str(tmp_path / "plain"), **common)
+    baseline = [*TRAIN, "configs/baseline_dense.yaml", "configs/multi_gpu_train.yaml"]
+    with pytest.raises(RuntimeError, match="configs/baseline_dense.yaml trains in one process, and torchrun started 2"):
+        bundle("train_baseline", baseline, 2, output_dir=str(tmp_path / "dense"), **common)
+    with pytest.raises(RuntimeError, match="did not join into one run: layer configs/multi_gpu_evaluate.yaml last"):
+        bundle("evaluating", ["configs/inference.yaml", "configs/evaluate.yaml"], 2,
+               checkpoint=os.path.join(runs["ddp"], "model.pt"), dataset_dir=runs["data"],
+               output_dir=str(tmp_path / "eval"))  # fmt: skip
+    for name in ("plain", "dense", "eval"):
+        assert not os.path.exists(tmp_path / name) or not os.listdir(tmp_path / name), name
