@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
 from torch import nn
 
 from scripts.files import atomic_save
@@ -195,19 +194,18 @@ def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None
     return recorded
 
 
+def load_for_inference(detector: nn.Module, path: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`load_detector` as inference's and evaluation's first step, so that a wrong path or a checkpoint of other
+    settings stops them before any input is read and before an earlier run's maps are touched."""
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{path}: checkpoint not found. Pass --checkpoint with a trained detector (a training run writes "
+            "<output_dir>/model.pt, and the README's main job models/model.pt), or train one first: "
+            "python -m monai.bundle run training --config_file \"['configs/train.yaml','configs/PRESET.yaml']\"."
+        )
+    return load_detector(detector, path, data)
+
+
 def _shorten(line: str, limit: int = 300) -> str:
     """One of PyTorch's load_state_dict lines, which list every key: the first ones and how many there are."""
     return line if len(line) <= limit else f"{line[:limit]}... ({line.count(', ') + 1} keys)"
-
-
-class LoadDetector:
-    """Handler: loads the detector checkpoint when the engine starts, through :func:`load_detector`."""
-
-    def __init__(self, load_path: str, network: nn.Module, data: Mapping[str, Any] | None = None) -> None:
-        self.load_path, self.network, self.data = load_path, network, data
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        load_detector(self.network, self.load_path, self.data)

@@ -61,7 +61,10 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
         if "image" not in entry:
             raise DataError(f"{datalist}: entry {i} of {section!r} has no 'image'")
         if labels == "require" and "label" not in entry:
-            raise DataError(f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'")
+            raise DataError(
+                f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'. Evaluation needs one per "
+                "image (an all-zero mask for a normal one); inference (configs/inference.yaml alone) needs none."
+            )
     labelled = sum("label" in e for e in entries)
     if labels == "auto" and 0 < labelled < len(entries):
         logger.warning(
@@ -125,7 +128,8 @@ class CheckImaged(MapTransform):
             raise DataError(
                 f"{name}: {clipped:.0%} of its intensities lie outside [{low:g}, {high:g}] (intensity_min, "
                 f"intensity_max), where the bundle clips them; the image spans {lo:g} to {hi:g}. Another bit depth or "
-                "scale? Set intensity_min and intensity_max to the range of your data, or raise max_clipped_fraction "
+                "scale? Set intensity_min and intensity_max to the range of your data when training (a trained detector "
+                "keeps the range it was trained with: convert the images to it), or raise max_clipped_fraction "
                 f"({self.max_clipped:g}) where clipping is intended."
             )
         if hi > lo and (hi - lo) < self.NARROW * span and CheckImaged.warned < 5:
@@ -152,7 +156,8 @@ class CheckImaged(MapTransform):
                 if img.shape[0] != self.channels:
                     raise DataError(
                         f"{name}: has {img.shape[0]} channels, the bundle is configured for "
-                        f"{self.channels} (in_channels)"
+                        f"{self.channels} (in_channels): convert the images, or train with --in_channels "
+                        f"{img.shape[0]} (a trained detector keeps its channels)"
                     )
             if not torch.isfinite(torch.as_tensor(img)).all():
                 raise DataError(f"{name}: contains NaN or Inf values")

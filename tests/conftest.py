@@ -4,6 +4,9 @@ import pytest
 import torch
 import yaml
 from monai.bundle import ConfigParser
+from tiny import TINY_DETECTOR
+
+from scripts.checkpoint import detector_record, save_detector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,3 +32,17 @@ def _load_preset(name: str, **overrides):
 @pytest.fixture
 def load_preset():
     return _load_preset
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A random tiny detector, written the way ILTM training writes model.pt (weights and settings record)."""
+    path = str(tmp_path_factory.mktemp("bundle") / "models" / "model.pt")
+    os.makedirs(os.path.dirname(path))
+    torch.manual_seed(0)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
+    parser.update(TINY_DETECTOR)
+    detector = parser.get_parsed_content("network_def")
+    save_detector(detector, detector_record(detector, parser.get_parsed_content("detector_settings")), path)
+    return path

@@ -90,11 +90,11 @@ def _bad_folder(tmp_path, data) -> str:
     return str(folder)
 
 
-def test_a_folder_with_bad_files_names_every_one_before_any_map(tmp_path, data) -> None:
+def test_a_folder_with_bad_files_names_every_one_before_any_map(tmp_path, data, checkpoint) -> None:
     folder, out = _bad_folder(tmp_path, data), tmp_path / "out"
     with pytest.raises(Exception) as err:
-        run("run", config_file=INFERENCE, bundle_root=ROOT, folder=folder, output_dir=str(out),
-            checkpoint=str(tmp_path / "unused.pt"), **TINY_DETECTOR)  # fmt: skip
+        run("run", config_file=INFERENCE, bundle_root=ROOT, folder=folder, output_dir=str(out), checkpoint=checkpoint,
+            **TINY_DETECTOR)  # fmt: skip
     message = str(cause(err.value))
     assert "4 of 5 inputs cannot be processed; nothing was written" in message
     for name, why in (("truncated.png", "Truncated"), ("empty.png", "empty file"), ("text.png", "cannot be read"),

@@ -79,18 +79,6 @@ def dataset(tmp_path_factory) -> str:
     return out
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """A random tiny detector, written the way ILTM training writes model.pt (weights and settings record)."""
-    path = str(tmp_path_factory.mktemp("bundle") / "models" / "model.pt")
-    os.makedirs(os.path.dirname(path))
-    torch.manual_seed(0)
-    p = parser("inference.yaml", **TINY)
-    detector = p.get_parsed_content("network_def")
-    save_detector(detector, detector_record(detector, p.get_parsed_content("detector_settings")), path)
-    return path
-
-
 def test_detector_is_defined_exactly_as_in_training() -> None:
     train, infer = parser("train.yaml"), parser("inference.yaml")
     assert_same_detector(infer, train)
@@ -221,6 +209,42 @@ def test_folder_inference_needs_no_datalist(dataset: str, checkpoint: str, tmp_p
         + ["inference.json"]
     )
     assert not os.path.exists(unused)  # the synthetic set was not generated
+
+
+def test_a_wrong_checkpoint_stops_before_any_input_or_earlier_map_is_touched(
+    dataset: str, checkpoint: str, tmp_path
+) -> None:
+    """The checkpoint is loaded first: a mistyped path (whose record would otherwise leave every setting at its
+    default) or a checkpoint of other settings stops the run with that cause, leaves an earlier run's maps and record
+    as they were, and evaluation generates no test set."""
+    from scripts import cause_chain
+    from scripts.checkpoint import CheckpointError
+
+    def cause(err) -> str:
+        return str(next(e for e in cause_chain(err.value) if isinstance(e, CheckpointError)))
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    Image.open(os.path.join(dataset, "images", "test_0000.png")).save(folder / "part.png")
+    bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=checkpoint, output_dir=str(out), **TINY)
+    before = {f: os.stat(out / "inference" / f).st_mtime_ns for f in os.listdir(out / "inference")}
+    assert "part_overlay.png" in before and "inference.json" in before
+    typo = checkpoint.replace("model.pt", "modle.pt")
+    for path, other, message in (
+        (typo, {}, "modle.pt: checkpoint not found. Pass --checkpoint"),
+        (checkpoint, {"image_size": [48, 48]}, "image_size: trained with [32, 32], this config has [48, 48]"),
+    ):
+        with pytest.raises(Exception) as err:
+            bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=path, output_dir=str(out),
+                       **{**TINY, **other, "seed": 1})  # fmt: skip
+        assert message in cause(err)
+        assert {f: os.stat(out / "inference" / f).st_mtime_ns for f in os.listdir(out / "inference")} == before
+    unused = tmp_path / "no_data_here"
+    with pytest.raises(Exception) as err:
+        bundle_run("evaluating", config_file=[INFERENCE, EVALUATE], checkpoint=typo, dataset_dir=str(unused),
+                   output_dir=str(tmp_path / "eval"), **TINY)  # fmt: skip
+    assert "checkpoint not found" in cause(err)
+    assert not unused.exists() and not (tmp_path / "eval").exists()
 
 
 def test_inputs_that_load_badly_are_all_named_before_any_map(dataset: str, checkpoint: str, tmp_path, capsys) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ from scripts.synthetic.pet import affine_3d, make_3d, prototype_bank_3d, sample_
 
 __all__ = ["TEXTURES", "affine_3d", "ensure_dataset", "make_2d", "make_3d", "prototype_bank_2d", "prototype_bank_3d",
            "sample_2d", "sample_3d", "texture"]  # fmt: skip
+logger = logging.getLogger(__name__)
 
 
 def ensure_dataset(dataset_dir: str, kind: str = "2d", **params: Any) -> str:
@@ -56,7 +58,15 @@ def ensure_dataset(dataset_dir: str, kind: str = "2d", **params: Any) -> str:
         if os.path.isfile(datalist):  # a concurrent caller renamed its complete folder into place meanwhile
             _check_params(dataset_dir, kind, params)
             return datalist
-        raise FileExistsError(f"{dataset_dir}: folder exists without datalist.json; remove it or point elsewhere")
+        raise FileExistsError(
+            f"{dataset_dir}: the folder has files but no datalist.json. For your own images, write a MONAI datalist "
+            '(docs/README.md, "Your own data") and pass it with --datalist; for the embedded synthetic set, point '
+            "--dataset_dir at a new or empty folder."
+        )
+    logger.warning(
+        f"{dataset_dir}: no datalist.json there, so the embedded synthetic {kind} set is generated into it (the demo "
+        "data). For your own images, pass --datalist."
+    )
     parent = os.path.dirname(os.path.abspath(dataset_dir))
     os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(os.path.abspath(dataset_dir))}.tmp-"
