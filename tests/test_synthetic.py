@@ -212,9 +212,11 @@ def test_3d_lesions_recur_at_sites():
         assert all(abs(les.uptake / bank[k].uptake - 1) <= 0.11 for les in lesions)
 
 
-def test_ensure_dataset_generates_once(tmp_path, monkeypatch):
+def test_ensure_dataset_generates_once(tmp_path, monkeypatch, caplog):
     folder = str(tmp_path / "data" / "inspection")
-    path = syn.ensure_dataset(folder, "2d", **TINY_2D)
+    with caplog.at_level("WARNING", logger="scripts.synthetic"):
+        path = syn.ensure_dataset(folder, "2d", **TINY_2D)
+    assert "no datalist.json there, so the embedded synthetic 2d set is generated" in caplog.text  # a mistyped folder
     assert path == os.path.join(folder, "datalist.json") and os.path.isfile(path)
     assert os.listdir(tmp_path / "data") == ["inspection"]  # no temporary folder left behind
     before = _digests(folder)
@@ -244,7 +246,7 @@ def test_ensure_dataset_failure_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file").write_text("x")
-    with pytest.raises(FileExistsError, match="junk"):
+    with pytest.raises(FileExistsError, match="junk: the folder has files but no datalist.json.*--datalist"):
         syn.ensure_dataset(str(tmp_path / "junk"))
 
 
