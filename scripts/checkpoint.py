@@ -179,8 +179,9 @@ def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None
         raise CheckpointError(
             f"{path}: built with other settings than this config:\n  "
             + "\n  ".join(differ)
-            + "\nUse the preset it was trained with (--config_file \"['configs/inference.yaml','configs/PRESET.yaml']\"),"
-            " or drop the overrides that change these settings."
+            + "\nUse --config_file configs/inference.yaml alone, which takes these settings from the checkpoint, or the "
+            "preset it was trained with (--config_file \"['configs/inference.yaml','configs/PRESET.yaml']\") and its "
+            "training's overrides; or drop the overrides that change these settings."
         )
     try:
         detector.load_state_dict(state_dict(checkpoint))

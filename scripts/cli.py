@@ -29,6 +29,8 @@ RUN_ARGUMENTS = {
 }  # fmt: skip
 
 
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+
 # renamed ids (metadata.json's changelog) -> (new id, version): a command line or preset that still uses one is told
 RENAMED = {
     "iltm_max_iterations": ("iltm#max_iterations", "0.3.0"),
@@ -93,10 +95,17 @@ def _on_purpose(error: BaseException | None) -> BaseException | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if type(error).__module__.partition(".")[0] == "scripts" or _raised_by_the_bundle(error):
+        if _ours(type(error).__module__) or _raised_by_the_bundle(error):
             return error
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return None
+
+
+def _ours(module: str, path: str | None = None) -> bool:
+    """Whether a module is the bundle's: by its name, or by its file, since ``python -m scripts.X`` runs X as
+    ``__main__``."""
+    path = path or getattr(sys.modules.get(module), "__file__", None)
+    return module.partition(".")[0] == "scripts" or bool(path) and os.path.abspath(path).startswith(SCRIPTS + os.sep)
 
 
 def _raised_by_the_bundle(error: BaseException) -> bool:
@@ -104,7 +113,7 @@ def _raised_by_the_bundle(error: BaseException) -> bool:
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    if tb is None or tb.tb_frame.f_globals.get("__name__", "").partition(".")[0] != "scripts":
+    if tb is None or not _ours(tb.tb_frame.f_globals.get("__name__", ""), tb.tb_frame.f_code.co_filename):
         return False
     return dis.opname[tb.tb_frame.f_code.co_code[tb.tb_lasti]] == "RAISE_VARARGS"
 

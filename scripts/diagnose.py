@@ -61,7 +61,8 @@ def diagnose(
     json_path: str | None = None,
     **overrides,
 ) -> dict:
-    """Prints and returns the diagnostics above; `overrides` are config ids, as on the bundle command line."""
+    """Prints (and returns) the map source, flag and mask precision/recall, and first-stage fidelity of one detector
+    on one labelled datalist section; `overrides` are config ids, as on the bundle command line."""
     parser = ConfigParser()
     parser.read_config(config_file)
     check_ids(parser, list(overrides), str(config_file))  # `--json out.json` would otherwise become a config id

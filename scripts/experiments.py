@@ -97,11 +97,13 @@ def run(
         ratios: training-set anomalous fractions (default 0-0.8 in 2D; 0, 0.5, 1 in 3D).
         seeds: data and model seeds (``synthetic#seed`` and ``seed``); the report averages over them.
         preset: config layered on train/inference (default configs/demo.yaml or configs/demo3d.yaml).
-        n_train, n_test: override the preset's synthetic set sizes (a smaller test set is faster to evaluate).
+        n_train: overrides the preset's number of synthetic training images.
+        n_test: overrides the preset's number of synthetic test images (a smaller test set is faster to evaluate).
         variants: names from :data:`VARIANTS` ("fixed", "unrestricted", "oracle", "hits", "hits_false"),
             comma-separated or a list.
         methods: "iltm" (its iteration 0, final iteration, ablation and variants) and the baselines of
-            :data:`scripts.baselines.METHODS` ("dense_ae", "dense_vae"), comma-separated or a list; each trained on
+            :data:`scripts.baselines.METHODS` ("dense_ae", "dense_vae", "cutpaste", "nsa", "stkd"), comma-separated or
+            a list; each trained on
             the same data with the same seed and evaluated on the same test set.
         fixed_threshold: shorthand for the "fixed" variant.
         ablation: also evaluate the no-resampling ablation (``network_def#resample: false``).
@@ -381,6 +383,10 @@ def _record(exp_dir: str, params: dict) -> None:
 def _preset_name(preset: str) -> str:
     """One name for one preset file in experiment.json: relative to the bundle when it lies inside it."""
     path = os.path.abspath(_path(preset))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{preset}: preset not found (the bundle's are configs/demo.yaml, configs/small.yaml, ...)"
+        )
     return os.path.relpath(path, BUNDLE_ROOT).replace(os.sep, "/") if path.startswith(BUNDLE_ROOT + os.sep) else preset
 
 

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from matplotlib.ticker import MaxNLocator
+
 from scripts.baselines import METHODS
 from scripts.cli import as_list
 from scripts.plots import figure
@@ -255,7 +257,9 @@ def plot_iterations(rows: Sequence[dict], path: str) -> None:
     panels = (("aupro", "test AUPRO"), ("precision", "token-mask precision"), ("recall", "token-mask recall"),
               ("flag_recall", "flag recall (resampled tokens)"))  # fmt: skip
     models = [r for r in rows if r["method"] in ("transformer", "iltm")]
-    for ratio in sorted({r["ratio"] for r in models}):
+    iterations = {r["iteration"] for r in models}
+    for n, ratio in enumerate(sorted({r["ratio"] for r in models})):
+        colour = f"C{n % 10}"  # one colour per ratio in every panel, also where a panel has no line for it
         for variant, style in (("", "o-"), ("fixed", "s--")):
             chosen = [r for r in models if r["ratio"] == ratio and r["variant"] in (variant, "")
                       and (r["variant"] == variant or r["iteration"] == 0)]  # fmt: skip
@@ -268,9 +272,12 @@ def plot_iterations(rows: Sequence[dict], path: str) -> None:
                         by_k.setdefault(r["iteration"], []).append(float(r[key]))
                 if by_k:
                     xs = sorted(by_k)
-                    ax.plot(xs, [statistics.fmean(by_k[k]) for k in xs], style, label=f"{ratio:.0%} {variant}".strip())
+                    ax.plot(xs, [statistics.fmean(by_k[k]) for k in xs], style, color=colour,
+                            label=f"{ratio:.0%} {variant}".strip())  # fmt: skip
     for ax, (_, title) in zip(axes[0], panels):
         ax.set_xlabel("ILTM iteration")
+        ax.set_xlim(min(iterations, default=0) - 0.25, max(iterations, default=1) + 0.25)  # the same in every panel
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1.02)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)

@@ -26,6 +26,21 @@ def _replace(path: str, write) -> None:
         raise OSError(f"{path}: could not be written ({e}); is the disk full or the folder read-only?") from e
 
 
+def check_target(path: str | None, setting: str) -> None:
+    """A file a run writes only at its end (the exported detector), checked before the run's work: a path that is a
+    folder, or under a file or an unwritable folder, would otherwise stop the run after all of its training."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{path}: {setting} cannot be written there ({e}); set --{setting} to a writable file") from None
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        why = "it is a folder" if os.path.isdir(path) else f"{folder} is not writable"
+        raise OSError(f"{path}: {setting} cannot be written there ({why}); set --{setting} to a writable file")
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """`torch.save`, atomically."""
     _replace(path, lambda tmp: torch.save(obj, tmp))

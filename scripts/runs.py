@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from scripts import distributed
-from scripts.checkpoint import current_keys, flatten
+from scripts.checkpoint import BINDING, DATA, current_keys, flatten
 from scripts.files import write_json
 from scripts.steps import read_record
 
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 # settings that only decide how far a run goes (or how fast): changing them does not make its completed steps wrong
 EXTENDABLE = ("iltm#max_iterations", "iltm#min_iterations", "iltm#stop_tolerance", "iltm#mask_batch_size")
 SHOWN = 8  # differing files listed by name
+# settings whose change makes a run's weights unloadable: the networks' and the data settings they are built from
+NETWORKS = DATA + tuple(key for key in BINDING if key.endswith("#"))
 
 
 class RunConflict(RuntimeError):
@@ -109,7 +111,7 @@ class RunGuard:
         }
         self.path = os.path.join(output_dir, "run.json")
         self.lock = os.path.join(output_dir, "run.lock")
-        self.started = self.moved = False
+        self.started = self.moved = self.warned = False
 
     def start(self) -> None:
         """Checks and records the run, and takes the lock: rank 0's work under torchrun, the others wait for it."""
@@ -157,8 +159,22 @@ class RunGuard:
                     + "\nUse a new --output_dir for a new run; --resume True to continue this one with its completed "
                     "steps as they are; or --overwrite True to move it aside and start afresh."
                 )
+            networks = [line for line in differ if line.split(":")[0].startswith(NETWORKS)]
+            if networks:
+                self.finish()
+                raise RunConflict(
+                    f"{self.output_dir} holds a run whose networks differ from this config's:\n  "
+                    + "\n  ".join(networks)
+                    + "\n--resume True cannot continue it: its weights do not fit. Use a new --output_dir, or "
+                    "--overwrite True to move it aside and start afresh."
+                )
             if differ:
-                logger.warning(f"{self.output_dir}: resuming despite {len(differ)} differences (--resume True)")
+                if not self.warned:  # `training` starts the guard once per stage
+                    logger.warning(
+                        f"{self.output_dir}: resuming despite {len(differ)} differences (--resume True); the completed "
+                        "steps keep the run's:\n  " + "\n  ".join(differ)
+                    )
+                self.warned = True
                 return  # the record keeps what the completed steps were made with
         elif has_steps:
             logger.warning(f"{self.output_dir}: a run without {os.path.basename(self.path)}; recording this one's")

@@ -7,6 +7,7 @@ inside healing, ``--image_size "[0,0]"`` after the VQ-VAE has trained. The confi
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -14,6 +15,8 @@ from typing import Any
 
 from scripts.checkpoint import flatten
 from scripts.tokens import mask_spec
+
+logger = logging.getLogger(__name__)
 
 
 def _int(low: int | None = None) -> Callable[[Any], str | None]:
@@ -157,6 +160,12 @@ def check_settings(*settings: Mapping[str, Any]) -> None:
         problems.append(f"intensity_max ({high!r}) must be above intensity_min ({low!r})")
     if problems:
         raise SettingError("settings outside their domain:\n  " + "\n  ".join(problems))
+    least, most = flat.get("iltm#min_iterations"), flat.get("iltm#max_iterations")
+    if isinstance(least, int) and isinstance(most, int) and least > most:
+        logger.warning(
+            f"iltm#min_iterations ({least}) is above iltm#max_iterations ({most}): ILTM trains at most {most}; "
+            "set --iltm#min_iterations too"
+        )
 
 
 def check_grid(image_size: list[int], strides: list) -> None:

@@ -135,6 +135,14 @@ class BestWeights:
             self.score = score
 
 
+def _epoch(trainer_state: dict) -> int | None:
+    """The epoch an ignite trainer's saved state ends (it saves the iteration and the epoch length)."""
+    if "epoch" in trainer_state:
+        return int(trainer_state["epoch"])
+    iteration, length = trainer_state.get("iteration"), trainer_state.get("epoch_length")
+    return int(iteration) // int(length) if iteration is not None and length else None
+
+
 def train_stage(
     step: str, trainer, weights: str, output_dir: str, evaluator=None, seed: int = 0, best_metric: str | None = None
 ) -> torch.nn.Module:
@@ -161,13 +169,14 @@ def train_stage(
     objects = {"model": network, "optimizer": trainer.optimizer, "trainer": trainer}
     if trainer.scaler is not None:
         objects["scaler"] = trainer.scaler
-    resume = latest_checkpoint(folder)
+    resume, resumed = latest_checkpoint(folder), {}
     if resume is not None:
         try:
-            load_checkpoint(resume)
+            epoch = _epoch(load_checkpoint(resume).get("trainer", {}))
         except CheckpointError as e:
             raise CheckpointError(f"{e}\nDelete it to train step {step!r} from its first epoch.") from None
-        logger.info(f"{step}: resuming from {resume}")
+        resumed = {"resumed_after_epoch": epoch}  # the step's wall time is then that of its last segment
+        logger.info(f"{step}: resuming after epoch {epoch} of {trainer.state.max_epochs}, from {resume}")
         CheckpointLoader(load_path=resume, load_dict=objects, map_location="cpu").attach(trainer)
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: _reseed(engine, seed * 100_003 + engine.state.epoch))
     if evaluator is not None:  # the last epoch is validated while the run is open (MLflow closes it on COMPLETED)
@@ -194,10 +203,16 @@ def train_stage(
             logger.info(f"{step}: keeping epoch {best['epoch']} of {trainer.state.max_epochs}, the best {best_metric}")
         atomic_save(network.state_dict(), weights)
         state.complete(
-            step, weights=os.path.relpath(weights, output_dir), wall_time_s=round(time.time() - start, 1), **metrics
+            step,
+            weights=os.path.relpath(weights, output_dir),
+            wall_time_s=round(time.time() - start, 1),
+            **resumed,
+            **metrics,
         )
         if keeper is not None and os.path.isfile(keeper.path):  # now a copy of `weights`
             os.remove(keeper.path)
+        for path in _checkpoints(folder):  # resume state (model, optimiser, trainer) the completed step no longer needs
+            os.remove(path)
     distributed.barrier()
     if best_metric and distributed.active():  # every rank goes on (ILTM's mask passes) with the kept weights
         network.load_state_dict(state_dict(load_checkpoint(weights)))

@@ -70,6 +70,14 @@ def test_settings_outside_their_domain_stop_training_before_any_work(tmp_path, d
     assert not out.exists()
 
 
+def test_more_minimum_than_maximum_iterations_is_named(caplog) -> None:
+    from scripts.settings import check_settings
+
+    with caplog.at_level("WARNING", logger="scripts.settings"):
+        check_settings({"iltm": {"max_iterations": 1, "min_iterations": 3}})
+    assert "iltm#min_iterations (3) is above iltm#max_iterations (1): ILTM trains at most 1" in caplog.text
+
+
 def test_inference_settings_are_checked_too(tmp_path, data) -> None:
     with pytest.raises(Exception) as err:
         run("run", config_file=INFERENCE, bundle_root=ROOT, output_dir=str(tmp_path / "x"), dataset_dir=data,

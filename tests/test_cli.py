@@ -114,6 +114,12 @@ def test_a_script_ends_a_bad_input_with_its_message_not_a_traceback(tmp_path) ->
     [
         ("scripts.prepare_autopet", ["{missing}", "{out}"], "{missing}: autoPET folder not found"),
         ("scripts.experiments", ["report", "--exp_dir", "{missing}"], "{missing}: no evaluations yet"),
+        (
+            "scripts.experiments",
+            ["run", "--exp_dir", "{out}", "--kind", "4d"],
+            "unknown kind '4d'",
+        ),  # raised in __main__
+        ("scripts.experiments", ["run", "--exp_dir", "{out}", "--preset", "{missing}"], "{missing}: preset not found"),
         ("scripts.synthetic", ["mask_recall", "--run_dir", "{missing}", "--data_dir", "{out}"], "{missing}: no iltm"),
     ],
 )

@@ -109,6 +109,44 @@ def test_resume_keeps_the_record_and_overwrite_moves_the_run_aside(tmp_path, dat
         guard(out, data, resume="false")
 
 
+def test_resume_names_what_differs_and_refuses_other_networks(tmp_path, data, caplog) -> None:
+    """--resume True keeps the completed steps: it says which settings they keep, and a network of another shape,
+    whose weights could not be loaded, stops before any work instead of failing inside PyTorch."""
+    out = str(tmp_path / "run")
+
+    def make(**kwargs) -> RunGuard:
+        networks = {"vqvae_def": {"num_embeddings": kwargs.pop("codes", 64)}, "image_size": [32, 32]}
+        return guard(out, data, detector=networks, **kwargs)
+
+    first = make()
+    first.start()
+    first.finish()
+    resumed = make(epochs=5, resume=True)
+    with caplog.at_level("WARNING", logger="scripts.runs"):
+        resumed.start()
+        resumed.finish()
+        resumed.start()  # `training` starts the guard again for its ILTM stage
+    assert (
+        caplog.text.count("resuming despite 1 differences") == 1
+        and "vqvae#epochs: 100 in the run, 5 now" in caplog.text
+    )
+    resumed.finish()
+    with pytest.raises(RunConflict, match=r"(?s)networks differ.*vqvae_def#num_embeddings: 64 in the run, 32 now"):
+        make(codes=32, resume=True).start()
+
+
+def test_an_export_path_that_cannot_be_written_stops_training_first(tmp_path) -> None:
+    from scripts.files import check_target
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError, match="iltm#export cannot be written there.*set --iltm#export"):
+        check_target(str(tmp_path / "afile" / "model.pt"), "iltm#export")
+    with pytest.raises(OSError, match="it is a folder"):
+        check_target(str(tmp_path), "iltm#export")
+    check_target(str(tmp_path / "new" / "model.pt"), "iltm#export")  # its folder is made
+    assert (tmp_path / "new").is_dir()
+
+
 def test_a_second_process_is_kept_out_and_a_stale_lock_replaced(tmp_path, data, monkeypatch) -> None:
     out = str(tmp_path / "run")
     os.makedirs(out)

@@ -65,7 +65,7 @@ def ensure_dataset(dataset_dir: str, kind: str = "2d", **params: Any) -> str:
         )
     logger.warning(
         f"{dataset_dir}: no datalist.json there, so the embedded synthetic {kind} set is generated into it (the demo "
-        "data). For your own images, pass --datalist."
+        'data); your own images need a datalist (docs/README.md, "Your own data").'
     )
     parent = os.path.dirname(os.path.abspath(dataset_dir))
     os.makedirs(parent, exist_ok=True)
