@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scripts import distributed
 from scripts.files import atomic_save
 
 # Settings a checkpoint cannot be used without: its weights' shapes and what its inputs must look like. The others in
@@ -195,9 +196,25 @@ def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None
     return recorded
 
 
+def load_weights(network: nn.Module, weights: Mapping[str, Any], path: str) -> None:
+    """``load_state_dict`` that names the file: a run's own weights of another shape come from a rerun with other
+    network settings (``--resume True`` keeps the completed steps), which PyTorch would report as a bare size list."""
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(
+            f"{path}: its weights do not fit this config's {type(network).__name__} ({_shorten(lines[-1], 200)}). "
+            "A run resumed with other network settings (--resume True) cannot reuse its completed steps: use a new "
+            "--output_dir, or --overwrite True to move this run aside."
+        ) from None
+
+
 def load_for_inference(detector: nn.Module, path: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """:func:`load_detector` as inference's and evaluation's first step, so that a wrong path or a checkpoint of other
-    settings stops them before any input is read and before an earlier run's maps are touched."""
+    """:func:`load_detector` as inference's and evaluation's first step, so that a torchrun without its overlay, a
+    wrong path or a checkpoint of other settings stops them before any input is read and before an earlier run's maps
+    are touched."""
+    distributed.check_launch("configs/multi_gpu_evaluate.yaml")
     if not os.path.isfile(path):
         raise CheckpointError(
             f"{path}: checkpoint not found. Pass --checkpoint with a trained detector (a training run writes "

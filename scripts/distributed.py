@@ -67,7 +67,7 @@ def check_launch(overlay: str, single_process: str | None = None) -> None:
     joins them) each would train or map everything on its own into the same folder; `single_process` names a config
     that trains in one process only, where every rank would train the whole model again."""
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if launched <= 1:
+    if launched <= 1 or "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's (other launchers may set WORLD_SIZE)
         return
     if single_process:
         raise RuntimeError(

@@ -116,6 +116,10 @@ def run(
     if kind not in PRESETS:
         raise ValueError(f"unknown kind {kind!r}; available: {', '.join(PRESETS)}")
     preset = _preset_name(preset or PRESETS[kind])
+    if not os.path.isfile(_path(preset)):
+        raise FileNotFoundError(
+            f"{preset}: preset not found (the bundle's are configs/demo.yaml, configs/small.yaml, ...)"
+        )
     ratios = list(parse_ratios(RATIOS[kind] if ratios is None else ratios))
     seeds = [int(s) for s in as_list(seeds)]
     if not seeds:
@@ -383,10 +387,6 @@ def _record(exp_dir: str, params: dict) -> None:
 def _preset_name(preset: str) -> str:
     """One name for one preset file in experiment.json: relative to the bundle when it lies inside it."""
     path = os.path.abspath(_path(preset))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{preset}: preset not found (the bundle's are configs/demo.yaml, configs/small.yaml, ...)"
-        )
     return os.path.relpath(path, BUNDLE_ROOT).replace(os.sep, "/") if path.startswith(BUNDLE_ROOT + os.sep) else preset
 
 

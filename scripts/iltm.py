@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from scripts import distributed, iltm_checks, metrics, tracking
-from scripts.checkpoint import detector_record, load_checkpoint, save_detector
+from scripts.checkpoint import detector_record, load_checkpoint, load_weights, save_detector
 from scripts.detector import AnomalyDetector, check_density_threshold, segment
 from scripts.files import atomic_save
 from scripts.healing import LatentSequencer, token_log_likelihood
@@ -415,7 +415,7 @@ class ILTMWorkflow:
 
     def _load_transformer(self, k: int) -> None:
         path = os.path.join(self.folder(k), "transformer.pt")
-        self.detector.transformer.load_state_dict(load_checkpoint(path, self.device))
+        load_weights(self.detector.transformer, load_checkpoint(path, self.device), path)
 
     def _initial_weights(self, transformer: nn.Module) -> dict:
         """The weights every from-scratch retraining starts from, stored so that a resumed run (and every rank) uses
@@ -428,7 +428,7 @@ class ILTMWorkflow:
 
         distributed.main_first(write)  # every rank reaches the barrier, whether or not the file exists yet
         initial = load_checkpoint(path, self.device)
-        transformer.load_state_dict(initial)
+        load_weights(transformer, initial, path)
         return initial
 
     def _true_tokens(self) -> torch.Tensor | None:

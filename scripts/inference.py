@@ -141,7 +141,6 @@ def unfinished(
     of a torchrun agree on the list they shard. ``check`` (the input check) runs on that list before anything is
     recorded or removed: inputs that stop the run leave the folder as it was.
     """
-    distributed.check_launch("configs/multi_gpu_evaluate.yaml")
     path = os.path.join(maps_dir, "inference.json")
     record = json.loads(json.dumps({**record, "inputs": file_table(files)}, default=str))
     last = [os.path.join(maps_dir, output_name(e["image"], root) + outputs[-1]) for e in files] if outputs else []

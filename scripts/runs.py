@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from scripts import distributed
-from scripts.checkpoint import BINDING, DATA, current_keys, flatten
+from scripts.checkpoint import current_keys, flatten
 from scripts.files import write_json
 from scripts.steps import read_record
 
@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 # settings that only decide how far a run goes (or how fast): changing them does not make its completed steps wrong
 EXTENDABLE = ("iltm#max_iterations", "iltm#min_iterations", "iltm#stop_tolerance", "iltm#mask_batch_size")
 SHOWN = 8  # differing files listed by name
-# settings whose change makes a run's weights unloadable: the networks' and the data settings they are built from
-NETWORKS = DATA + tuple(key for key in BINDING if key.endswith("#"))
 
 
 class RunConflict(RuntimeError):
@@ -158,15 +156,6 @@ class RunGuard:
                     + "\n  ".join(differ)
                     + "\nUse a new --output_dir for a new run; --resume True to continue this one with its completed "
                     "steps as they are; or --overwrite True to move it aside and start afresh."
-                )
-            networks = [line for line in differ if line.split(":")[0].startswith(NETWORKS)]
-            if networks:
-                self.finish()
-                raise RunConflict(
-                    f"{self.output_dir} holds a run whose networks differ from this config's:\n  "
-                    + "\n  ".join(networks)
-                    + "\n--resume True cannot continue it: its weights do not fit. Use a new --output_dir, or "
-                    "--overwrite True to move it aside and start afresh."
                 )
             if differ:
                 if not self.warned:  # `training` starts the guard once per stage

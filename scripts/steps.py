@@ -17,7 +17,7 @@ from monai.data.utils import set_rnd
 from monai.handlers import CheckpointLoader
 
 from scripts import distributed
-from scripts.checkpoint import CheckpointError, load_checkpoint, state_dict
+from scripts.checkpoint import CheckpointError, load_checkpoint, load_weights, state_dict
 from scripts.files import atomic_save, write_json
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def train_stage(
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"{weights}: step {step!r} is complete in {state.path} but its weights are gone")
         logger.info(f"{step}: already complete, loading {weights}")
-        network.load_state_dict(state_dict(load_checkpoint(weights)))
+        load_weights(network, state_dict(load_checkpoint(weights)), weights)
         return network
     folder = os.path.dirname(weights)
     objects = {"model": network, "optimizer": trainer.optimizer, "trainer": trainer}
@@ -211,9 +211,10 @@ def train_stage(
         )
         if keeper is not None and os.path.isfile(keeper.path):  # now a copy of `weights`
             os.remove(keeper.path)
+    distributed.barrier()  # every rank is past its resume (which may read the checkpoint) before it goes
+    if distributed.is_main():
         for path in _checkpoints(folder):  # resume state (model, optimiser, trainer) the completed step no longer needs
             os.remove(path)
-    distributed.barrier()
     if best_metric and distributed.active():  # every rank goes on (ILTM's mask passes) with the kept weights
         network.load_state_dict(state_dict(load_checkpoint(weights)))
     return network
