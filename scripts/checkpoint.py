@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from torch import nn
 
 from scripts import distributed
@@ -221,9 +222,26 @@ def load_for_inference(detector: nn.Module, path: str, data: Mapping[str, Any] |
             "<output_dir>/model.pt, and the README's main job models/model.pt), or train one first: "
             "python -m monai.bundle run training --config_file \"['configs/train.yaml','configs/PRESET.yaml']\"."
         )
-    return load_detector(detector, path, data)
+    recorded = load_detector(detector, path, data)
+    detector.loaded_from = path  # for LoadDetector
+    return recorded
 
 
 def _shorten(line: str, limit: int = 300) -> str:
     """One of PyTorch's load_state_dict lines, which list every key: the first ones and how many there are."""
     return line if len(line) <= limit else f"{line[:limit]}... ({line.count(', ') + 1} keys)"
+
+
+class LoadDetector:
+    """Handler: loads the checkpoint when the engine starts, unless ``run`` already did (:func:`load_for_inference`),
+    so that a tool that runs the evaluator by itself does not map with random weights."""
+
+    def __init__(self, load_path: str, network: nn.Module, data: Mapping[str, Any] | None = None) -> None:
+        self.load_path, self.network, self.data = load_path, network, data
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if getattr(self.network, "loaded_from", None) != self.load_path:
+            load_for_inference(self.network, self.load_path, self.data)

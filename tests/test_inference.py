@@ -247,6 +247,20 @@ def test_a_wrong_checkpoint_stops_before_any_input_or_earlier_map_is_touched(
     assert not unused.exists() and not (tmp_path / "eval").exists()
 
 
+def test_the_evaluator_run_alone_maps_with_the_checkpoint(dataset: str, checkpoint: str, tmp_path) -> None:
+    """`run` loads the checkpoint as its first step; a tool that runs the `evaluator` itself still gets its weights."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.open(os.path.join(dataset, "images", "test_0000.png")).save(folder / "part.png")
+    p = parser("inference.yaml", **TINY, bundle_root=ROOT, folder=str(folder), checkpoint=checkpoint,
+               output_dir=str(tmp_path / "out"))  # fmt: skip
+    p.get_parsed_content("evaluator").run()
+    weights = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    for name, value in p.get_parsed_content("network").state_dict().items():
+        assert torch.equal(value.cpu(), weights[name]), name
+    assert os.path.isfile(tmp_path / "out" / "inference" / "part_overlay.png")
+
+
 def test_inputs_that_load_badly_are_all_named_before_any_map(dataset: str, checkpoint: str, tmp_path, capsys) -> None:
     """Problems only loading shows (channels, intensity range) stop folder inference before any map, every bad input
     named at once; images in subfolders, which a folder run does not process, are reported."""
