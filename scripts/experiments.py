@@ -103,8 +103,7 @@ def run(
             comma-separated or a list.
         methods: "iltm" (its iteration 0, final iteration, ablation and variants) and the baselines of
             :data:`scripts.baselines.METHODS` ("dense_ae", "dense_vae", "cutpaste", "nsa", "stkd"), comma-separated or
-            a list; each trained on
-            the same data with the same seed and evaluated on the same test set.
+            a list; each trained on the same data with the same seed and evaluated on the same test set.
         fixed_threshold: shorthand for the "fixed" variant.
         ablation: also evaluate the no-resampling ablation (``network_def#resample: false``).
         all_iterations: evaluate every ILTM iteration, not only iteration 0 and the final one.

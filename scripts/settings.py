@@ -147,13 +147,11 @@ def check_settings(*settings: Mapping[str, Any]) -> None:
             problems.append(f"{key} must be {wrong}, got {value!r}")
     spatial_dims, size = flat.get("spatial_dims"), flat.get("image_size")
     if spatial_dims in (2, 3) and isinstance(size, (list, tuple)) and len(size) != spatial_dims:
+        hint = ", or layer configs/demo3d.yaml or configs/autopet.yaml" if spatial_dims == 3 else ""
+        example = [64] * 2 + [128] * (spatial_dims - 2)
         problems.append(
-            f"image_size must have spatial_dims = {spatial_dims} sizes, got {size!r}: set --image_size too (e.g. "
-            + (
-                '"[64, 64, 128]"), or layer configs/demo3d.yaml or configs/autopet.yaml)'
-                if spatial_dims == 3
-                else '"[64, 64]")'
-            )
+            f"image_size must have spatial_dims = {spatial_dims} sizes, got {size!r}: set --image_size too "
+            f'(e.g. "{example}"){hint}'
         )
     low, high = flat.get("intensity_min"), flat.get("intensity_max")
     if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not high > low:
