@@ -327,11 +327,21 @@ def evaluate(
     bundle("evaluating", configs, args, _log(exp_dir, output_dir), in_process)
 
 
+def shell_line(args: Sequence[str]) -> str:
+    """The arguments as one shell line to copy, with config literals in double quotes where that is as safe:
+    shlex alone writes `--synthetic={'kind': '2d'}` as `'--synthetic={'"'"'kind'"'"': '"'"'2d'"'"'}'`."""
+
+    def quoted(arg: str) -> str:
+        return f'"{arg}"' if "'" in arg and not set(arg) & set('"$`\\!') else shlex.quote(arg)
+
+    return " ".join(map(quoted, args))
+
+
 def bundle(run_id: str, configs: Sequence[str], overrides: dict, log: str, in_process: bool) -> None:
     """``python -m monai.bundle run <run_id>`` with config overrides, printed so that it can be rerun by hand."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", repr(list(configs))]
     cmd += [f"--{k}={v!r}" for k, v in overrides.items()]  # fire reads Python literals
-    print(f"[experiments] python {shlex.join(cmd[1:])}", flush=True)
+    print(f"[experiments] python {shell_line(cmd[1:])}", flush=True)
     start = time.time()
     os.makedirs(os.path.dirname(log), exist_ok=True)
     if in_process:
@@ -340,7 +350,7 @@ def bundle(run_id: str, configs: Sequence[str], overrides: dict, log: str, in_pr
         bundle_run(run_id, config_file=[_path(c) for c in configs], **overrides)
     else:
         with open(log, "a") as f:  # a rerun after a kill keeps the killed attempt's log above its own
-            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd[1:])}\n")
+            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shell_line(cmd[1:])}\n")
             f.flush()
             code = subprocess.call(cmd, cwd=BUNDLE_ROOT, stdout=f, stderr=subprocess.STDOUT)
         if code:

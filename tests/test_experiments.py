@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -240,6 +241,17 @@ def test_training_only_overrides_reach_training_only(tmp_path, monkeypatch) -> N
     assert "iltm#mask_resample_threshold" not in args and "transformer#epochs" not in args
     configs = [os.path.join(ROOT, c) for c in ("configs/inference.yaml", "configs/demo.yaml", "configs/evaluate.yaml")]
     assert unknown_ids(configs, ["iltm#mask_resample_threshold"])  # what the evaluation would have refused
+
+
+def test_printed_commands_read_as_written_and_rerun_as_run() -> None:
+    """The runner prints each bundle command to be copied: config literals in double quotes, and a shell that
+    splits the line gets back the very arguments, also where double quotes would not be safe."""
+    args = ["-m", "monai.bundle", "run", "training", "--config_file", repr(["configs/train.yaml", "configs/demo.yaml"]),
+            "--synthetic=" + repr({"kind": "2d", "seed": 0}), "--dataset_dir='a b'", "--x=$HOME's", "--y=\"it's\"",
+            "--z=plain", "--w=a b"]  # fmt: skip
+    line = experiments.shell_line(args)
+    assert f'--config_file "{args[5]}" "{args[6]}"' in line  # as written in the docs
+    assert shlex.split(line) == args
 
 
 @pytest.mark.parametrize(
