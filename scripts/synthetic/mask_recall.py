@@ -4,7 +4,7 @@ A run's overall mask recall hides what matters to the Transformer: an anomaly th
 learned as normal unless *its* tokens are masked, whatever happens to the others. Grouping the training images by the
 anomalies ``anomalies.json`` says they carry (a 2D defect's kind, a 3D lesion's site, and its prototype; an image with
 two anomalies forms a group of its own), this gives each group's recall and the share of its images whose anomaly no
-mask touches, beside the masked share of the normal images' tokens (docs/README.md, "Contamination sweep, 2D").
+mask touches, beside the masked share of the normal images' tokens (docs/experiments.md, "Four seeds (0.6.1)").
 Labels are read as stored (anomalous where above 0) and downsampled with the "any" rule: right for the embedded sets,
 whose files are at the presets' image size.
 
