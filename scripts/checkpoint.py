@@ -185,6 +185,13 @@ def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None
             "preset it was trained with (--config_file \"['configs/inference.yaml','configs/PRESET.yaml']\") and its "
             "training's overrides; or drop the overrides that change these settings."
         )
+    stage = _one_stage(detector, state_dict(checkpoint))
+    if stage:
+        raise CheckpointError(
+            f"{path}: holds the weights of the detector's {stage} alone, not a whole detector. A training run's "
+            "detector is <output_dir>/model.pt (its final iteration) or <output_dir>/iltm/iter_KK/model.pt (iteration "
+            "KK); pass one of those."
+        )
     try:
         detector.load_state_dict(state_dict(checkpoint))
     except RuntimeError as e:
@@ -195,6 +202,17 @@ def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None
             "Use the config or preset it was trained with."
         ) from None
     return recorded
+
+
+def _one_stage(detector: nn.Module, weights: Mapping[str, Any]) -> str | None:
+    """The part of `detector` whose own state dict `weights` is (``vqvae/vqvae.pt``, ``iltm/iter_KK/transformer.pt``
+    of a run): a file a user may well pass for the detector's. None when the weights are a detector's, or unknown."""
+    keys = set(weights)
+    if not keys or keys & set(detector.state_dict()):
+        return None
+    heads = {key.split(".")[0] for key in keys}  # sizes may differ: without a record, the detector has default ones
+    parts = {name: {key.split(".")[0] for key in part.state_dict()} for name, part in detector.named_children()}
+    return next((name for name, own in parts.items() if heads == own), None)
 
 
 def load_weights(network: nn.Module, weights: Mapping[str, Any], path: str) -> None:

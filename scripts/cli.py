@@ -173,7 +173,7 @@ def _unknown(parser: ConfigParser, keys: Sequence[str], where: str) -> list[str]
             continue
         if key.replace("::", "#") in parser or key.lstrip("+") in parser:
             continue
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        close = [c for c in difflib.get_close_matches(key, known, n=6, cutoff=0.6) if not passed_on(parser, c)][:3]
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         messages.append(f"--{key}: no such setting in {where}{hint}")
     return messages
@@ -215,7 +215,9 @@ def check_ids(parser: ConfigParser, keys: Sequence[str], where: str) -> None:
     messages += [f"{where} set {old}: renamed {new} in version {version}" for old, (new, version) in RENAMED.items()
                  if old in parser and parser[old] is not None]  # fmt: skip
     if messages:
+        unknown = any("no such setting" in m for m in messages)  # a passed-on id is known: MONAI would not add it
         raise UnknownSetting(
-            "\n".join(messages) + "\nFix these names (MONAI would add an unknown id as a new one that nothing reads, "
-            "and the run would use the defaults), or pass --allow_new_ids True to add new ids on purpose."
+            "\n".join(messages)
+            + "\nFix these names (MONAI would add an unknown id as a new one that nothing reads, and the run would use "
+            "the defaults), or pass --allow_new_ids True to add new ids on purpose." * unknown
         )

@@ -80,10 +80,19 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
         for k in ("image", "label")
         if k in e and not os.path.isfile(e[k])
     ]
+    relative = any(
+        not os.path.isabs(str(v)) for e in sections[section] for k, v in e.items() if k in ("image", "label")
+    )
+    hint = (
+        f"\nEvery image is missing: the datalist's relative paths were resolved against dataset_dir {base}; pass "
+        "--dataset_dir with the folder they are relative to."
+        if relative and len(entries) > 1 and not any(os.path.isfile(e["image"]) for e in entries)
+        else ""
+    )
     if len(missing) == 1:
         raise DataError(f"{missing[0]} (datalist {datalist}, section {section!r})")
     if missing:
-        raise DataError(f"{len(missing)} files of section {section!r} of {datalist} not found:{listing(missing)}")
+        raise DataError(f"{len(missing)} files of section {section!r} of {datalist} not found:{listing(missing)}{hint}")
     return entries
 
 
@@ -200,16 +209,33 @@ class ShieldStringsd(MapTransform):
 
 
 class BinarizeLabeld(MapTransform):
-    """Any voxel above `threshold` in any channel is anomalous: masks arrive as 0/255 PNGs, RGB masks or NIfTI labels."""
+    """Any voxel above `threshold` in any channel is anomalous: masks arrive as 0/255 PNGs, RGB masks or NIfTI labels.
+
+    A label of many grey levels (a JPEG mask's compression noise, anti-aliased edges) is warned about once: above the
+    default threshold 0, every faint value counts, and a mask can grow well beyond its defect without an error.
+    """
+
+    GREY_LEVELS = 8  # more distinct values than a label of a few classes (BraTS: 0, 1, 2, 4) has
 
     def __init__(self, keys: KeysCollection, threshold: float = 0.0) -> None:
         super().__init__(keys, allow_missing_keys=True)
-        self.threshold = threshold
+        self.threshold, self.warned = threshold, False
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = (d[key] > self.threshold).any(dim=0, keepdim=True).float()
+            anomalous = (d[key] > self.threshold).any(dim=0, keepdim=True)
+            if not self.warned and torch.unique(d[key]).numel() > self.GREY_LEVELS:
+                self.warned = True
+                name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                values = torch.as_tensor(d[key]).float()
+                logger.warning(
+                    f"{name}: a label of {torch.unique(values).numel()} grey levels ({float(values.min()):g}-"
+                    f"{float(values.max()):g}); every voxel above label_threshold {self.threshold:g} is anomalous, "
+                    f"{float(anomalous.float().mean()):.1%} of this one. For JPEG or anti-aliased masks pass e.g. "
+                    "--label_threshold 127 (on 0-255). Said once per run."
+                )
+            d[key] = anomalous.float()
         return d
 
 

@@ -6,7 +6,9 @@ For one trained detector and one labelled datalist section it prints:
 1. pixel metrics of the full method against the ablation without resampling (original latent, dropout decoding
    only): when the two agree, the map is the VQ-VAE's reconstruction error and ILTM cannot help;
 2. precision and recall, against the true anomalous tokens, of the Transformer's resampling flags and of the token
-   masks each downsampling rule would give (the evidence behind `iltm#downsample_rule`);
+   masks each downsampling rule would give (the evidence behind `iltm#downsample_rule`), and the token AUROC: how
+   well the Transformer's token log-likelihoods rank the anomalous tokens above the normal ones, whatever the
+   resampling threshold (0.5: chance);
 3. the first stage's fidelity: the VQ-VAE's L1 inside the anomalies, outside them, and on normal voxels of the same
    intensities (`scripts.vqvae.fidelity`), as training's validation reports it.
 
@@ -28,7 +30,7 @@ from scripts.data import load_datalist
 from scripts.detector import AnomalyDetector
 from scripts.files import write_json
 from scripts.iltm import precision_recall, tokens_from_map
-from scripts.metrics import image_auroc, pixel_metrics
+from scripts.metrics import image_auroc, pixel_auroc, pixel_metrics
 from scripts.vqvae import error_tally, eval_except, fidelity, fidelity_ratios
 
 RULES = (("any", 0.0), ("fraction", 0.25), ("fraction", 0.5))
@@ -39,7 +41,8 @@ def _maps(detector, items: list[dict], resample: bool, batch_size: int) -> dict[
     for start in tqdm(range(0, len(items), batch_size), desc=f"maps (resample={resample})", leave=False):
         image = torch.stack([item["image"] for item in items[start : start + batch_size]])
         outs.append(detector.infer(image.to(next(detector.parameters()).device), resample=resample))
-    return {k: torch.cat([o[k].cpu() for o in outs]) for k in ("score", "segmentation", "latent_flags")}
+    keys = ("score", "segmentation", "latent_flags", "latent_log_likelihood")
+    return {k: torch.cat([o[k].cpu() for o in outs]) for k in keys}
 
 
 @torch.no_grad()
@@ -94,6 +97,8 @@ def diagnose(
         row = {k: float(v) for k, v in metrics.items()}
         if resample:
             row["flags"] = dict(zip(("precision", "recall"), precision_recall(maps["latent_flags"], truth)))
+            if truth.any() and not truth.all():  # the Transformer's ranking of the tokens, before any threshold
+                row["token_auroc"] = pixel_auroc(-maps["latent_log_likelihood"].numpy(), truth.numpy())
         for rule, fraction in RULES:
             masks = tokens_from_map(maps["segmentation"], grid, rule, fraction)
             p, r = precision_recall(masks, truth)

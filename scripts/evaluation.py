@@ -38,12 +38,12 @@ def summarise(
         out.update(pixel_auroc=pixel["pixel_auroc"], aupro=pixel["aupro"], best_dice=pixel["best_dice"])
         out["best_dice_threshold"] = pixel["dice_threshold"]
     except ValueError as e:  # no anomalous (or no normal) pixel in this set
-        logger.warning(f"pixel metrics undefined: {e}")
+        logger.warning(f"pixel metrics not reported (null): {e}")
         out.update(pixel_auroc=None, aupro=None, best_dice=None, best_dice_threshold=None)
     try:
         out["image_auroc"] = metrics.image_auroc(scores, labels)
     except ValueError as e:
-        logger.warning(f"image AUROC undefined: {e}")
+        logger.warning(f"{e}; reported as null")
         out["image_auroc"] = None
     counts = np.sum([overlap(segment(s, density_threshold), lab) for s, lab in zip(scores, labels)], axis=0)
     out["dice_at_density_threshold"] = dice(*map(int, counts)) if len(scores) else None

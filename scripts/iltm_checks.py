@@ -57,6 +57,13 @@ def unlearning(before: dict, after: dict) -> float:
     return (before["masked"] - after["masked"]) - (before["kept"] - after["kept"])
 
 
+def _than_kept(unlearned: float, only: str = "") -> str:
+    """How far the masked tokens' log-likelihood fell beyond the kept tokens', without a negative "more"."""
+    if unlearned >= 0:
+        return f"by {only}{unlearned:.2f} nats more than the kept tokens'"
+    return f"by {-unlearned:.2f} nats less than the kept tokens'"
+
+
 def warnings(checks: dict) -> list[str]:
     """Plain sentences for everything in ``checks`` that says ILTM may not help, or did not."""
     out = []
@@ -91,7 +98,7 @@ def warnings(checks: dict) -> list[str]:
         if start.get(name) is not None and start[name] < LIFT:
             out.append(
                 f"Iteration 0 is too weak for its masks to mean much: {what} hit labelled anomalous training tokens "
-                f"only {start[name]:.1f}x as often as chance (below {LIFT:.0f}x)."
+                f"only {start[name]:.2f}x as often as chance (below {LIFT:.0f}x)."
             )
     masks = checks.get("masks", {})
     if masks.get("masked_tokens") and not any(masks["masked_tokens"]):
@@ -104,7 +111,7 @@ def warnings(checks: dict) -> list[str]:
     elif _number(masks.get("unlearning")) and masks["unlearning"] < UNLEARNING:
         out.append(
             f"The masks do not look like anomalies: retrained without them, the Transformer lowered the masked "
-            f"validation tokens' log-likelihood by only {masks['unlearning']:.2f} nats more than the kept tokens' "
+            f"validation tokens' log-likelihood {_than_kept(masks['unlearning'], 'only ')} "
             f"(below {UNLEARNING}), as it does for masks of ordinary tokens. ILTM is unlikely to help here."
         )
     if masks.get("kept_drop") is not None and masks["kept_drop"] > KEPT_DROP:
@@ -170,8 +177,7 @@ def render(checks: dict) -> str:
         lines.append("- Masks: no training token was masked in any pass")
     elif masks.get("kept_drop") is not None:
         unlearned = (
-            f"retraining without the masked tokens lowered their log-likelihood by {masks['unlearning']:.2f} nats "
-            "more than the kept tokens'"
+            f"retraining without the masked tokens lowered their log-likelihood {_than_kept(masks['unlearning'])}"
             if _number(masks.get("unlearning"))
             else "no validation token was masked in the first pass, so whether the retrained Transformer unlearns "
             "masked tokens is not measured"

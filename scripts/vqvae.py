@@ -38,7 +38,17 @@ class DropoutVQVAE(VQVAE):
     def __init__(
         self, *args, decoder_dropout: float = 0.05, decay: float = 0.99, dead_code_threshold: float = 1.0, **kwargs
     ) -> None:
-        super().__init__(*args, decay=decay, **kwargs)
+        try:
+            super().__init__(*args, decay=decay, **kwargs)
+        except ValueError as e:  # MONAI's words name one argument; the cause is usually a mix of two configs
+            given = inspect.signature(VQVAE).bind_partial(*args, **kwargs).arguments
+            levels = {k: given[k] for k in ("channels", "num_res_channels", "downsample_parameters") if k in given}
+            raise ValueError(
+                f"vqvae_def: MONAI's VQVAE refuses these settings ({e}): {levels}. Their numbers of levels must agree. "
+                "A checkpoint given with configs/inference.yaml supplies its recorded value of every setting that no "
+                "preset or command-line value sets, so a preset other than the one it was trained with mixes two "
+                "networks: use configs/inference.yaml alone, or the preset the checkpoint was trained with."
+            ) from None  # the command line shows the innermost cause: this one, which quotes MONAI's
         # what a checkpoint records to rebuild this network (scripts/checkpoint.py)
         self.settings = {
             **inspect.signature(VQVAE).bind_partial(*args, **kwargs).arguments,

@@ -92,6 +92,18 @@ def test_weights_of_another_shape_without_a_record(tmp_path) -> None:
     assert len(str(err.value).splitlines()) < 10
 
 
+@pytest.mark.parametrize("stage", ["vqvae", "transformer"])
+def test_one_stages_weights_are_named_as_such(tmp_path, stage: str) -> None:
+    """``vqvae/vqvae.pt`` or ``iltm/iter_KK/transformer.pt`` of a run passed as --checkpoint: without a record the
+    detector has default sizes, and PyTorch's key lists would suggest another preset."""
+    trained = parsed(["train.yaml"], **TINY).get_parsed_content("network_def")
+    path = str(tmp_path / f"{stage}.pt")
+    torch.save(getattr(trained, stage).state_dict(), path)
+    detector = parsed(["inference.yaml"], checkpoint=path).get_parsed_content("network_def")
+    with pytest.raises(CheckpointError, match=f"holds the weights of the detector's {stage} alone.*model.pt"):
+        load_detector(detector, path)
+
+
 def test_records_of_older_versions_are_read_with_todays_keys() -> None:
     """0.3.0 recorded the spatial chain as `resize`; it is still compared, as `spatial`."""
     from scripts.checkpoint import mismatches

@@ -33,6 +33,16 @@ def test_unknown_ids_get_the_closest_suggestions() -> None:
     check_overrides(True, ["run", "--config_file", TRAIN, "--my_new_id", "2"])
 
 
+def test_a_suggestion_is_an_id_the_command_line_accepts() -> None:
+    """An id that only passes a setting on to its component is refused when set, so it is never suggested, and its
+    refusal does not say that MONAI would add it as a new id."""
+    (message,) = unknown_ids([TRAIN, DEMO], ["iltm#max_iteration"])
+    assert "iltm#max_iterations" in message and "iltm#workflow#" not in message
+    with pytest.raises(UnknownSetting, match="only passes on iltm#max_iterations") as refused:
+        check_overrides(False, ["run", "--config_file", TRAIN, "--iltm#workflow#max_iterations", "1"])
+    assert "MONAI would add" not in str(refused.value)
+
+
 def test_the_command_line_stops_before_any_work_and_ends_with_the_cause(tmp_path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN}','{DEMO}']",

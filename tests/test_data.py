@@ -8,6 +8,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
@@ -90,7 +91,10 @@ def test_missing_file(tmp_path):
         os.remove(tmp_path / name)
     message = _error(_parser(tmp_path, sections))
     assert "3 files of section 'training'" in message and "training2.png: image file not found" in message
-    assert "lbl/training0.png: label file not found" in message
+    assert "lbl/training0.png: label file not found" in message and "Every image is missing" not in message
+    # a datalist whose relative paths belong to another folder than dataset_dir: the likely cause is named
+    message = _error(_parser(tmp_path, _dataset(tmp_path), dataset_dir=str(tmp_path / "elsewhere")))
+    assert f"resolved against dataset_dir {tmp_path / 'elsewhere'}; pass --dataset_dir" in message
 
 
 def test_missing_datalist_and_empty_or_absent_section(tmp_path):
@@ -215,3 +219,25 @@ def test_labels_on_some_entries_of_a_section_are_named_as_unused(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="scripts.data"):
         assert all("label" in e for e in load_datalist(str(tmp_path / "partial.json"), str(tmp_path), "training"))
     assert caplog.text == ""
+
+
+def test_a_label_of_many_grey_levels_is_warned_about_once(caplog) -> None:
+    """A JPEG mask's noise counts as anomaly above the default threshold 0: said once, with the remedy."""
+    from monai.data import MetaTensor
+
+    from scripts.data import BinarizeLabeld
+
+    binarize = BinarizeLabeld("label")
+    classes = torch.tensor([0.0, 1.0, 2.0, 4.0]).repeat_interleave(4).reshape(1, 4, 4)  # a label of a few classes
+    binary = torch.zeros(1, 4, 4)
+    binary[0, 1, 1] = 255
+    with caplog.at_level("WARNING", logger="scripts.data"):
+        assert binarize({"label": classes})["label"].sum() == 12 and binarize({"label": binary})["label"].sum() == 1
+        assert not caplog.records
+        noisy = MetaTensor(torch.arange(16.0).reshape(1, 4, 4), meta={"filename_or_obj": "mask_07.jpg"})
+        assert binarize({"label": noisy})["label"].sum() == 15  # still every voxel above the threshold
+        binarize({"label": noisy})
+    (record,) = caplog.records
+    assert (
+        "mask_07.jpg: a label of 16 grey levels (0-15)" in record.message and "--label_threshold 127" in record.message
+    )

@@ -121,3 +121,13 @@ def test_nothing_flagged_or_masked_at_iteration_0_is_said_not_formatted() -> Non
         ({"flag_lift": 0.0, "mask_lift": 2.0}, "flags 0.0x and first masks 2.0x as likely as chance"),
     ):  # fmt: skip
         assert f"- Iteration 0 on the training images: {says}" in iltm_checks.render({"iteration_0": lifts})
+
+
+def test_a_negative_unlearning_and_a_lift_just_below_the_bar_read_without_contradiction() -> None:
+    """A user's real-data run showed "by -0.05 nats more than the kept tokens'" and "2.0x ... (below 2x)"."""
+    raised = _with("masks", unlearning=-0.052)
+    assert "by 0.05 nats less than the kept tokens'" in iltm_checks.render(raised)
+    assert "by 0.05 nats less than the kept tokens'" in " ".join(iltm_checks.warnings(raised))
+    assert "-0.05" not in iltm_checks.render(raised)
+    assert "by only 0.02 nats more" in iltm_checks.warnings(_with("masks", unlearning=0.02))[0]
+    assert "1.98x as often as chance (below 2x)" in iltm_checks.warnings(_with("iteration_0", flag_lift=1.978))[0]

@@ -166,3 +166,11 @@ def test_a_perfect_denoiser_of_pet_like_noise_is_faithful_only_by_the_intensity_
         tally = tally + error_tally(image, lesion_free, torch.from_numpy(mask)[None, None])
     erased = fidelity(tally)
     assert erased["l1_anomaly"] / erased["l1_matched"] > 3
+
+
+def test_settings_of_two_networks_mixed_are_named_with_the_likely_cause() -> None:
+    """A preset given with another preset's checkpoint to configs/inference.yaml: two levels of channels from the
+    preset, three of downsampling from the checkpoint's record. MONAI's own message names one argument only."""
+    with pytest.raises(ValueError, match=r"vqvae_def: MONAI's VQVAE refuses .*configs/inference.yaml alone"):
+        DropoutVQVAE(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8), num_res_channels=(8, 8),
+                     downsample_parameters=((2, 4, 1, 1),) * 3, upsample_parameters=((2, 4, 1, 1, 0),) * 3)  # fmt: skip
