@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from fnmatch import fnmatch
 from typing import Any
 
 import numpy as np
@@ -40,8 +41,10 @@ def input_files(
     section: str = "test",
     labels: str = "auto",
     root: str | None = None,
+    pattern: str = "*",
 ) -> list[dict]:
-    """The images to process: every image file in `folder` (sorted) when given, else a datalist section.
+    """The images to process: every image file in `folder` (sorted) whose name matches `pattern` when given, else a
+    datalist section.
 
     `labels` as in :func:`scripts.data.load_datalist` ("require" for evaluation, "auto" for plain inference).
     `root`: the folder output names are relative to (MONAI's `data_root_dir`; default `folder` or `dataset_dir`).
@@ -51,23 +54,26 @@ def input_files(
     else:
         if not os.path.isdir(folder):
             raise DataError(f"{folder}: input folder not found")
-        names = _images(folder)
+        names = _images(folder, pattern)
         if not names:
-            raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            matching = f" matching folder_pattern {pattern!r}" if pattern != "*" else ""
+            raise DataError(f"{folder}: no image files{matching} ({', '.join(IMAGE_EXTENSIONS)})")
         files = [{"image": os.path.join(folder, n)} for n in names]
         subs = [os.path.join(folder, sub) for sub in sorted(os.listdir(folder)) if not sub.startswith((".", "__"))]
-        deeper = [os.path.basename(sub) for sub in subs if os.path.isdir(sub) and _images(sub)]
+        deeper = [os.path.basename(sub) for sub in subs if os.path.isdir(sub) and _images(sub, pattern)]
         if deeper:
             shown = ", ".join(deeper[:5]) + (", ..." if len(deeper) > 5 else "")
             logger.warning(f"{folder}: the images in its subfolders ({shown}) are not processed, only the folder's own; "
                            "pass a subfolder as --folder, or a datalist")  # fmt: skip
-    check_inputs(files, root or folder or dataset_dir)
+    check_inputs(files, root or folder or dataset_dir, "--folder_pattern (e.g. '*.jpg'), " if folder else "")
     return files
 
 
-def _images(folder: str) -> list[str]:
-    """The image files directly in `folder`, sorted; hidden ones (`.DS_Store`, `._x.png`) left out."""
-    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
+def _images(folder: str, pattern: str = "*") -> list[str]:
+    """The image files directly in `folder` whose names match `pattern`, sorted; hidden ones (`.DS_Store`,
+    `._x.png`) left out."""
+    return sorted(n for n in os.listdir(folder)
+                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".") and fnmatch(n, pattern))  # fmt: skip
 
 
 def unreadable(path: str) -> str | None:
@@ -99,8 +105,9 @@ def unreadable(path: str) -> str | None:
     return None
 
 
-def check_inputs(files: Sequence[dict], root: str | None) -> None:
-    """Every input readable and every output name its own, before any map is computed; all problems at once."""
+def check_inputs(files: Sequence[dict], root: str | None, select: str = "") -> None:
+    """Every input readable and every output name its own, before any map is computed; all problems at once.
+    `select`: how the user can narrow the inputs instead (folder inference's pattern), named in the message."""
     problems = [f"{entry[key]}: {why}" for entry in files for key in ("image", "label")
                 if key in entry and (why := unreadable(str(entry[key])))]  # fmt: skip
     names: dict[str, str] = {}
@@ -117,8 +124,8 @@ def check_inputs(files: Sequence[dict], root: str | None) -> None:
     if problems:
         raise DataError(
             f"{len(problems)} of {len(files)} inputs cannot be processed; nothing was written:{listing(problems)}"
-            + "\nRemove or replace these files (rename one of each pair with the same name), or set --input_root, and "
-            "run again."
+            + "\nRemove or replace these files (rename one of each pair with the same name), or set "
+            f"{select}--input_root, and run again."
         )
 
 

@@ -423,3 +423,27 @@ def test_a_maps_folder_that_cannot_be_made_is_named() -> None:
 
     with pytest.raises(OSError, match=r"/proc/iltm_maps: the maps cannot be written there .*writable --output_dir"):
         unfinished([{"image": "a.png"}], "/proc/iltm_maps", None, {}, ["_score.nii.gz"])
+
+
+def test_a_folder_pattern_maps_the_images_and_not_the_masks_beside_them(tmp_path) -> None:
+    """Magnetic Tile keeps each mask (x.png) beside its image (x.jpg): their maps would share a name. The refusal
+    names --folder_pattern, which selects the images."""
+    from scripts.data import DataError
+    from scripts.inference import input_files
+
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 100, np.uint8)).save(tmp_path / f"tile{i}.jpg")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"tile{i}.png")
+    with pytest.raises(DataError, match=r"(?s)tile0.png: its maps would overwrite those of .*set --folder_pattern"):
+        input_files(str(tmp_path), None, str(tmp_path))
+    chosen = input_files(str(tmp_path), None, str(tmp_path), pattern="*.jpg")
+    assert [os.path.basename(e["image"]) for e in chosen] == ["tile0.jpg", "tile1.jpg"]
+    with pytest.raises(DataError, match=r"no image files matching folder_pattern '\*.tif'"):
+        input_files(str(tmp_path), None, str(tmp_path), pattern="*.tif")
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
+    parser.update({"bundle_root": ROOT, "folder": str(tmp_path), "folder_pattern": "*.jpg"})
+    assert [os.path.basename(e["image"]) for e in parser.get_parsed_content("inference_files")] == [
+        "tile0.jpg",
+        "tile1.jpg",
+    ]
