@@ -215,9 +215,13 @@ def check_ids(parser: ConfigParser, keys: Sequence[str], where: str) -> None:
     messages += [f"{where} set {old}: renamed {new} in version {version}" for old, (new, version) in RENAMED.items()
                  if old in parser and parser[old] is not None]  # fmt: skip
     if messages:
-        unknown = any("no such setting" in m for m in messages)  # a passed-on id is known: MONAI would not add it
+        unknown = not all("only passes on" in m for m in messages)  # a passed-on id is known: MONAI would not add it
         raise UnknownSetting(
             "\n".join(messages)
-            + "\nFix these names (MONAI would add an unknown id as a new one that nothing reads, and the run would use "
-            "the defaults), or pass --allow_new_ids True to add new ids on purpose." * unknown
+            + (
+                "\nFix these names (MONAI would add an unknown id as a new one that nothing reads, and the run would "
+                "use the defaults), or pass --allow_new_ids True to add new ids on purpose."
+                if unknown
+                else ""
+            )
         )

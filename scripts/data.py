@@ -80,18 +80,17 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
         for k in ("image", "label")
         if k in e and not os.path.isfile(e[k])
     ]
-    relative = any(
-        not os.path.isabs(str(v)) for e in sections[section] for k, v in e.items() if k in ("image", "label")
-    )
-    hint = (
-        f"\nEvery image is missing: the datalist's relative paths were resolved against dataset_dir {base}; pass "
-        "--dataset_dir with the folder they are relative to."
-        if relative and len(entries) > 1 and not any(os.path.isfile(e["image"]) for e in entries)
-        else ""
-    )
     if len(missing) == 1:
         raise DataError(f"{missing[0]} (datalist {datalist}, section {section!r})")
     if missing:
+        relative = any(not os.path.isabs(str(e["image"])) for e in sections[section])
+        every = relative and len(entries) > 1 and not any(os.path.isfile(e["image"]) for e in entries)
+        hint = (
+            f"\nEvery image is missing: the datalist's relative paths were resolved against dataset_dir {base}; pass "
+            "--dataset_dir with the folder they are relative to."
+            if every
+            else ""
+        )
         raise DataError(f"{len(missing)} files of section {section!r} of {datalist} not found:{listing(missing)}{hint}")
     return entries
 
@@ -225,13 +224,12 @@ class BinarizeLabeld(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             anomalous = (d[key] > self.threshold).any(dim=0, keepdim=True)
-            if not self.warned and torch.unique(d[key]).numel() > self.GREY_LEVELS:
+            if not self.warned and (levels := torch.unique(torch.as_tensor(d[key]))).numel() > self.GREY_LEVELS:
                 self.warned = True
                 name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
-                values = torch.as_tensor(d[key]).float()
                 logger.warning(
-                    f"{name}: a label of {torch.unique(values).numel()} grey levels ({float(values.min()):g}-"
-                    f"{float(values.max()):g}); every voxel above label_threshold {self.threshold:g} is anomalous, "
+                    f"{name}: a label of {levels.numel()} grey levels ({float(levels[0]):g}-{float(levels[-1]):g}); "
+                    f"every voxel above label_threshold {self.threshold:g} is anomalous, "
                     f"{float(anomalous.float().mean()):.1%} of this one. For JPEG or anti-aliased masks pass e.g. "
                     "--label_threshold 127 (on 0-255). Said once per run."
                 )
