@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import LoadImage, MapTransform
 from tqdm import tqdm
 
 from scripts import cause_chain
@@ -211,14 +211,15 @@ class BinarizeLabeld(MapTransform):
     """Any voxel above `threshold` in any channel is anomalous: masks arrive as 0/255 PNGs, RGB masks or NIfTI labels.
 
     A label of many grey levels (a JPEG mask's compression noise, anti-aliased edges) is warned about once: above the
-    default threshold 0, every faint value counts, and a mask can grow well beyond its defect without an error.
+    default threshold 0, every faint value counts, and a mask can grow well beyond its defect without an error. So is
+    a label anomalous on every voxel: a mask whose background is 1 (a MATLAB or class-index export) reads as all defect.
     """
 
     GREY_LEVELS = 8  # more distinct values than a label of a few classes (BraTS: 0, 1, 2, 4) has
 
     def __init__(self, keys: KeysCollection, threshold: float = 0.0) -> None:
         super().__init__(keys, allow_missing_keys=True)
-        self.threshold, self.warned = threshold, False
+        self.threshold, self.warned, self.warned_full = threshold, False, False
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -233,8 +234,26 @@ class BinarizeLabeld(MapTransform):
                     f"{float(anomalous.float().mean()):.1%} of this one. For JPEG or anti-aliased masks pass e.g. "
                     "--label_threshold 127 (on 0-255). Said once per run."
                 )
+            if not self.warned_full and anomalous.all():
+                self.warned_full = True
+                low = float(torch.as_tensor(d[key]).min())
+                logger.warning(
+                    f"{getattr(d[key], 'meta', {}).get('filename_or_obj', key)}: every voxel of this label is "
+                    f"anomalous (its lowest value, {low:g}, is above label_threshold {self.threshold:g}). If its "
+                    f"background is {low:g} rather than 0, pass --label_threshold {low:g}. Said once per run."
+                )
             d[key] = anomalous.float()
         return d
+
+
+def intensity_band(entries: Sequence[dict], images: int = 50, voxels: int = 100_000) -> tuple[float, float]:
+    """The 0.1 and 99.9 percentiles of the raw intensities of up to `images` evenly spaced entries (`voxels` evenly
+    spaced voxels each): the band to map to [0, 1] where the images use a narrow part of intensity_min..max."""
+    load = LoadImage(image_only=True)
+    values = [torch.as_tensor(load(e["image"])).flatten() for e in entries[:: max(1, len(entries) // images)]]
+    sample = torch.cat([v[:: max(1, len(v) // voxels)].double() for v in values])
+    low, high = torch.quantile(sample, torch.tensor([0.001, 0.999], dtype=torch.float64))
+    return float(low), float(high)
 
 
 def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checking data") -> list[dict]:

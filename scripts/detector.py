@@ -178,7 +178,8 @@ class AnomalyDetector(nn.Module):
                 passes, which use their own threshold schedule and sample counts).
 
         Returns:
-            ``score`` [B,1,*S] float (-log density); ``log_density`` [B,1,*S]; ``segmentation`` [B,1,*S] bool
+            ``score`` [B,1,*S] float (-log density); ``unrestricted_score``, the score before ``restrict_to_flags``
+            (the same map without it); ``log_density`` [B,1,*S]; ``segmentation`` [B,1,*S] bool
             (density < ``density_threshold``); ``token_log_likelihood`` and ``flags`` [B,1,*S] (token maps
             upsampled nearest); ``latent_log_likelihood`` and ``latent_flags`` [B, *grid]; ``num_flagged`` [B] long.
         """
@@ -206,10 +207,12 @@ class AnomalyDetector(nn.Module):
         latent_ll, latent_flags = sequencer.to_grid(log_likelihood), sequencer.to_grid(flags)
         spatial = tuple(image.shape[2:])
         flag_map = self._upsample(latent_flags, spatial) > 0.5
+        unrestricted = log_density
         if resample and self.restrict_to_flags:
             log_density = torch.where(self.near_flags(flag_map), log_density, self.max_log_density)
         return {
             "score": -log_density,
+            "unrestricted_score": -unrestricted,
             "log_density": log_density,
             "segmentation": segment(-log_density, self.density_threshold),
             "token_log_likelihood": self._upsample(latent_ll, spatial),

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from scripts import distributed, iltm_checks, metrics, tracking
 from scripts.checkpoint import detector_record, load_checkpoint, load_weights, save_detector
+from scripts.data import intensity_band
 from scripts.detector import AnomalyDetector, check_density_threshold, segment
 from scripts.files import atomic_save
 from scripts.healing import LatentSequencer, token_log_likelihood
@@ -338,7 +339,13 @@ class ILTMWorkflow:
             return state.steps[step]
         start = time.time()
         checks: dict = {"first_stage": iltm_checks.first_stage(state.steps.get("vqvae", {}), self.codebook_size)}
-        if truth is not None and final >= 1 and truth.any():
+        if iltm_checks.collapsed(checks["first_stage"]) and self.train_files:  # one cause the warning can name
+            checks["first_stage"]["intensity_band"] = list(intensity_band(self.train_files))
+            checks["first_stage"]["intensity_range"] = [
+                self.detector_settings[k] for k in ("intensity_min", "intensity_max")
+            ]
+        first_masks = "masks_01" in state.steps  # also where the loop stopped before training on them
+        if truth is not None and first_masks and truth.any():
             first, rate = state.steps["masks_01"], float(truth.float().mean())
             checks["iteration_0"] = {
                 "flag_lift": iltm_checks.lift(first.get("flag_precision"), rate),
@@ -346,6 +353,8 @@ class ILTMWorkflow:
             }
         if final >= 1 and len(val_seq):
             checks["masks"] = self._mask_signals(state, final, val_seq)
+        elif first_masks:
+            checks["masks"] = {"masked_tokens": [int(state.steps["masks_01"]["masked_tokens"])]}
         if self.val_files:
             checks.update(self._map_checks(final))
         self._load_transformer(final)
@@ -392,11 +401,17 @@ class ILTMWorkflow:
         def maps(k: int, resample: bool) -> dict[str, torch.Tensor]:
             self._load_transformer(k)
             outs = [self.detector.infer(b["image"].to(self.device), resample=resample) for b in batches]
-            return {key: torch.cat([o[key].cpu() for o in outs]) for key in ("score", "segmentation")}
+            keys = ("score", "unrestricted_score", "segmentation", "num_flagged")
+            return {key: torch.cat([o[key].cpu() for o in outs]) for key in keys}
 
         full, ablation = maps(0, True), maps(0, False)
+        # with restrict_to_flags an image without a flagged token gets one value everywhere: its map finds nothing
+        restriction = {"restricted": self.detector.restrict_to_flags, "images": len(full["score"]),
+                       "unflagged_images": int((full["num_flagged"] == 0).sum())}  # fmt: skip
         if labels is not None and labels.any() and not labels.all():
             scores = {"full": full["score"], "ablation": ablation["score"], "final": maps(final, True)["score"]}
+            if self.detector.restrict_to_flags:
+                scores["unrestricted"] = full["unrestricted_score"]
             aupro = {k: metrics.aupro(v[:, 0].numpy(), labels[:, 0].numpy()) for k, v in scores.items()}
             images = labels.flatten(1).any(dim=1)
             both = 0 < int(images.sum()) < len(images)  # image AUROC needs normal and anomalous validation images
@@ -405,13 +420,14 @@ class ILTMWorkflow:
             return {
                 "map_source": {"aupro_full": aupro["full"], "aupro_ablation": aupro["ablation"],
                                "aupro_gap": aupro["full"] - aupro["ablation"]},
+                "restriction": {**restriction, "aupro_unrestricted": aupro.get("unrestricted")},
                 "outcome": {"aupro_iteration_0": aupro["full"], "aupro_final": aupro["final"],
                             "image_auroc_iteration_0": image["full"], "image_auroc_final": image["final"],
                             "normal_images": int((~images).sum()), "anomalous_images": int(images.sum())},
             }  # fmt: skip
         marked = int(full["segmentation"].sum())
         overlap = int((full["segmentation"] & ablation["segmentation"]).sum()) / marked if marked else None
-        return {"map_source": {"overlap": overlap, "marked_voxels": marked}}
+        return {"map_source": {"overlap": overlap, "marked_voxels": marked}, "restriction": restriction}
 
     def _load_transformer(self, k: int) -> None:
         path = os.path.join(self.folder(k), "transformer.pt")

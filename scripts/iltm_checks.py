@@ -10,6 +10,8 @@ has; the thresholds are rules of thumb, stated here and in the model card, not g
   alone marks the anomalies; a collapsed codebook cannot be faithful either.
 - map source: the full detector against the ablation without resampling on the validation images. With labels,
   the AUPRO gap; without, the share of the full map's anomalous voxels that the ablation marks too.
+- map restriction (``restrict_to_flags``): an image without a flagged token gets one value everywhere, so a
+  Transformer that flags nothing yields maps that find nothing; with labels, the unrestricted map's AUPRO beside it.
 - iteration 0: with training labels, how much more often than chance its flags and first masks hit anomalous tokens.
 - the masks, unsupervised: when masks hold anomalies, the retrained Transformer "unlearns" them, so on held-out
   images its likelihood of masked tokens drops more than that of kept ones. Masks of ordinary tokens show no such
@@ -35,6 +37,8 @@ KEPT_DROP = 0.1  # nats: fall of the kept validation tokens' likelihood from ite
 # AUPRO on labelled validation images by which the final iteration may trail iteration 0; for image AUROC, this or
 # one swapped pair of a normal and an anomalous image (1 / (normal x anomalous)), whichever is larger
 WORSE = 0.01
+BAND = 0.75  # share of intensity_min..max the training intensities fill below which they are a narrow band
+UNFLAGGED = 0.5  # share of validation images without a flagged token above which the restricted map finds little
 
 
 def first_stage(step: dict, codebook_size: int) -> dict:
@@ -43,6 +47,28 @@ def first_stage(step: dict, codebook_size: int) -> dict:
     out = {k: step.get(k) for k in keys}
     out["codebook_size"] = codebook_size
     return {**out, **fidelity_ratios({k.removeprefix("val_"): v for k, v in out.items()})}
+
+
+def collapsed(stage: dict) -> bool:
+    """Fewer than :data:`CODEBOOK_USE` of the codes in use on the validation images."""
+    used = stage.get("val_codes_used")
+    return used is not None and used < CODEBOOK_USE * stage["codebook_size"]
+
+
+def _band(stage: dict) -> str:
+    """The remedy for images of a narrow intensity band, with the band where the run measured it."""
+    if not stage.get("intensity_band"):
+        return (
+            "Images whose intensities fill a narrow band are one cause: set --intensity_min and --intensity_max to it."
+        )
+    (low, high), (start, end) = stage["intensity_band"], stage["intensity_range"]
+    if high - low >= BAND * (end - start):
+        return "The training images use most of intensity_min..intensity_max, so their intensity band is not the cause."
+    return (
+        f"The training images' intensities fill {low:g}-{high:g} (0.1-99.9 percentiles) of {start:g}-{end:g}; "
+        f"mapping that band to [0, 1] can mend it: in a new --output_dir, --intensity_min {math.floor(low)} "
+        f"--intensity_max {math.ceil(high)}."
+    )
 
 
 def lift(precision: float | None, base_rate: float | None) -> float | None:
@@ -78,9 +104,10 @@ def warnings(checks: dict) -> list[str]:
             "marks them whatever the Transformer learns, and ILTM, which only retrains the Transformer, has less to "
             "change. A wider VQ-VAE, more codes, less downsampling or longer training make it more faithful."
         )
-    if stage.get("val_codes_used") is not None and stage["val_codes_used"] < CODEBOOK_USE * stage["codebook_size"]:
+    if collapsed(stage):
         out.append(
-            f"The codebook has collapsed: {stage['val_codes_used']:.0f} of {stage['codebook_size']} codes in use."
+            f"The codebook has collapsed: {stage['val_codes_used']:.0f} of {stage['codebook_size']} codes in use, so "
+            "few token sequences are possible, the Transformer finds them all likely and flags little. " + _band(stage)
         )
     source = checks.get("map_source", {})
     if source.get("aupro_gap") is not None and source["aupro_gap"] < ABLATION_GAP:
@@ -93,6 +120,7 @@ def warnings(checks: dict) -> list[str]:
             f"The first stage alone explains the map: {source['overlap']:.0%} of the voxels the detector marks on the "
             "validation images are marked without any resampling too."
         )
+    out += _restriction_warnings(checks.get("restriction", {}), source)
     start = checks.get("iteration_0", {})
     for name, what in (("flag_lift", "its resampling flags"), ("mask_lift", "the first token masks")):
         if start.get(name) is not None and start[name] < LIFT:
@@ -103,10 +131,11 @@ def warnings(checks: dict) -> list[str]:
     masks = checks.get("masks", {})
     if masks.get("masked_tokens") and not any(masks["masked_tokens"]):
         out.append(
-            "ILTM masked no training token in any pass, so every retraining saw what iteration 0 saw and ILTM cannot "
-            "change the detector here: no map of a training image fell below the mask density threshold. The paper's "
-            "remedy for a weak first iteration is a higher resampling threshold for the masks "
-            "(iltm#mask_resample_threshold)."
+            "ILTM masked no training token in any pass, so a retraining would see what iteration 0 saw and ILTM "
+            "cannot change the detector here: no map of a training image fell below the mask density threshold. The "
+            "paper's remedy for a weak first iteration is a higher resampling threshold for the masks "
+            "(iltm#mask_resample_threshold, in a new --output_dir); where the warnings above fault the first stage, "
+            "mend that first."
         )
     elif _number(masks.get("unlearning")) and masks["unlearning"] < UNLEARNING:
         out.append(
@@ -136,6 +165,28 @@ def warnings(checks: dict) -> list[str]:
     return out
 
 
+def _restriction_warnings(restriction: dict, source: dict) -> list[str]:
+    """The restricted map finds nothing where nothing is flagged; with labels, it may trail the unrestricted map."""
+    if not restriction.get("restricted"):
+        return []
+    out = []
+    unflagged, images = restriction.get("unflagged_images", 0), restriction.get("images", 0)
+    if images and unflagged / images > UNFLAGGED:
+        out.append(
+            f"The Transformer flagged no token on {unflagged} of {images} validation images (iteration 0), and with "
+            "restrict_to_flags (the default) such an image's map is one value everywhere and finds nothing. Evaluate "
+            "and infer with --restrict_to_flags False to score every voxel."
+        )
+    unrestricted, restricted = restriction.get("aupro_unrestricted"), source.get("aupro_full")
+    if unrestricted is not None and restricted is not None and unrestricted > restricted + WORSE:
+        out.append(
+            f"The map restricted to flagged tokens (restrict_to_flags, the default) trails the unrestricted map on "
+            f"the labelled validation images: AUPRO {restricted:.3f} vs {unrestricted:.3f} (iteration 0). Evaluate "
+            "and infer with --restrict_to_flags False."
+        )
+    return out
+
+
 def render(checks: dict) -> str:
     """Markdown section for summary.md: the numbers, then the warnings (or that none applies)."""
     lines = ["## Can ILTM help here?", ""]
@@ -159,6 +210,14 @@ def render(checks: dict) -> str:
         lines.append(
             f"- Map source (iteration 0, validation): {source['overlap']:.0%} of the marked voxels are marked "
             "without resampling too"
+        )
+    restriction = checks.get("restriction", {})
+    if restriction.get("restricted"):
+        unrestricted = restriction.get("aupro_unrestricted")
+        lines.append(
+            f"- Map restriction (iteration 0, validation): no flagged token on {restriction['unflagged_images']} of "
+            f"{restriction['images']} images"
+            + (f"; AUPRO {unrestricted:.3f} without the restriction" if unrestricted is not None else "")
         )
     start = checks.get("iteration_0")
     if start:  # there are labelled anomalous training tokens; a lift is None where nothing was flagged or masked

@@ -186,6 +186,11 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     assert os.listdir(whole / "iltm" / "tensorboard")
     checks = state["checks_02"]  # "Can ILTM help here?": computed once per final iteration, rendered into the summary
     assert {"first_stage", "masks", "map_source"} <= set(checks)
+    restriction = checks["restriction"]  # the default restricted map, and the unrestricted one's AUPRO beside it
+    assert (
+        restriction["restricted"] is True and restriction["images"] == 4 and 0 <= restriction["unflagged_images"] <= 4
+    )
+    assert 0 <= restriction["aupro_unrestricted"] <= 1
     assert len(checks["masks"]["unlearning_per_iteration"]) == 2
     outcome = checks["outcome"]  # labelled validation images, normal and anomalous: AUPRO and image AUROC
     assert outcome["normal_images"] > 0 and outcome["normal_images"] + outcome["anomalous_images"] == 4
@@ -286,6 +291,23 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     monkeypatch.undo()
     _pipeline(tmp_path, "whole", **{"iltm#max_iterations": 3})
     assert (whole / "model.pt").is_file() and (whole / "iltm" / "summary.md").is_file()
+
+
+def test_a_run_that_stops_on_empty_first_masks_still_reports_them(tmp_path, monkeypatch):
+    """No map of a training image falls below the mask density threshold and the stopping rule ends the run at
+    iteration 0 (0 -> 0 masked tokens): the summary still says that ILTM masked nothing. (Its codebook taken as
+    collapsed, the checks also measure the training images' intensity band, which the warning names.)"""
+    from scripts import iltm_checks
+
+    monkeypatch.setattr(iltm_checks, "collapsed", lambda stage: True)
+    out = _pipeline(tmp_path, "empty", **{"iltm#mask_density_threshold": 1e-30, "iltm#min_iterations": 0})
+    state = json.loads((out / "state.json").read_text())
+    assert state["masks_01"]["masked_tokens"] == 0 and "transformer_01" not in state and "checks_00" in state
+    stage = state["checks_00"]["first_stage"]
+    assert stage["intensity_range"] == [0.0, 255.0] and 0 <= stage["intensity_band"][0] < stage["intensity_band"][1]
+    summary = (out / "iltm" / "summary.md").read_text()
+    assert "# ILTM iterations (final: 0)" in summary and "ILTM masked no training token in any pass" in summary
+    assert "The codebook has collapsed" in summary
 
 
 def test_small_cpu_preset_for_user_data(load_preset):

@@ -241,3 +241,37 @@ def test_a_label_of_many_grey_levels_is_warned_about_once(caplog) -> None:
     assert (
         "mask_07.jpg: a label of 16 grey levels (0-15)" in record.message and "--label_threshold 127" in record.message
     )
+
+
+def test_a_label_anomalous_everywhere_is_warned_about_once(caplog) -> None:
+    """A mask whose background is 1 (crack = 2) reads as all defect: said once, naming the file and the threshold."""
+    from monai.data import MetaTensor
+
+    from scripts.data import BinarizeLabeld
+
+    binarize = BinarizeLabeld("label")
+    background_one = MetaTensor(torch.ones(1, 4, 4), meta={"filename_or_obj": "crack_003.png"})
+    background_one[0, 2, :] = 2
+    with caplog.at_level("WARNING", logger="scripts.data"):
+        assert binarize({"label": torch.tensor([[[0.0, 2.0], [1.0, 1.0]]])})["label"].sum() == 3  # some normal voxel
+        assert not caplog.records
+        assert binarize({"label": background_one})["label"].sum() == 16
+        binarize({"label": background_one})
+    (record,) = caplog.records
+    assert "crack_003.png: every voxel of this label is anomalous" in record.message
+    assert "--label_threshold 1" in record.message
+    assert BinarizeLabeld("label", threshold=1.0)({"label": background_one})["label"].sum() == 4  # the remedy works
+
+
+def test_the_intensity_band_is_that_of_the_raw_images(tmp_path) -> None:
+    """Percentiles of the files' own intensities, before any scaling: what --intensity_min/max would be set to."""
+    from scripts.data import intensity_band
+
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(4):
+        path = tmp_path / f"patch_{i}.png"
+        Image.fromarray(rng.integers(90, 191, size=(32, 32)).astype(np.uint8)).save(path)
+        entries.append({"image": str(path)})
+    low, high = intensity_band(entries)
+    assert 90 <= low < 92 and 188 < high <= 190

@@ -10,6 +10,7 @@ HEALTHY = {
     "first_stage": {"val_l1": 0.02, "val_l1_anomaly": 0.04, "val_l1_normal": 0.02, "l1_ratio": 2.0,
                     "val_codes_used": 120, "codebook_size": 128},
     "map_source": {"aupro_full": 0.55, "aupro_ablation": 0.40, "aupro_gap": 0.15},
+    "restriction": {"restricted": True, "images": 20, "unflagged_images": 2, "aupro_unrestricted": 0.50},
     "iteration_0": {"flag_lift": 4.0, "mask_lift": 5.0},
     "masks": {"unlearning": 0.25, "unlearning_per_iteration": [0.25, 0.1], "kept_drop": 0.02, "mask_growth": 0.1},
     "outcome": {"aupro_iteration_0": 0.55, "aupro_final": 0.60, "image_auroc_iteration_0": 0.70,
@@ -48,6 +49,8 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
         (_with("outcome", image_auroc_final=0.60), "image AUROC 0.600 at the final iteration vs 0.700 at iteration 0 "
                                                    "(4 normal and 16 anomalous images)"),
         ({**HEALTHY, "map_source": {"overlap": 0.95, "marked_voxels": 100}}, "marked without any resampling"),
+        (_with("restriction", unflagged_images=20), "flagged no token on 20 of 20 validation images"),
+        (_with("restriction", aupro_unrestricted=0.70), "AUPRO 0.550 vs 0.700 (iteration 0)"),
     ],
 )  # fmt: skip
 def test_each_warning_fires_on_its_evidence(checks: dict, phrase: str) -> None:
@@ -131,3 +134,31 @@ def test_a_negative_unlearning_and_a_lift_just_below_the_bar_read_without_contra
     assert "-0.05" not in iltm_checks.render(raised)
     assert "by only 0.02 nats more" in iltm_checks.warnings(_with("masks", unlearning=0.02))[0]
     assert "1.98x as often as chance (below 2x)" in iltm_checks.warnings(_with("iteration_0", flag_lift=1.978))[0]
+
+
+def test_the_restriction_is_judged_only_where_it_is_on() -> None:
+    """A Transformer that flags nothing leaves restricted maps flat (CrackForest: every map one value, AUPRO at
+    chance); without the restriction the same run scores every voxel, and nothing is said."""
+    text = iltm_checks.render(HEALTHY)
+    assert (
+        "- Map restriction (iteration 0, validation): no flagged token on 2 of 20 images; AUPRO 0.500 without" in text
+    )
+    flat = _with("restriction", unflagged_images=20, aupro_unrestricted=0.70)
+    found = iltm_checks.warnings(flat)
+    assert len(found) == 2 and all("--restrict_to_flags False" in w for w in found)
+    assert iltm_checks.warnings(_with("restriction", restricted=False, unflagged_images=20)) == []
+    unlabelled = {"restriction": {"restricted": True, "images": 10, "unflagged_images": 6}}
+    (only,) = iltm_checks.warnings(unlabelled)
+    assert "6 of 10" in only and "AUPRO" not in iltm_checks.render(unlabelled)
+
+
+def test_a_collapsed_codebook_names_the_band_of_narrow_intensities() -> None:
+    """CrackForest: patches of 91-189 on 0-255 collapsed the codebook; the warning gives the band to set, and does not
+    blame the band where the images fill the range."""
+    collapsed = {"val_codes_used": 25, "codebook_size": 256, "intensity_range": [0.0, 255.0]}
+    (narrow,) = iltm_checks.warnings({"first_stage": {**collapsed, "intensity_band": [68.6, 207.2]}})
+    assert "fill 68.6-207.2 (0.1-99.9 percentiles) of 0-255" in narrow
+    assert "--intensity_min 68 --intensity_max 208" in narrow
+    (wide,) = iltm_checks.warnings({"first_stage": {**collapsed, "intensity_band": [3.0, 250.0]}})
+    assert "not the cause" in wide and "--intensity_min" not in wide
+    assert not iltm_checks.collapsed({"val_codes_used": 100, "codebook_size": 256})

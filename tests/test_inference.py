@@ -192,6 +192,23 @@ def test_evaluation_without_resampling_is_recorded(dataset: str, checkpoint: str
     assert not os.path.exists(os.path.join(out, "evaluation"))
 
 
+def test_an_evaluation_of_flat_maps_says_why(dataset: str, checkpoint: str, tmp_path, capsys) -> None:
+    """A Transformer that flags nothing leaves every restricted map one value (CrackForest, small preset: AUPRO at
+    chance); the evaluation says so and names the remedy, and says nothing of the kind for the unrestricted maps."""
+    runs = {"restricted": True, "unrestricted": False}
+    for name, restrict in runs.items():
+        bundle_run(
+            "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset, save_maps=False, save_overlays=False,
+            datalist=os.path.join(dataset, "datalist.json"), checkpoint=checkpoint, output_dir=str(tmp_path / name),
+            **{**TINY, "resample_threshold": 1e-30, "restrict_to_flags": restrict},
+        )  # fmt: skip
+        flat = [line.split(" - WARNING - ")[-1] for line in capsys.readouterr().out.splitlines()
+                if "one value everywhere" in line]  # fmt: skip
+        assert flat == (["4 of 4 maps are one value everywhere, so they find nothing: the Transformer flagged no "
+                         "token there, and restrict_to_flags scores only voxels near flagged tokens. "
+                         "--restrict_to_flags False scores every voxel."] if restrict else [])  # fmt: skip
+
+
 def test_folder_inference_needs_no_datalist(dataset: str, checkpoint: str, tmp_path) -> None:
     folder = tmp_path / "in" / "sub"
     folder.mkdir(parents=True)
