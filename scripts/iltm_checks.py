@@ -64,10 +64,11 @@ def _band(stage: dict) -> str:
     (low, high), (start, end) = stage["intensity_band"], stage["intensity_range"]
     if high - low >= BAND * (end - start):
         return "The training images use most of intensity_min..intensity_max, so their intensity band is not the cause."
+    step = 10 ** math.floor(math.log10(end - start)) / 100  # rounded outward, to 1 on 0-255 and 0.01 on 0-1
     return (
         f"The training images' intensities fill {low:g}-{high:g} (0.1-99.9 percentiles) of {start:g}-{end:g}; "
-        f"mapping that band to [0, 1] can mend it: in a new --output_dir, --intensity_min {math.floor(low)} "
-        f"--intensity_max {math.ceil(high)}."
+        f"mapping that band to [0, 1] can mend it: in a new --output_dir, --intensity_min "
+        f"{round(math.floor(low / step) * step, 6):g} --intensity_max {round(math.ceil(high / step) * step, 6):g}."
     )
 
 

@@ -162,3 +162,5 @@ def test_a_collapsed_codebook_names_the_band_of_narrow_intensities() -> None:
     (wide,) = iltm_checks.warnings({"first_stage": {**collapsed, "intensity_band": [3.0, 250.0]}})
     assert "not the cause" in wide and "--intensity_min" not in wide
     assert not iltm_checks.collapsed({"val_codes_used": 100, "codebook_size": 256})
+    unit = {**collapsed, "intensity_range": [0.0, 1.0], "intensity_band": [0.2137, 0.6021]}  # float images on 0-1
+    assert "--intensity_min 0.21 --intensity_max 0.61" in iltm_checks.warnings({"first_stage": unit})[0]
