@@ -225,9 +225,9 @@ class BinarizeLabeld(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             anomalous = (d[key] > self.threshold).any(dim=0, keepdim=True)
+            name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
             if not self.warned and (levels := torch.unique(torch.as_tensor(d[key]))).numel() > self.GREY_LEVELS:
                 self.warned = True
-                name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
                 logger.warning(
                     f"{name}: a label of {levels.numel()} grey levels ({float(levels[0]):g}-{float(levels[-1]):g}); "
                     f"every voxel above label_threshold {self.threshold:g} is anomalous, "
@@ -238,9 +238,9 @@ class BinarizeLabeld(MapTransform):
                 self.warned_full = True
                 low = float(torch.as_tensor(d[key]).min())
                 logger.warning(
-                    f"{getattr(d[key], 'meta', {}).get('filename_or_obj', key)}: every voxel of this label is "
-                    f"anomalous (its lowest value, {low:g}, is above label_threshold {self.threshold:g}). If its "
-                    f"background is {low:g} rather than 0, pass --label_threshold {low:g}. Said once per run."
+                    f"{name}: every voxel of this label is anomalous (its lowest value, {low:g}, is above "
+                    f"label_threshold {self.threshold:g}). If its background is {low:g} rather than 0, pass "
+                    f"--label_threshold {low:g}. Said once per run."
                 )
             d[key] = anomalous.float()
         return d
