@@ -89,9 +89,10 @@ class AnomalyDetector(nn.Module):
         channel_reduction: how per-channel log-densities combine into one map (see :func:`scripts.kde.kde_log_density`).
         ordering_type: token order of MONAI's ``Ordering``; must match the Transformer's training.
         restrict_to_flags: the prior work's map restriction (Pinaya et al. 2022): only voxels near flagged tokens get
-            a KDE score; elsewhere the voxel is normal (the highest density a voxel can have, ``1 / (eps sqrt(2 pi))``).
-            "Near" = the upsampled flag map, Gaussian-smoothed with ``restrict_sigma`` voxels, above ``restrict_level``
-            times its maximum. The map then shows only what the Transformer resampled, not the VQ-VAE's error.
+            a KDE score; elsewhere the voxel is normal (the highest density a voxel can have, ``1 / (eps sqrt(2 pi))``)
+            and its score ranks below every voxel near a flag (:meth:`below_flags`). "Near" = the upsampled flag map,
+            Gaussian-smoothed with ``restrict_sigma`` voxels, above ``restrict_level`` times its maximum. The map
+            then shows first what the Transformer resampled, not the VQ-VAE's error.
         restrict_sigma, restrict_level: see ``restrict_to_flags`` (prior work: 6 px; 0.05 x 0.075 of the maximum).
     """
 
@@ -178,8 +179,9 @@ class AnomalyDetector(nn.Module):
                 passes, which use their own threshold schedule and sample counts).
 
         Returns:
-            ``score`` [B,1,*S] float (-log density); ``unrestricted_score``, the score before ``restrict_to_flags``
-            (the same map without it); ``log_density`` [B,1,*S]; ``segmentation`` [B,1,*S] bool
+            ``score`` [B,1,*S] float (-log density; far from flags, :meth:`below_flags`); ``unrestricted_score``, the
+            score before ``restrict_to_flags`` (the same map without it); ``log_density`` [B,1,*S] (restricted: the
+            highest density far from flags); ``segmentation`` [B,1,*S] bool
             (density < ``density_threshold``); ``token_log_likelihood`` and ``flags`` [B,1,*S] (token maps
             upsampled nearest); ``latent_log_likelihood`` and ``latent_flags`` [B, *grid]; ``num_flagged`` [B] long.
         """
@@ -207,12 +209,14 @@ class AnomalyDetector(nn.Module):
         latent_ll, latent_flags = sequencer.to_grid(log_likelihood), sequencer.to_grid(flags)
         spatial = tuple(image.shape[2:])
         flag_map = self._upsample(latent_flags, spatial) > 0.5
-        unrestricted = log_density
+        unrestricted = score = -log_density
         if resample and self.restrict_to_flags:
-            log_density = torch.where(self.near_flags(flag_map), log_density, self.max_log_density)
+            near = self.near_flags(flag_map)
+            log_density = torch.where(near, log_density, self.max_log_density)
+            score = torch.where(near, unrestricted, self.below_flags(unrestricted))
         return {
-            "score": -log_density,
-            "unrestricted_score": -unrestricted,
+            "score": score,
+            "unrestricted_score": unrestricted,
             "log_density": log_density,
             "segmentation": segment(-log_density, self.density_threshold),
             "token_log_likelihood": self._upsample(latent_ll, spatial),
@@ -226,6 +230,18 @@ class AnomalyDetector(nn.Module):
     def max_log_density(self) -> float:
         """The highest log-density the KDE can give: every reconstruction equal to the voxel, bandwidth ``eps``."""
         return -math.log(self.epsilon * math.sqrt(2.0 * math.pi))
+
+    @property
+    def lowest_score(self) -> float:
+        """The most normal score a map can hold (what a margin the detector never saw is filled with)."""
+        return -self.max_log_density - (1.0 if self.resample and self.restrict_to_flags else 0.0)
+
+    def below_flags(self, score: torch.Tensor) -> torch.Tensor:
+        """Scores of voxels away from every flag (``restrict_to_flags``): below the lowest score a KDE can give, so
+        below every voxel near a flag, but in the order of their own score. Where nothing is flagged the map then still
+        ranks voxels and images (all one value, it would find nothing), and no such voxel is ever segmented."""
+        excess = (score + self.max_log_density).clamp(min=0.0)  # from 0: `lowest_score` is the floor
+        return -self.max_log_density - 1.0 / (1.0 + excess.log1p())  # log: large excesses stay apart in float32
 
     def near_flags(self, flag_map: torch.Tensor) -> torch.Tensor:
         """[B, 1, *S] bool: voxels within the smoothed reach of a flagged token (``restrict_to_flags``)."""

@@ -137,7 +137,6 @@ class AnomalyMetrics:
             "density_threshold": self.density_threshold,
             "fpr_limit": self.fpr_limit,
         }
-        self._warn_flat()
         order = sorted(range(len(self.names)), key=self.names.__getitem__)  # one summation order, however sharded
         results.update(summarise(*self._subset(order), self.density_threshold, self.fpr_limit))
         named = sorted({c for c in self.categories if c is not None})
@@ -160,19 +159,6 @@ class AnomalyMetrics:
             "evaluation: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
         )
         self.results = results
-
-    def _warn_flat(self) -> None:
-        """Maps of one value everywhere find nothing, and the metrics then read as chance without saying why."""
-        flat = sum(float(s.min()) == float(s.max()) for s in self.scores)
-        if not self.scores or flat <= len(self.scores) / 2:
-            return
-        why = (
-            ": the Transformer flagged no token there, and restrict_to_flags scores only voxels near flagged tokens. "
-            "--restrict_to_flags False scores every voxel"
-            if self.extra.get("restrict_to_flags") and self.extra.get("resample")
-            else ""
-        )
-        logger.warning(f"{flat} of {len(self.scores)} maps are one value everywhere, so they find nothing{why}.")
 
     def _subset(self, idx: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return [self.scores[i] for i in idx], [self.labels[i] for i in idx]

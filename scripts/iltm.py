@@ -210,13 +210,15 @@ class ILTMWorkflow:
         final = 0
         for k in range(self.max_iterations + 1):
             if k > 0:
-                suspect = self._masks(state, k, truth)
+                trained_on, suspect = suspect, self._masks(state, k, truth)
                 previous = int(state.steps[f"masks_{k - 1:02d}"]["masked_tokens"]) if k > 1 else 0
                 if k > self.min_iterations and should_stop(previous, int(suspect.sum()), self.stop_tolerance):
                     logger.info(f"ILTM: masked tokens changed by < {self.stop_tolerance:.0%}; stopping at {k - 1}")
                     break
                 if not self.warm_start:
                     transformer.load_state_dict(initial)
+                    if torch.equal(suspect, trained_on):
+                        self._reuse(state, k)
             keep = torch.cat([torch.ones(len(suspect), 1, dtype=torch.bool), ~sequencer.to_tokens(suspect)], dim=1)
             self.stage(f"transformer_{k:02d}", transformer, train_seq, keep, val_seq, self.folder(k), self.output_dir)
             model = os.path.join(self.folder(k), "model.pt")
@@ -232,6 +234,23 @@ class ILTMWorkflow:
             )
         report = distributed.main_first(lambda: self._finish(state, final, truth, val_seq))
         return report or {}
+
+    def _reuse(self, state: RunState, k: int) -> None:
+        """Iteration k's masks are iteration k-1's: retraining from the same initial weights, with the same per-epoch
+        seeds (:func:`scripts.steps.train_stage`), would give the same Transformer, so it is copied instead (on real
+        data where nothing is flagged, every forced iteration retrained iteration 0 to the same weights)."""
+        step = f"transformer_{k:02d}"
+        if distributed.is_main() and not state.done(step):
+            source, weights = (os.path.join(self.folder(i), "transformer.pt") for i in (k - 1, k))
+            os.makedirs(self.folder(k), exist_ok=True)
+            atomic_save(load_checkpoint(source), weights)
+            record = {
+                key: v for key, v in state.steps[f"transformer_{k - 1:02d}"].items() if key != "resumed_after_epoch"
+            }
+            state.complete(step, **{**record, "weights": os.path.relpath(weights, self.output_dir), "wall_time_s": 0.0,
+                                    "same_masks_as": k - 1})  # fmt: skip
+            logger.info(f"ILTM {k}: the masks are those of iteration {k - 1}; its Transformer is reused, not retrained")
+        distributed.barrier()
 
     def _finish(self, state: RunState, final: int, truth: torch.Tensor | None, val_seq: torch.Tensor) -> dict:
         """Checks, report, export and tracking of a finished loop: rank 0's work under torchrun. The export comes after
@@ -405,7 +424,7 @@ class ILTMWorkflow:
             return {key: torch.cat([o[key].cpu() for o in outs]) for key in keys}
 
         full, ablation = maps(0, True), maps(0, False)
-        # with restrict_to_flags an image without a flagged token gets one value everywhere: its map finds nothing
+        # an image without a flagged token: healing changes nothing, the Transformer adds nothing to its map
         restriction = {"restricted": self.detector.restrict_to_flags, "images": len(full["score"]),
                        "unflagged_images": int((full["num_flagged"] == 0).sum())}  # fmt: skip
         if labels is not None and labels.any() and not labels.all():

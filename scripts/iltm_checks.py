@@ -10,8 +10,9 @@ has; the thresholds are rules of thumb, stated here and in the model card, not g
   alone marks the anomalies; a collapsed codebook cannot be faithful either.
 - map source: the full detector against the ablation without resampling on the validation images. With labels,
   the AUPRO gap; without, the share of the full map's anomalous voxels that the ablation marks too.
-- map restriction (``restrict_to_flags``): an image without a flagged token gets one value everywhere, so a
-  Transformer that flags nothing yields maps that find nothing; with labels, the unrestricted map's AUPRO beside it.
+- map restriction (``restrict_to_flags``): an image without a flagged token is scored by its reconstructions alone,
+  below every voxel near a flag, so a Transformer that flags nothing adds nothing to the map; with labels, the
+  unrestricted map's AUPRO beside it.
 - iteration 0: with training labels, how much more often than chance its flags and first masks hit anomalous tokens.
 - the masks, unsupervised: when masks hold anomalies, the retrained Transformer "unlearns" them, so on held-out
   images its likelihood of masked tokens drops more than that of kept ones. Masks of ordinary tokens show no such
@@ -167,16 +168,16 @@ def warnings(checks: dict) -> list[str]:
 
 
 def _restriction_warnings(restriction: dict, source: dict) -> list[str]:
-    """The restricted map finds nothing where nothing is flagged; with labels, it may trail the unrestricted map."""
+    """Where nothing is flagged the Transformer adds nothing; with labels, the restricted map may trail the other."""
     if not restriction.get("restricted"):
         return []
     out = []
     unflagged, images = restriction.get("unflagged_images", 0), restriction.get("images", 0)
     if images and unflagged / images > UNFLAGGED:
         out.append(
-            f"The Transformer flagged no token on {unflagged} of {images} validation images (iteration 0), and with "
-            "restrict_to_flags (the default) such an image's map is one value everywhere and finds nothing. Evaluate "
-            "and infer with --restrict_to_flags False to score every voxel."
+            f"The Transformer flagged no token on {unflagged} of {images} validation images (iteration 0): it "
+            "predicts their every token as likely, so healing changes nothing there and their maps are the "
+            "reconstructions' alone (with restrict_to_flags, the default, ranked below every voxel near a flag)."
         )
     unrestricted, restricted = restriction.get("aupro_unrestricted"), source.get("aupro_full")
     if unrestricted is not None and restricted is not None and unrestricted > restricted + WORSE:

@@ -64,11 +64,20 @@ def iteration_rows(state: RunState, final: int) -> list[dict]:
                 "train_s": _measured(train, "wall_time_s"),
                 "epoch": train.get("best_epoch", "-"),  # the Transformer's kept (best validated) epoch
                 "val_loglik": _measured(train, "val_loglik"),
-                "trained": "final" if k == final else ("yes" if train else "no (converged)"),
+                "trained": _trained(train, k == final),
             }
         )
         k += 1
     return rows
+
+
+def _trained(record: dict, final: bool) -> str:
+    """How the iteration's Transformer came about: trained, or reused where its masks equal the previous ones."""
+    if not record:
+        return "no (converged)"
+    status = "final" if final else "yes"
+    same = record.get("same_masks_as")
+    return status if same is None else f"{status} (masks of iteration {same}: its model)"
 
 
 def format_table(rows: Sequence[dict]) -> str:

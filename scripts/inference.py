@@ -231,8 +231,8 @@ class AnomalyInferer(Inferer):
 
 class ShiftScored(MapTransform):
     """Adds `by` to a map. Around `Invertd`, which fills with 0 what the network did not see (a crop's margin, the
-    air CropForegroundd removes), the detector's score is shifted so that 0 is its most normal value, -log of the
-    largest density a KDE can give, and shifted back after: the margin then reads as normal, not as a score of 0.
+    air CropForegroundd removes), the detector's score is shifted so that 0 is its most normal value
+    (``AnomalyDetector.lowest_score``), and shifted back after: the margin then reads as normal, not as a score of 0.
     Not MONAI's `ShiftIntensityd`: it reads an optional factor from `<key>_meta_dict`, which the served data (as
     tests/test_monai_label.py builds it) holds as None."""
 

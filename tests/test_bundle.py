@@ -309,6 +309,24 @@ def test_a_run_that_stops_on_empty_first_masks_still_reports_them(tmp_path, monk
     assert "# ILTM iterations (final: 0)" in summary and "ILTM masked no training token in any pass" in summary
     assert "The codebook has collapsed" in summary
 
+    # One forced iteration more: its masks are iteration 0's (none), so iteration 0's Transformer is reused, as
+    # retraining it from the same initial weights and seeds would give it again; the summary says so.
+    _pipeline(tmp_path, "empty", **{"iltm#mask_density_threshold": 1e-30, "iltm#min_iterations": 1})
+    state = json.loads((out / "state.json").read_text())
+    assert state["transformer_01"]["same_masks_as"] == 0 and state["transformer_01"]["wall_time_s"] == 0.0
+    assert state["transformer_01"]["val_loglik"] == state["transformer_00"]["val_loglik"]
+    weights = [torch.load(out / "iltm" / f"iter_{k:02d}" / "model.pt", weights_only=True)["model"] for k in (0, 1)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    summary = (out / "iltm" / "summary.md").read_text()
+    assert "# ILTM iterations (final: 1)" in summary and "| final (masks of iteration 0: its model) |" in summary
+    from scripts.iltm import ILTMWorkflow
+
+    monkeypatch.setattr(ILTMWorkflow, "_reuse", lambda *args: None)  # retrained: the very same weights
+    again = _pipeline(tmp_path, "again", **{"iltm#mask_density_threshold": 1e-30, "iltm#min_iterations": 1})
+    retrained = torch.load(again / "iltm" / "iter_01" / "model.pt", weights_only=True)["model"]
+    assert "same_masks_as" not in json.loads((again / "state.json").read_text())["transformer_01"]
+    assert all(torch.equal(retrained[n], weights[1][n]) for n in retrained)
+
 
 def test_small_cpu_preset_for_user_data(load_preset):
     """128 px images -> 16 x 16 tokens of 8 x 8 pixels; a 256-code book; mask passes at the inference's R."""

@@ -169,8 +169,9 @@ def test_no_flags_means_original_latent() -> None:
 
 
 def test_restrict_to_flags_scores_only_near_flagged_tokens() -> None:
-    """Prior work's map restriction: far from every flag a voxel is as normal as the KDE allows; near flags the map
-    is the unrestricted one; without flags the whole map is normal; the ablation ignores the option."""
+    """Prior work's map restriction: far from every flag a voxel's density is as normal as the KDE allows and its score
+    below every score near a flag, in the unrestricted map's order; near flags the map is the unrestricted one; without
+    flags nothing is segmented, yet the map still ranks voxels as the unrestricted one does; the ablation ignores it."""
     plain, restricted = make_detector(), make_detector(restrict_to_flags=True, restrict_sigma=1.0)
     x = image(batch=1)
     log_lik = plain.infer(x)["latent_log_likelihood"][0]
@@ -182,8 +183,16 @@ def test_restrict_to_flags_scores_only_near_flagged_tokens() -> None:
     torch.testing.assert_close(b["log_density"][near], a["log_density"][near])
     assert (b["log_density"][~near] == restricted.max_log_density).all()
     assert (b["log_density"] <= restricted.max_log_density + 1e-5).all()  # nothing is more normal than "far"
+    torch.testing.assert_close(b["score"][near], a["score"][near])
+    assert b["score"][~near].max() < -restricted.max_log_density <= b["score"][near].min() + 1e-5
+    far, unrestricted = b["score"][~near], a["score"][~near]  # far from flags: below, but in the map's own order
+    assert torch.equal(far.argsort(stable=True), unrestricted.argsort(stable=True)) and far.unique().numel() > 1
+    torch.testing.assert_close(b["unrestricted_score"], a["score"])
+    assert b["score"].min() >= restricted.lowest_score == plain.lowest_score - 1.0 == -plain.max_log_density - 1.0
     none = restricted.infer(x, resample_threshold=1e-30)
     assert (none["log_density"] == restricted.max_log_density).all() and not none["segmentation"].any()
+    free = plain.infer(x, resample_threshold=1e-30)["score"].flatten()
+    assert torch.equal(none["score"].flatten().argsort(stable=True), free.argsort(stable=True))  # never one value
     ablation = restricted.infer(x, resample=False, resample_threshold=threshold)["log_density"]
     torch.testing.assert_close(ablation, plain.infer(x, resample=False, resample_threshold=threshold)["log_density"])
 

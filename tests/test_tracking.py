@@ -18,7 +18,7 @@ TINY = {
     "vqvae#val_interval": 2, "transformer_def#embed_dim": 16, "transformer_def#num_layers": 1,
     "transformer_def#num_heads": 2, "transformer#epochs": 2, "transformer#val_interval": 1, "num_samples": 2,
     "num_decodes": 1, "iltm#mask_batch_size": 4, "iltm#mask_num_samples": 2, "iltm#mask_num_decodes": 1,
-    "iltm#max_iterations": 1,
+    "iltm#max_iterations": 1, "iltm#mask_resample_threshold": 0.1,  # so that this tiny Transformer flags and masks
 }  # fmt: skip
 
 
