@@ -88,7 +88,8 @@ class AnomalyDetector(nn.Module):
         amp_dtype: "float16" or "bfloat16".
         channel_reduction: how per-channel log-densities combine into one map (see :func:`scripts.kde.kde_log_density`).
         ordering_type: token order of MONAI's ``Ordering``; must match the Transformer's training.
-        restrict_to_flags: the prior work's map restriction (Pinaya et al. 2022): only voxels near flagged tokens get
+        restrict_to_flags: the prior work's map restriction (Pinaya et al. 2022; the bundle's default for ILTM's masks,
+            not for its maps, since 0.6.12: docs/README.md, "The method"): only voxels near flagged tokens get
             a KDE score; elsewhere the voxel is normal (the highest density a voxel can have, ``1 / (eps sqrt(2 pi))``)
             and its score ranks below every voxel near a flag (:meth:`below_flags`). "Near" = the upsampled flag map,
             Gaussian-smoothed with ``restrict_sigma`` voxels, above ``restrict_level`` times its maximum. The map
@@ -179,9 +180,10 @@ class AnomalyDetector(nn.Module):
                 passes, which use their own threshold schedule and sample counts).
 
         Returns:
-            ``score`` [B,1,*S] float (-log density; far from flags, :meth:`below_flags`); ``unrestricted_score``, the
-            score before ``restrict_to_flags`` (the same map without it); ``log_density`` [B,1,*S] (restricted: the
-            highest density far from flags); ``segmentation`` [B,1,*S] bool
+            ``score`` [B,1,*S] float (-log density; far from flags, :meth:`below_flags`); ``unrestricted_score`` and
+            ``restricted_score``, the map without and with ``restrict_to_flags`` whatever its value (equal without
+            resampling); ``log_density`` [B,1,*S] (restricted: the highest density far from flags); ``segmentation``
+            [B,1,*S] bool
             (density < ``density_threshold``); ``token_log_likelihood`` and ``flags`` [B,1,*S] (token maps
             upsampled nearest); ``latent_log_likelihood`` and ``latent_flags`` [B, *grid]; ``num_flagged`` [B] long.
         """
@@ -209,14 +211,16 @@ class AnomalyDetector(nn.Module):
         latent_ll, latent_flags = sequencer.to_grid(log_likelihood), sequencer.to_grid(flags)
         spatial = tuple(image.shape[2:])
         flag_map = self._upsample(latent_flags, spatial) > 0.5
-        unrestricted = score = -log_density
-        if resample and self.restrict_to_flags:
+        unrestricted = restricted = -log_density
+        if resample:  # both maps, whichever the detector serves: ILTM's masks and its checks read the other too
             near = self.near_flags(flag_map)
-            log_density = torch.where(near, log_density, self.max_log_density)
-            score = torch.where(near, unrestricted, self.below_flags(unrestricted))
+            restricted = torch.where(near, unrestricted, self.below_flags(unrestricted))
+            if self.restrict_to_flags:
+                log_density = torch.where(near, log_density, self.max_log_density)
         return {
-            "score": score,
+            "score": restricted if resample and self.restrict_to_flags else unrestricted,
             "unrestricted_score": unrestricted,
+            "restricted_score": restricted,
             "log_density": log_density,
             "segmentation": segment(-log_density, self.density_threshold),
             "token_log_likelihood": self._upsample(latent_ll, spatial),

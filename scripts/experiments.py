@@ -15,7 +15,7 @@ Evaluated per seed and ratio (:data:`scripts.experiments_report.LABELS`):
 - variants (``variants``), each sharing the VQ-VAE (and iteration 0, where the variant does not change it) of the
   seed and ratio, so that a comparison isolates the one setting: ``fixed`` (a fixed resampling threshold, paper
   Fig. 3), ``unrestricted`` (the anomaly map without the prior work's restriction to flagged tokens, in training's
-  masks and in evaluation), ``oracle`` (one Transformer trained with the labelled anomalous tokens masked: the
+  masks too), ``restricted`` (the map restricted to flagged tokens, the default before 0.6.12), ``oracle`` (one Transformer trained with the labelled anomalous tokens masked: the
   upper bound of what ILTM's masks can give), and two that split ILTM's first masks against the labels: ``hits``
   (only those of its masks that are labelled anomalous: its recall without its false masks) and ``hits_false``
   (every labelled token and its false masks: full recall with them).
@@ -61,7 +61,9 @@ RATIOS = {"2d": (0.0, 0.2, 0.4, 0.6, 0.8), "3d": (0.0, 0.5, 1.0)}
 # is always the base run's
 VARIANTS = {
     "fixed": ({"iltm#fixed_threshold": True}, {}, True),
-    "unrestricted": ({"restrict_to_flags": False}, {"restrict_to_flags": False}, True),
+    "unrestricted": ({"restrict_to_flags": False, "iltm#mask_restrict_to_flags": False}, {"restrict_to_flags": False},
+                     True),
+    "restricted": ({"restrict_to_flags": True}, {"restrict_to_flags": True}, True),
     "oracle": ({"iltm#initial_masks": "labels", "iltm#max_iterations": 0}, {}, False),
     "hits": ({"iltm#initial_masks": "labels&{base}/iltm/iter_01/token_masks.pt", "iltm#max_iterations": 0}, {}, False),
     "hits_false": ({"iltm#initial_masks": "labels|{base}/iltm/iter_01/token_masks.pt", "iltm#max_iterations": 0}, {},
@@ -99,7 +101,7 @@ def run(
         preset: config layered on train/inference (default configs/demo.yaml or configs/demo3d.yaml).
         n_train: overrides the preset's number of synthetic training images.
         n_test: overrides the preset's number of synthetic test images (a smaller test set is faster to evaluate).
-        variants: names from :data:`VARIANTS` ("fixed", "unrestricted", "oracle", "hits", "hits_false"),
+        variants: names from :data:`VARIANTS` ("fixed", "unrestricted", "restricted", "oracle", "hits", "hits_false"),
             comma-separated or a list.
         methods: "iltm" (its iteration 0, final iteration, ablation and variants) and the baselines of
             :data:`scripts.baselines.METHODS` ("dense_ae", "dense_vae", "cutpaste", "nsa", "stkd"), comma-separated or

@@ -107,6 +107,9 @@ class ILTMWorkflow:
             may run cheaper than the paper's N = 60, M = 5; masks that decide what the Transformer learns should not.
         mask_density_threshold: KDE density below which a training voxel is anomalous for the masks (None: the
             detector's ``density_threshold``), on the bundle's [0, 1] intensity scale.
+        mask_restrict_to_flags: masks from the map restricted to flagged tokens (the prior work's restriction, see
+            :class:`scripts.detector.AnomalyDetector`), whatever map the detector serves: a mask is then what the
+            Transformer found and healed, not the VQ-VAE's reconstruction error.
         export: where the final detector's state dict is also written (the bundle's `models/model.pt`); None = not.
         initial_masks: a token mask file (`token_masks.pt` of an earlier run, or one written with
             `scripts.tokens.save_token_masks`) that iteration 0 trains with; None = all tokens; "labels" = the
@@ -138,6 +141,7 @@ class ILTMWorkflow:
         mask_num_samples: int | None = None,
         mask_num_decodes: int | None = None,
         mask_density_threshold: float | None = None,
+        mask_restrict_to_flags: bool = True,
         export: str | None = None,
         initial_masks: str | None = None,
         detector_settings: Mapping[str, Any] | None = None,
@@ -154,6 +158,7 @@ class ILTMWorkflow:
         self.stop_tolerance, self.warm_start = stop_tolerance, warm_start
         self.mask_batch_size, self.export, self.initial_masks = mask_batch_size, export, initial_masks
         self.mask_counts = {"num_samples": mask_num_samples, "num_decodes": mask_num_decodes}
+        self.mask_restrict_to_flags = mask_restrict_to_flags
         self.mask_density_threshold = mask_density_threshold or detector.density_threshold
         if self.mask_density_threshold <= 0:
             raise ValueError(f"mask_density_threshold must be > 0, got {self.mask_density_threshold}")
@@ -346,7 +351,8 @@ class ILTMWorkflow:
         for batch in tqdm(loader, desc=desc, leave=False, disable=not distributed.is_main()):
             out = self.detector.infer(batch["image"].to(self.device), resample_threshold=threshold, **self.mask_counts)
             flags.append(out["latent_flags"].cpu())
-            suspect = segment(out["score"], self.mask_density_threshold)
+            score = out["restricted_score" if self.mask_restrict_to_flags else "unrestricted_score"]
+            suspect = segment(score, self.mask_density_threshold)
             masks.append(tokens_from_map(suspect, self.grid, self.downsample_rule, self.downsample_fraction).cpu())
         return torch.cat(masks), torch.cat(flags)
 
@@ -369,6 +375,7 @@ class ILTMWorkflow:
             checks["iteration_0"] = {
                 "flag_lift": iltm_checks.lift(first.get("flag_precision"), rate),
                 "mask_lift": iltm_checks.lift(first.get("precision"), rate),
+                "mask_recall": first.get("recall"),
             }
         if final >= 1 and len(val_seq):
             checks["masks"] = self._mask_signals(state, final, val_seq)
@@ -420,17 +427,17 @@ class ILTMWorkflow:
         def maps(k: int, resample: bool) -> dict[str, torch.Tensor]:
             self._load_transformer(k)
             outs = [self.detector.infer(b["image"].to(self.device), resample=resample) for b in batches]
-            keys = ("score", "unrestricted_score", "segmentation", "num_flagged")
+            keys = ("score", "unrestricted_score", "restricted_score", "segmentation", "num_flagged")
             return {key: torch.cat([o[key].cpu() for o in outs]) for key in keys}
 
         full, ablation = maps(0, True), maps(0, False)
         # an image without a flagged token: healing changes nothing, the Transformer adds nothing to its map
-        restriction = {"restricted": self.detector.restrict_to_flags, "images": len(full["score"]),
+        restricted = self.detector.restrict_to_flags
+        restriction = {"restricted": restricted, "images": len(full["score"]),
                        "unflagged_images": int((full["num_flagged"] == 0).sum())}  # fmt: skip
         if labels is not None and labels.any() and not labels.all():
-            scores = {"full": full["score"], "ablation": ablation["score"], "final": maps(final, True)["score"]}
-            if self.detector.restrict_to_flags:
-                scores["unrestricted"] = full["unrestricted_score"]
+            scores = {"full": full["score"], "ablation": ablation["score"], "final": maps(final, True)["score"],
+                      "other": full["unrestricted_score" if restricted else "restricted_score"]}  # fmt: skip
             aupro = {k: metrics.aupro(v[:, 0].numpy(), labels[:, 0].numpy()) for k, v in scores.items()}
             images = labels.flatten(1).any(dim=1)
             both = 0 < int(images.sum()) < len(images)  # image AUROC needs normal and anomalous validation images
@@ -439,7 +446,7 @@ class ILTMWorkflow:
             return {
                 "map_source": {"aupro_full": aupro["full"], "aupro_ablation": aupro["ablation"],
                                "aupro_gap": aupro["full"] - aupro["ablation"]},
-                "restriction": {**restriction, "aupro_unrestricted": aupro.get("unrestricted")},
+                "restriction": {**restriction, "aupro_other": aupro["other"]},
                 "outcome": {"aupro_iteration_0": aupro["full"], "aupro_final": aupro["final"],
                             "image_auroc_iteration_0": image["full"], "image_auroc_final": image["final"],
                             "normal_images": int((~images).sum()), "anomalous_images": int(images.sum())},

@@ -10,10 +10,10 @@ has; the thresholds are rules of thumb, stated here and in the model card, not g
   alone marks the anomalies; a collapsed codebook cannot be faithful either.
 - map source: the full detector against the ablation without resampling on the validation images. With labels,
   the AUPRO gap; without, the share of the full map's anomalous voxels that the ablation marks too.
-- map restriction (``restrict_to_flags``): an image without a flagged token is scored by its reconstructions alone,
-  below every voxel near a flag, so a Transformer that flags nothing adds nothing to the map; with labels, the
-  unrestricted map's AUPRO beside it.
-- iteration 0: with training labels, how much more often than chance its flags and first masks hit anomalous tokens.
+- map restriction (``restrict_to_flags``): on an image without a flagged token healing changes nothing, so a
+  Transformer that flags nothing adds nothing to the map; with labels, the other setting's AUPRO beside the run's.
+- iteration 0: with training labels, how much more often than chance its flags and first masks hit anomalous tokens,
+  and what share of them the first masks hold (masks of a few anomalous tokens leave the contamination in).
 - the masks, unsupervised: when masks hold anomalies, the retrained Transformer "unlearns" them, so on held-out
   images its likelihood of masked tokens drops more than that of kept ones. Masks of ordinary tokens show no such
   drop (its other instances are still learned). Also: the kept tokens' likelihood must not fall, and masks grow as
@@ -39,7 +39,8 @@ KEPT_DROP = 0.1  # nats: fall of the kept validation tokens' likelihood from ite
 # one swapped pair of a normal and an anomalous image (1 / (normal x anomalous)), whichever is larger
 WORSE = 0.01
 BAND = 0.75  # share of intensity_min..max the training intensities fill below which they are a narrow band
-UNFLAGGED = 0.5  # share of validation images without a flagged token above which the restricted map finds little
+UNFLAGGED = 0.5  # share of validation images without a flagged token above which the Transformer adds little
+RECALL = 0.1  # share of the labelled anomalous training tokens the first masks must hold for ILTM to unlearn much
 
 
 def first_stage(step: dict, codebook_size: int) -> dict:
@@ -130,6 +131,12 @@ def warnings(checks: dict) -> list[str]:
                 f"Iteration 0 is too weak for its masks to mean much: {what} hit labelled anomalous training tokens "
                 f"only {start[name]:.2f}x as often as chance (below {LIFT:.0f}x)."
             )
+    recall = start.get("mask_recall")
+    if _number(recall) and 0 < recall < RECALL:  # none masked at all has its own warning below
+        out.append(
+            f"The first masks hold only {recall:.1%} of the labelled anomalous training tokens (recall below "
+            f"{RECALL}): retraining without them leaves nearly all of the contamination in, so ILTM can change little."
+        )
     masks = checks.get("masks", {})
     if masks.get("masked_tokens") and not any(masks["masked_tokens"]):
         out.append(
@@ -168,25 +175,34 @@ def warnings(checks: dict) -> list[str]:
 
 
 def _restriction_warnings(restriction: dict, source: dict) -> list[str]:
-    """Where nothing is flagged the Transformer adds nothing; with labels, the restricted map may trail the other."""
-    if not restriction.get("restricted"):
-        return []
+    """Where nothing is flagged the Transformer adds nothing; with labels, the other map setting may score higher."""
     out = []
     unflagged, images = restriction.get("unflagged_images", 0), restriction.get("images", 0)
     if images and unflagged / images > UNFLAGGED:
         out.append(
             f"The Transformer flagged no token on {unflagged} of {images} validation images (iteration 0): it "
             "predicts their every token as likely, so healing changes nothing there and their maps are the "
-            "reconstructions' alone (with restrict_to_flags, the default, ranked below every voxel near a flag)."
+            "reconstructions' alone."
         )
-    unrestricted, restricted = restriction.get("aupro_unrestricted"), source.get("aupro_full")
-    if unrestricted is not None and restricted is not None and unrestricted > restricted + WORSE:
+    restricted, other, own = restriction.get("restricted"), _other_aupro(restriction), source.get("aupro_full")
+    if other is not None and own is not None and other > own + WORSE:
         out.append(
-            f"The map restricted to flagged tokens (restrict_to_flags, the default) trails the unrestricted map on "
-            f"the labelled validation images: AUPRO {restricted:.3f} vs {unrestricted:.3f} (iteration 0). Evaluate "
-            "and infer with --restrict_to_flags False."
+            f"The map {_setting(not restricted)} scores higher on the labelled validation images than this run's "
+            f"({_setting(restricted)}): AUPRO {other:.3f} vs {own:.3f} (iteration 0). Evaluate and infer with "
+            f"--restrict_to_flags {not restricted}."
         )
     return out
+
+
+def _other_aupro(restriction: dict) -> float | None:
+    """AUPRO of the map setting the run did not use (runs of 0.6.11 recorded it only when restricted)."""
+    if "aupro_other" in restriction:
+        return restriction["aupro_other"]
+    return restriction.get("aupro_unrestricted") if restriction.get("restricted") else None
+
+
+def _setting(restricted: bool) -> str:
+    return "restricted to flagged tokens" if restricted else "not restricted to flagged tokens"
 
 
 def render(checks: dict) -> str:
@@ -214,20 +230,22 @@ def render(checks: dict) -> str:
             "without resampling too"
         )
     restriction = checks.get("restriction", {})
-    if restriction.get("restricted"):
-        unrestricted = restriction.get("aupro_unrestricted")
+    if restriction.get("images"):
+        restricted, other = bool(restriction.get("restricted")), _other_aupro(restriction)
         lines.append(
-            f"- Map restriction (iteration 0, validation): no flagged token on {restriction['unflagged_images']} of "
-            f"{restriction['images']} images"
-            + (f"; AUPRO {unrestricted:.3f} without the restriction" if unrestricted is not None else "")
+            f"- Map restriction (iteration 0, validation): maps {_setting(restricted)} (restrict_to_flags "
+            f"{restricted}); no flagged token on {restriction['unflagged_images']} of {restriction['images']} images"
+            + (f"; AUPRO {other:.3f} {_setting(not restricted)}" if other is not None else "")
         )
     start = checks.get("iteration_0")
     if start:  # there are labelled anomalous training tokens; a lift is None where nothing was flagged or masked
         flags, masks = (start.get(k) for k in ("flag_lift", "mask_lift"))
         odds = "as likely as chance to hit a labelled anomalous token"
         if flags is not None and masks is not None:
+            recall = start.get("mask_recall")
             lines.append(
                 f"- Iteration 0 on the training images: flags {flags:.1f}x and first masks {masks:.1f}x {odds}"
+                + (f"; the first masks hold {recall:.1%} of them" if _number(recall) else "")
             )
         else:
             flagged = "no token flagged" if flags is None else f"flags {flags:.1f}x {odds}"

@@ -123,6 +123,7 @@ DOMAINS: dict[str, Callable[[Any], str | None]] = {
     "iltm#mask_num_decodes": _int(1),
     "iltm#mask_resample_threshold": _float(0.0, 1.0),
     "iltm#mask_density_threshold": _float(0.0),
+    "iltm#mask_restrict_to_flags": _bool,
     "iltm#initial_masks": _initial_masks,
     "save_maps": _bool,
     "save_overlays": _bool,

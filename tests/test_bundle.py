@@ -186,11 +186,11 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     assert os.listdir(whole / "iltm" / "tensorboard")
     checks = state["checks_02"]  # "Can ILTM help here?": computed once per final iteration, rendered into the summary
     assert {"first_stage", "masks", "map_source"} <= set(checks)
-    restriction = checks["restriction"]  # the default restricted map, and the unrestricted one's AUPRO beside it
+    restriction = checks["restriction"]  # the default unrestricted map, and the restricted one's AUPRO beside it
     assert (
-        restriction["restricted"] is True and restriction["images"] == 4 and 0 <= restriction["unflagged_images"] <= 4
+        restriction["restricted"] is False and restriction["images"] == 4 and 0 <= restriction["unflagged_images"] <= 4
     )
-    assert 0 <= restriction["aupro_unrestricted"] <= 1
+    assert 0 <= restriction["aupro_other"] <= 1
     assert len(checks["masks"]["unlearning_per_iteration"]) == 2
     outcome = checks["outcome"]  # labelled validation images, normal and anomalous: AUPRO and image AUROC
     assert outcome["normal_images"] > 0 and outcome["normal_images"] + outcome["anomalous_images"] == 4

@@ -172,7 +172,7 @@ def test_restrict_to_flags_scores_only_near_flagged_tokens() -> None:
     """Prior work's map restriction: far from every flag a voxel's density is as normal as the KDE allows and its score
     below every score near a flag, in the unrestricted map's order; near flags the map is the unrestricted one; without
     flags nothing is segmented, yet the map still ranks voxels as the unrestricted one does; the ablation ignores it."""
-    plain, restricted = make_detector(), make_detector(restrict_to_flags=True, restrict_sigma=1.0)
+    plain, restricted = make_detector(restrict_sigma=1.0), make_detector(restrict_to_flags=True, restrict_sigma=1.0)
     x = image(batch=1)
     log_lik = plain.infer(x)["latent_log_likelihood"][0]
     threshold = float(log_lik.flatten().sort().values[0].exp()) * 1.0001  # exactly one flagged token
@@ -188,6 +188,7 @@ def test_restrict_to_flags_scores_only_near_flagged_tokens() -> None:
     far, unrestricted = b["score"][~near], a["score"][~near]  # far from flags: below, but in the map's own order
     assert torch.equal(far.argsort(stable=True), unrestricted.argsort(stable=True)) and far.unique().numel() > 1
     torch.testing.assert_close(b["unrestricted_score"], a["score"])
+    torch.testing.assert_close(a["restricted_score"], b["score"])  # both maps, whichever the detector serves
     assert b["score"].min() >= restricted.lowest_score == plain.lowest_score - 1.0 == -plain.max_log_density - 1.0
     none = restricted.infer(x, resample_threshold=1e-30)
     assert (none["log_density"] == restricted.max_log_density).all() and not none["segmentation"].any()

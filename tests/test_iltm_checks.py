@@ -10,8 +10,8 @@ HEALTHY = {
     "first_stage": {"val_l1": 0.02, "val_l1_anomaly": 0.04, "val_l1_normal": 0.02, "l1_ratio": 2.0,
                     "val_codes_used": 120, "codebook_size": 128},
     "map_source": {"aupro_full": 0.55, "aupro_ablation": 0.40, "aupro_gap": 0.15},
-    "restriction": {"restricted": True, "images": 20, "unflagged_images": 2, "aupro_unrestricted": 0.50},
-    "iteration_0": {"flag_lift": 4.0, "mask_lift": 5.0},
+    "restriction": {"restricted": False, "images": 20, "unflagged_images": 2, "aupro_other": 0.50},
+    "iteration_0": {"flag_lift": 4.0, "mask_lift": 5.0, "mask_recall": 0.45},
     "masks": {"unlearning": 0.25, "unlearning_per_iteration": [0.25, 0.1], "kept_drop": 0.02, "mask_growth": 0.1},
     "outcome": {"aupro_iteration_0": 0.55, "aupro_final": 0.60, "image_auroc_iteration_0": 0.70,
                 "image_auroc_final": 0.75, "normal_images": 4, "anomalous_images": 16},
@@ -50,7 +50,8 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
                                                    "(4 normal and 16 anomalous images)"),
         ({**HEALTHY, "map_source": {"overlap": 0.95, "marked_voxels": 100}}, "marked without any resampling"),
         (_with("restriction", unflagged_images=20), "flagged no token on 20 of 20 validation images"),
-        (_with("restriction", aupro_unrestricted=0.70), "AUPRO 0.550 vs 0.700 (iteration 0)"),
+        (_with("restriction", aupro_other=0.70), "AUPRO 0.700 vs 0.550 (iteration 0)"),
+        (_with("iteration_0", mask_recall=0.038), "The first masks hold only 3.8% of the labelled anomalous"),
     ],
 )  # fmt: skip
 def test_each_warning_fires_on_its_evidence(checks: dict, phrase: str) -> None:
@@ -136,20 +137,29 @@ def test_a_negative_unlearning_and_a_lift_just_below_the_bar_read_without_contra
     assert "1.98x as often as chance (below 2x)" in iltm_checks.warnings(_with("iteration_0", flag_lift=1.978))[0]
 
 
-def test_the_restriction_is_judged_only_where_it_is_on() -> None:
-    """A Transformer that flags nothing adds nothing to the map (CrackForest: before 0.6.12 every restricted map was
-    one value, AUPRO at chance); an unrestricted map better on labels names the option; without the restriction
-    nothing is said."""
+def test_the_other_map_setting_is_named_where_it_scores_higher() -> None:
+    """MVTec screw (small preset, 0.6.11's default restricted maps): AUPRO 0.000 restricted, 0.602 unrestricted on the
+    validation images; the summary names the better setting either way. A Transformer that flags nothing adds nothing
+    to the map, restricted or not. Runs of 0.6.11 recorded the unrestricted AUPRO of restricted maps only."""
     text = iltm_checks.render(HEALTHY)
-    assert (
-        "- Map restriction (iteration 0, validation): no flagged token on 2 of 20 images; AUPRO 0.500 without" in text
-    )
-    flat = _with("restriction", unflagged_images=20, aupro_unrestricted=0.70)
-    found = iltm_checks.warnings(flat)
-    assert len(found) == 2 and "healing changes nothing there" in found[0] and "20 of 20" in found[0]
-    assert "--restrict_to_flags False" in found[1] and "AUPRO 0.550 vs 0.700" in found[1]
-    assert iltm_checks.warnings(_with("restriction", restricted=False, unflagged_images=20)) == []
-    unlabelled = {"restriction": {"restricted": True, "images": 10, "unflagged_images": 6}}
+    assert "- Map restriction (iteration 0, validation): maps not restricted to flagged tokens (restrict_to_flags " \
+           "False); no flagged token on 2 of 20 images; AUPRO 0.500 restricted to flagged tokens" in text  # fmt: skip
+    assert "the first masks hold 45.0% of them" in text
+    screw = {**HEALTHY, "map_source": {"aupro_full": 0.0, "aupro_ablation": 0.609, "aupro_gap": -0.609},
+             "restriction": {"restricted": True, "images": 5, "unflagged_images": 0, "aupro_other": 0.602}}  # fmt: skip
+    found = [w for w in iltm_checks.warnings(screw) if "restrict_to_flags" in w]
+    assert found == ["The map not restricted to flagged tokens scores higher on the labelled validation images than "
+                     "this run's (restricted to flagged tokens): AUPRO 0.602 vs 0.000 (iteration 0). Evaluate and "
+                     "infer with --restrict_to_flags False."]  # fmt: skip
+    better_restricted = _with("restriction", aupro_other=0.70)  # the default unrestricted map trails
+    assert "--restrict_to_flags True." in iltm_checks.warnings(better_restricted)[0]
+    flat = _with("restriction", unflagged_images=20)
+    (found,) = iltm_checks.warnings(flat)
+    assert "healing changes nothing there" in found and "20 of 20" in found
+    old = {"restriction": {"restricted": True, "images": 10, "unflagged_images": 0, "aupro_unrestricted": 0.7},
+           "map_source": {"aupro_full": 0.5}}  # fmt: skip
+    assert "AUPRO 0.700 vs 0.500" in iltm_checks.warnings(old)[0] and "0.700 not restricted" in iltm_checks.render(old)
+    unlabelled = {"restriction": {"restricted": False, "images": 10, "unflagged_images": 6}}
     (only,) = iltm_checks.warnings(unlabelled)
     assert "6 of 10" in only and "AUPRO" not in iltm_checks.render(unlabelled)
 

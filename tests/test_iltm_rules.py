@@ -381,3 +381,29 @@ def test_initial_masks_split_a_runs_masks_into_what_they_catch_and_what_they_mas
     check_settings({"iltm": {"initial_masks": f"labels&{path}"}}, {"iltm#initial_masks": "labels"})
     with pytest.raises(SettingError, match=r"iltm#initial_masks must be a token mask file that exists \(.*nope.pt not"):
         check_settings({"iltm": {"initial_masks": f"labels|{tmp_path / 'nope.pt'}"}})
+
+
+@pytest.mark.parametrize("restricted", [True, False])
+def test_masks_come_from_the_map_their_setting_names_whatever_map_the_detector_serves(restricted: bool) -> None:
+    """iltm#mask_restrict_to_flags (default on) picks the restricted or unrestricted map for the masks; the served
+    map (restrict_to_flags, default off since 0.6.12) does not enter them."""
+    from scripts.iltm import ILTMWorkflow
+
+    near = torch.full((1, 1, 4, 4), -5.0)  # scores (-log density): normal at -5, anomalous at 10
+    near[..., :2, :2] = 10.0  # anomalous near the flags
+    far = torch.zeros(1, 1, 4, 4)
+    far[..., 2:, 2:] = 15.0  # anomalous far from them
+
+    class Detector:
+        def infer(self, image, **kwargs) -> dict:
+            return {"score": torch.zeros(1, 1, 4, 4), "restricted_score": near, "unrestricted_score": near + far,
+                    "latent_flags": torch.zeros(1, 2, 2, dtype=torch.bool)}  # fmt: skip
+
+    workflow = object.__new__(ILTMWorkflow)
+    workflow.detector, workflow.device, workflow.transform = Detector(), torch.device("cpu"), lambda d: d
+    workflow.mask_batch_size, workflow.mask_counts, workflow.mask_density_threshold = 1, {}, 1.275
+    workflow.grid, workflow.downsample_rule, workflow.downsample_fraction = (2, 2), "any", 0.5
+    workflow.mask_restrict_to_flags = restricted
+    masks, _ = workflow._mask_pass([{"image": torch.zeros(1, 4, 4)}], 0.005, "test")
+    expected = [[True, False], [False, not restricted]]
+    assert masks[0].tolist() == expected

@@ -149,7 +149,8 @@ def test_evaluation_writes_metrics_maps_and_overlays(dataset: str, checkpoint: s
     score = nib.load(os.path.join(maps, "test_0000_score.nii.gz"))
     seg = np.asarray(nib.load(os.path.join(maps, "test_0000_seg.nii.gz")).dataobj)
     assert score.shape == (48, 48) and seg.dtype == np.uint8
-    assert np.array_equal(seg > 0, np.asarray(score.dataobj, dtype=np.float32) > np.float32(-math.log(0.005)))
+    threshold = np.float32(-math.log(result["density_threshold"]))  # the segmentation is the map's own threshold
+    assert np.array_equal(seg > 0, np.asarray(score.dataobj, dtype=np.float32) > threshold)
     assert Image.open(os.path.join(maps, "test_0003_overlay.png")).size[0] > 0
 
 

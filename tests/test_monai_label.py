@@ -200,9 +200,8 @@ def test_pet_preprocessing_of_the_training_preset_is_served_too(tmp_path) -> Non
     nib.save(nib.Nifti1Image(body, np.diag([4, 4, 4, 1])), str(tmp_path / "body.nii.gz"))
     result, answer, _ = serve(bundle, str(tmp_path / "body.nii.gz"), anomaly_output="score", result_extension=".nii.gz")
     score = np.asarray(nib.load(result).dataobj)
-    # -log of the largest density (ε = 0.05, autoPET's units), less 1: far from flags the restricted map (the
-    # default) ranks below every KDE score, down to this floor (AnomalyDetector.lowest_score)
-    floor = math.log(0.05 * math.sqrt(2 * math.pi)) - 1.0
+    # -log of the largest density (ε = 0.05, autoPET's units): AnomalyDetector.lowest_score of unrestricted maps
+    floor = math.log(0.05 * math.sqrt(2 * math.pi))
     assert score[:4].max() == pytest.approx(floor, abs=1e-4) and score.min() == pytest.approx(floor, abs=1e-4)
     assert answer["image_score"] == pytest.approx(float(score.max()), rel=1e-5)
 
