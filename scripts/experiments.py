@@ -15,8 +15,9 @@ Evaluated per seed and ratio (:data:`scripts.experiments_report.LABELS`):
 - variants (``variants``), each sharing the VQ-VAE (and iteration 0, where the variant does not change it) of the
   seed and ratio, so that a comparison isolates the one setting: ``fixed`` (a fixed resampling threshold, paper
   Fig. 3), ``unrestricted`` (the anomaly map without the prior work's restriction to flagged tokens, in training's
-  masks too), ``restricted`` (the map restricted to flagged tokens, the default before 0.6.12), ``oracle`` (one Transformer trained with the labelled anomalous tokens masked: the
-  upper bound of what ILTM's masks can give), and two that split ILTM's first masks against the labels: ``hits``
+  masks too), ``restricted`` (the map restricted to flagged tokens, the default before 0.6.12), ``oracle`` (one
+  Transformer trained with the labelled anomalous tokens masked: the upper bound of what ILTM's masks can give), and
+  two that split ILTM's first masks against the labels: ``hits``
   (only those of its masks that are labelled anomalous: its recall without its false masks) and ``hits_false``
   (every labelled token and its false masks: full recall with them).
 

@@ -201,7 +201,7 @@ def train_stage(
             network.load_state_dict(best["model"])
             metrics = {**best["metrics"], "best_epoch": best["epoch"]}
             logger.info(f"{step}: keeping epoch {best['epoch']} of {trainer.state.max_epochs}, the best {best_metric}")
-        else:  # the VQ-VAE: its validation metrics in state.json are those of this epoch
+        else:  # no best metric (the VQ-VAE): the validation metrics recorded below are this epoch's
             logger.info(f"{step}: keeping its last epoch, {trainer.state.epoch} of {trainer.state.max_epochs}")
         atomic_save(network.state_dict(), weights)
         state.complete(
