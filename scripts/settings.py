@@ -28,6 +28,12 @@ def _int(low: int | None = None) -> Callable[[Any], str | None]:
     return check
 
 
+def _odd(v: Any) -> str | None:
+    return (
+        None if _int(1)(v) is None and v % 2 == 1 else "an odd whole number >= 1 (a neighbourhood of tokens: 1, 3, 5)"
+    )
+
+
 def _float(low: float | None = None, high: float | None = None, low_open=True, high_open=True):
     def check(v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -101,6 +107,7 @@ DOMAINS: dict[str, Callable[[Any], str | None]] = {
     "kde_units#epsilon": _float(0.0),
     "kde_units#density_threshold": _float(0.0),
     "restrict_to_flags": _bool,
+    "flag_neighbourhood": _odd,
     "vqvae#epochs": _int(1),
     "vqvae#batch_size": _int(1),
     "vqvae#lr": _float(0.0),

@@ -50,6 +50,7 @@ def data(tmp_path_factory) -> str:
         ({"image_size": [0, 0]}, "image_size must be positive sizes"),
         ({"image_size": [32, 32, 32]}, "image_size must have spatial_dims = 2 sizes"),
         ({"restrict_to_flags": "false"}, "restrict_to_flags must be True or False"),
+        ({"flag_neighbourhood": 2}, "flag_neighbourhood must be an odd whole number >= 1"),
         ({"iltm#downsample_rule": "all"}, "iltm#downsample_rule must be one of 'any', 'fraction'"),
         ({"intensity_max": -5.0}, "intensity_max (-5.0) must be above intensity_min (0.0)"),
         ({"vqvae#epochs": 2.5}, "vqvae#epochs must be a whole number"),

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import scripts.detector
-from scripts.detector import AnomalyDetector, _seeded_rng, segment
+from scripts.detector import AnomalyDetector, _seeded_rng, place_flags, segment
 from scripts.kde import kde_log_density
 from scripts.transformer import MaskedTransformer
 from scripts.vqvae import DropoutVQVAE, decoder_dropout_only
@@ -232,6 +232,38 @@ def test_state_dict_round_trip() -> None:
     assert any(k.startswith("vqvae.") for k in keys) and any(k.startswith("transformer.") for k in keys)
     other.load_state_dict(detector.state_dict())
     assert torch.equal(detector(x), other(x))
+
+
+def test_place_flags_moves_each_images_flags_onto_the_least_likely_neighbourhood() -> None:
+    """An isolated unlikely token loses its flag to a region of moderately unlikely ones; each image keeps its count."""
+    ll = torch.zeros(2, 10, 10)
+    ll[0, 2, 7] = -9.0  # a rare token alone
+    ll[0, 4:8, 2:6] = -3.0  # a region: each token more likely than the rare one, its neighbourhood less so
+    ll[1, 0, 0] = -1.0
+    raw = ll < -1.5  # image 0: 17 flags, image 1: none
+    placed = place_flags(ll, raw, 3)
+    assert placed.dtype == torch.bool and placed.shape == raw.shape
+    assert torch.equal(placed.flatten(1).sum(1), raw.flatten(1).sum(1))
+    assert placed[0, 4:8, 2:6].all() and not placed[0, 2, 7] and not placed[1].any()
+    assert torch.equal(place_flags(ll, raw, 1), raw)  # k = 1: the mean over one token is the token
+    ll3 = torch.zeros(1, 8, 8, 8)
+    ll3[0, 1:3, 1:3, 1:3] = -2.0
+    ll3[0, 5, 5, 5] = -9.0
+    assert place_flags(ll3, ll3 < -1.5, 3)[0, 1:3, 1:3, 1:3].all()  # 3D: k x k x k
+
+
+def test_flag_neighbourhood_keeps_each_images_number_of_flags() -> None:
+    x = image()
+    plain, placed = make_detector(), make_detector(flag_neighbourhood=3)
+    t = float(plain.infer(x)["latent_log_likelihood"].quantile(0.3).exp())  # about a third of the tokens flagged
+    a, b = plain.infer(x, resample_threshold=t), placed.infer(x, resample_threshold=t)
+    assert torch.equal(a["num_flagged"], b["num_flagged"]) and int(a["num_flagged"].sum()) > 0
+    assert not torch.equal(a["latent_flags"], b["latent_flags"])
+    expected = place_flags(a["latent_log_likelihood"], a["latent_flags"], 3)
+    assert torch.equal(b["latent_flags"], expected)
+    for bad in (0, 2, 3.0, True):
+        with pytest.raises(ValueError, match="flag_neighbourhood"):
+            make_detector(flag_neighbourhood=bad)
 
 
 def test_threshold_override_and_segmentation_threshold() -> None:

@@ -48,8 +48,8 @@ SHARED = (
 )  # fmt: skip
 SHARED_VALUES = (
     "vqvae_def", "transformer_def", "num_samples", "num_decodes", "resample_threshold", "kde_units",
-    "restrict_to_flags", "spatial_dims", "in_channels", "image_size", "intensity_min", "intensity_max",
-    "label_threshold",
+    "restrict_to_flags", "flag_neighbourhood", "spatial_dims", "in_channels", "image_size", "intensity_min",
+    "intensity_max", "label_threshold",
 )  # fmt: skip
 
 
