@@ -222,19 +222,17 @@ class AnomalyDetector(nn.Module):
             seq = sequencer.to_sequence(indices)
             with self._autocast(image.device):
                 log_likelihood = token_log_likelihood(self.transformer, seq).float()
-            flags = flag_tokens(log_likelihood, threshold)
+            latent_ll = sequencer.to_grid(log_likelihood)
+            latent_flags = sequencer.to_grid(flag_tokens(log_likelihood, threshold))
             if self.flag_neighbourhood > 1:
-                placed = place_flags(
-                    sequencer.to_grid(log_likelihood), sequencer.to_grid(flags), self.flag_neighbourhood
-                )
-                flags = sequencer.to_tokens(placed)
+                latent_flags = place_flags(latent_ll, latent_flags, self.flag_neighbourhood)
+            flags = sequencer.to_tokens(latent_flags)
             log_density = torch.stack(
                 [
                     self._image_log_density(image[b], seq[b], flags[b], sequencer, resample, *counts)
                     for b in range(len(image))
                 ]
             )
-        latent_ll, latent_flags = sequencer.to_grid(log_likelihood), sequencer.to_grid(flags)
         spatial = tuple(image.shape[2:])
         flag_map = self._upsample(latent_flags, spatial) > 0.5
         unrestricted = restricted = -log_density
