@@ -135,7 +135,8 @@ def warnings(checks: dict) -> list[str]:
     if _number(recall) and 0 < recall < RECALL:  # none masked at all has its own warning below
         out.append(
             f"The first masks hold only {recall:.1%} of the labelled anomalous training tokens (recall below "
-            f"{RECALL}): retraining without them leaves nearly all of the contamination in, so ILTM can change little."
+            f"{RECALL}): retraining without them leaves most of the contamination in, so ILTM can unlearn only the few "
+            "anomalies they catch."
         )
     masks = checks.get("masks", {})
     if masks.get("masked_tokens") and not any(masks["masked_tokens"]):
@@ -278,6 +279,12 @@ def render(checks: dict) -> str:
                 if _image_aurocs(outcome)
                 else ""
             )
+        )
+    elif masks:  # ILTM masked: say that its effect is unmeasured rather than let "no warning" read as a gain
+        lines.append(
+            "- Outcome: not measured (no validation image has both labelled anomalous and normal voxels), so "
+            "nothing here says whether ILTM improved on iteration 0; to compare, evaluate iltm/iter_00/model.pt "
+            "and the final model.pt on labelled images"
         )
     found = warnings(checks)
     lines += (

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import scripts.detector
 from scripts.detector import AnomalyDetector, _seeded_rng, place_flags, segment
 from scripts.kde import kde_log_density
 from scripts.transformer import MaskedTransformer

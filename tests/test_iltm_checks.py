@@ -66,6 +66,11 @@ def test_missing_evidence_is_not_a_warning() -> None:
               "map_source": {"overlap": None, "marked_voxels": 0}}  # fmt: skip
     assert iltm_checks.warnings(checks) == []
     assert "no labelled anomalies" in iltm_checks.render(checks)
+    assert "Outcome" not in iltm_checks.render(checks)  # nothing masked: there is no ILTM effect to measure
+    masked = {**checks, "masks": HEALTHY["masks"]}  # ILTM retrained, but no labelled validation image says how well
+    assert iltm_checks.warnings(masked) == []
+    assert "- Outcome: not measured" in iltm_checks.render(masked)
+    assert "Outcome: not measured" not in iltm_checks.render(HEALTHY)
     unvalidated = {"first_stage": iltm_checks.first_stage({"weights": "vqvae/vqvae.pt"}, 128)}  # no val metrics
     assert iltm_checks.warnings(unvalidated) == []
     assert "- First stage: not measured" in iltm_checks.render(unvalidated)
