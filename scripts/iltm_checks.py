@@ -280,7 +280,7 @@ def render(checks: dict) -> str:
                 else ""
             )
         )
-    elif masks:  # ILTM masked: say that its effect is unmeasured rather than let "no warning" read as a gain
+    elif masks and any(masks.get("masked_tokens", [1])):  # ILTM masked: unmeasured, lest "no warning" read as a gain
         lines.append(
             "- Outcome: not measured (no validation image has both labelled anomalous and normal voxels), so "
             "nothing here says whether ILTM improved on iteration 0; to compare, evaluate iltm/iter_00/model.pt "

@@ -71,6 +71,8 @@ def test_missing_evidence_is_not_a_warning() -> None:
     assert iltm_checks.warnings(masked) == []
     assert "- Outcome: not measured" in iltm_checks.render(masked)
     assert "Outcome: not measured" not in iltm_checks.render(HEALTHY)
+    nothing_masked = {**checks, "masks": {"masked_tokens": [0, 0]}}  # its own warning: ILTM changed nothing
+    assert "Outcome" not in iltm_checks.render(nothing_masked)
     unvalidated = {"first_stage": iltm_checks.first_stage({"weights": "vqvae/vqvae.pt"}, 128)}  # no val metrics
     assert iltm_checks.warnings(unvalidated) == []
     assert "- First stage: not measured" in iltm_checks.render(unvalidated)
