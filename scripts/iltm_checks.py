@@ -139,7 +139,7 @@ def warnings(checks: dict) -> list[str]:
             "anomalies they catch."
         )
     masks = checks.get("masks", {})
-    if masks.get("masked_tokens") and not any(masks["masked_tokens"]):
+    if _nothing_masked(masks):
         out.append(
             "ILTM masked no training token in any pass, so a retraining would see what iteration 0 saw and ILTM "
             "cannot change the detector here: no map of a training image fell below the mask density threshold. The "
@@ -253,7 +253,7 @@ def render(checks: dict) -> str:
             masked = "no token in the first masks" if masks is None else f"first masks {masks:.1f}x as likely"
             lines.append(f"- Iteration 0 on the training images: {flagged}; {masked}")
     masks = checks.get("masks", {})
-    if masks.get("masked_tokens") and not any(masks["masked_tokens"]):
+    if _nothing_masked(masks):
         lines.append("- Masks: no training token was masked in any pass")
     elif masks.get("kept_drop") is not None:
         unlearned = (
@@ -280,7 +280,7 @@ def render(checks: dict) -> str:
                 else ""
             )
         )
-    elif masks and any(masks.get("masked_tokens", [1])):  # ILTM masked: unmeasured, lest "no warning" read as a gain
+    elif masks and not _nothing_masked(masks):  # ILTM masked: unmeasured, lest "no warning" read as a gain
         lines.append(
             "- Outcome: not measured (no validation image has both labelled anomalous and normal voxels), so "
             "nothing here says whether ILTM improved on iteration 0; to compare, evaluate iltm/iter_00/model.pt "
@@ -293,6 +293,11 @@ def render(checks: dict) -> str:
         else ["", "No warning: nothing here says ILTM cannot help."]
     )
     return "\n".join(lines)
+
+
+def _nothing_masked(masks: dict) -> bool:
+    """Every mask pass recorded, and none masked a training token."""
+    return bool(masks.get("masked_tokens")) and not any(masks["masked_tokens"])
 
 
 def _number(value: float | None) -> bool:
