@@ -8,7 +8,9 @@ For one trained detector and one labelled datalist section it prints:
 2. precision and recall, against the true anomalous tokens, of the Transformer's resampling flags and of the token
    masks each downsampling rule would give (the evidence behind `iltm#downsample_rule`), and the token AUROC: how
    well the Transformer's token log-likelihoods rank the anomalous tokens above the normal ones, whatever the
-   resampling threshold (0.5: chance);
+   resampling threshold (0.5: chance), and the same with the labelled anomalous tokens left out of every token's
+   context (``token_auroc_anomalies_out_of_context``): the gap is how much an anomaly's first tokens make the rest
+   of it look likely to an autoregressive model;
 3. the first stage's fidelity: the VQ-VAE's L1 inside the anomalies, outside them, and on normal voxels of the same
    intensities (`scripts.vqvae.fidelity`), as training's validation reports it.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 
 import torch
+import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from tqdm import tqdm
 
@@ -29,6 +32,7 @@ from scripts.cli import check_ids, fire_main
 from scripts.data import load_datalist
 from scripts.detector import AnomalyDetector
 from scripts.files import write_json
+from scripts.healing import token_log_likelihood
 from scripts.iltm import precision_recall, tokens_from_map
 from scripts.metrics import image_auroc, pixel_auroc, pixel_metrics
 from scripts.vqvae import error_tally, eval_except, fidelity, fidelity_ratios
@@ -54,6 +58,23 @@ def _first_stage(vqvae, items: list[dict], labels: torch.Tensor, batch_size: int
             tally = tally + error_tally(image, vqvae(image)[0], labels[start : start + batch_size])
     out = fidelity(tally)
     return {**out, **fidelity_ratios(out)}
+
+
+@torch.no_grad()
+def _out_of_context(detector: AnomalyDetector, items: list[dict], truth: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Token log-likelihoods [N, *grid] with the labelled anomalous tokens removed from every context (the masked
+    Transformer's ``keep``), so that no anomalous token is judged on the anomaly's own earlier tokens."""
+    out, device = [], next(detector.parameters()).device
+    with eval_except(detector):
+        for start in range(0, len(items), batch_size):
+            image = torch.stack([item["image"] for item in items[start : start + batch_size]]).to(device)
+            indices = detector.vqvae.index_quantize(image)
+            sequencer = detector.sequencer(tuple(indices.shape[1:]))
+            removed = sequencer.to_tokens(truth[start : start + batch_size].to(device))
+            keep = F.pad(~removed, (1, 0), value=True)  # BOS is always kept
+            seq = sequencer.to_sequence(indices)
+            out.append(sequencer.to_grid(token_log_likelihood(detector.transformer, seq, keep).float()).cpu())
+    return torch.cat(out)
 
 
 def diagnose(
@@ -99,6 +120,8 @@ def diagnose(
             row["flags"] = dict(zip(("precision", "recall"), precision_recall(maps["latent_flags"], truth)))
             if truth.any() and not truth.all():  # the Transformer's ranking of the tokens, before any threshold
                 row["token_auroc"] = pixel_auroc(-maps["latent_log_likelihood"].numpy(), truth.numpy())
+                clean = _out_of_context(detector, items, truth, batch_size)
+                row["token_auroc_anomalies_out_of_context"] = pixel_auroc(-clean.numpy(), truth.numpy())
         for rule, fraction in RULES:
             masks = tokens_from_map(maps["segmentation"], grid, rule, fraction)
             p, r = precision_recall(masks, truth)

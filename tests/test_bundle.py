@@ -221,6 +221,7 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     assert stage["l1_ratio_matched"] == pytest.approx(stage["l1_anomaly"] / stage["l1_matched"])
     assert found["full"]["masks_any"]["masked"] >= 0 and 0 <= found["full"]["aupro"] <= 1
     assert 0 <= found["full"]["token_auroc"] <= 1 and "token_auroc" not in found["no_resampling"]
+    assert 0 <= found["full"]["token_auroc_anomalies_out_of_context"] <= 1
     # inference.yaml alone: the checkpoint given to diagnose is the one whose recorded settings build the detector
     data = str(tmp_path / "data")
     again = diagnose(_config("inference.yaml"), str(whole / "iltm" / "iter_00" / "model.pt"), section="validation",

@@ -292,3 +292,20 @@ def test_rejects_bad_options() -> None:
     with pytest.raises(ValueError):
         make_detector(num_samples=0)
     assert isinstance(make_detector(), nn.Module)
+
+
+def test_diagnose_leaves_only_the_labelled_tokens_out_of_later_contexts() -> None:
+    """The diagnostic's log-likelihoods equal inference's with nothing left out; leaving one token out changes only
+    the tokens after it in raster order, which no longer see it."""
+    from scripts.diagnose import _out_of_context
+
+    detector, x = make_detector(), image()
+    items = [{"image": one} for one in x]
+    plain = detector.infer(x)["latent_log_likelihood"]
+    nothing = torch.zeros_like(plain, dtype=torch.bool)
+    assert torch.allclose(_out_of_context(detector, items, nothing, 2), plain, atol=1e-5)
+    one_token = nothing.clone()
+    one_token[:, 1, 2] = True  # raster position 6 of the 4 x 4 grid
+    clean, plain = _out_of_context(detector, items, one_token, 1).flatten(1), plain.flatten(1)
+    assert torch.allclose(clean[:, :7], plain[:, :7], atol=1e-5)  # its own prediction never saw it
+    assert ((clean[:, 7:] - plain[:, 7:]).abs() > 1e-6).all()
