@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 
 import torch
-import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from tqdm import tqdm
 
@@ -70,8 +69,7 @@ def _out_of_context(detector: AnomalyDetector, items: list[dict], truth: torch.T
             image = torch.stack([item["image"] for item in items[start : start + batch_size]]).to(device)
             indices = detector.vqvae.index_quantize(image)
             sequencer = detector.sequencer(tuple(indices.shape[1:]))
-            removed = sequencer.to_tokens(truth[start : start + batch_size].to(device))
-            keep = F.pad(~removed, (1, 0), value=True)  # BOS is always kept
+            keep = sequencer.to_keep(truth[start : start + batch_size].to(device))
             seq = sequencer.to_sequence(indices)
             out.append(sequencer.to_grid(token_log_likelihood(detector.transformer, seq, keep).float()).cpu())
     return torch.cat(out)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.utils.ordering import Ordering
 from torch import nn
 
@@ -65,6 +66,10 @@ class LatentSequencer:
         tokens = self.to_tokens(grid).long()
         bos = torch.full((tokens.shape[0], 1), self.bos_id, dtype=torch.long, device=tokens.device)
         return torch.cat([bos, tokens], dim=1)
+
+    def to_keep(self, masked: torch.Tensor) -> torch.Tensor:
+        """[B, *grid] bool masked tokens -> [B, L+1] Transformer ``keep`` aligned with :meth:`to_sequence` (BOS kept)."""
+        return F.pad(~self.to_tokens(masked.bool()), (1, 0), value=True)
 
     def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """[..., L] values in sequence order -> [..., *grid]; a leading BOS ([..., L+1]) is dropped."""

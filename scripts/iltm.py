@@ -224,7 +224,7 @@ class ILTMWorkflow:
                     transformer.load_state_dict(initial)
                     if torch.equal(suspect, trained_on):
                         self._reuse(state, k)
-            keep = torch.cat([torch.ones(len(suspect), 1, dtype=torch.bool), ~sequencer.to_tokens(suspect)], dim=1)
+            keep = sequencer.to_keep(suspect)
             self.stage(f"transformer_{k:02d}", transformer, train_seq, keep, val_seq, self.folder(k), self.output_dir)
             model = os.path.join(self.folder(k), "model.pt")
             if distributed.is_main() and not os.path.isfile(model):

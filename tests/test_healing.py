@@ -56,6 +56,8 @@ def test_sequencer_round_trip_and_raster_order() -> None:
     assert torch.equal(seq[0, 1:], torch.arange(24))  # raster order = row-major flattening
     assert torch.equal(seq_maker.to_grid(seq), grid)
     assert torch.equal(seq_maker.to_grid(seq[:, 1:].float()), grid.float())
+    keep = seq_maker.to_keep(grid % 5 == 0)  # aligned with the sequence: BOS kept, then each token's own entry
+    assert keep.shape == seq.shape and keep[0, 0] and torch.equal(keep[0, 1:], seq[0, 1:] % 5 != 0)
     with pytest.raises(ValueError):
         seq_maker.to_sequence(torch.zeros(1, 3, 2, 4, dtype=torch.long))
 
