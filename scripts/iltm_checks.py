@@ -18,7 +18,8 @@ has; the thresholds are rules of thumb, stated here and in the model card, not g
   images its likelihood of masked tokens drops more than that of kept ones. Masks of ordinary tokens show no such
   drop (its other instances are still learned). Also: the kept tokens' likelihood must not fall, and masks grow as
   later passes find what earlier models had learned as normal.
-- outcome: with validation labels, final iteration against iteration 0: AUPRO, and image AUROC where the validation
+- outcome: with validation labels, final iteration against iteration 0: AUPRO (and how many labelled images, each
+  scored alone, rose or fell: on few images a set-level change can be noise), and image AUROC where the validation
   images are both normal and anomalous (ILTM can localise better yet rank whole images worse).
 """
 
@@ -151,7 +152,8 @@ def warnings(checks: dict) -> list[str]:
         out.append(
             f"The masks do not look like anomalies: retrained without them, the Transformer lowered the masked "
             f"validation tokens' log-likelihood {_than_kept(masks['unlearning'], 'only ')} "
-            f"(below {UNLEARNING}), as it does for masks of ordinary tokens. ILTM is unlikely to help here."
+            f"(below {UNLEARNING}), as it does for masks of ordinary tokens. ILTM is unlikely to help here"
+            + _unmeasured_risk(checks.get("outcome", {}))
         )
     if masks.get("kept_drop") is not None and masks["kept_drop"] > KEPT_DROP:
         out.append(
@@ -162,8 +164,8 @@ def warnings(checks: dict) -> list[str]:
     if outcome.get("aupro_final") is not None and outcome["aupro_final"] < outcome["aupro_iteration_0"] - WORSE:
         out.append(
             f"ILTM made the detector worse on the labelled validation images: AUPRO {outcome['aupro_final']:.3f} at "
-            f"the final iteration vs {outcome['aupro_iteration_0']:.3f} at iteration 0. Iteration 0's detector is "
-            "iltm/iter_00/model.pt."
+            f"the final iteration vs {outcome['aupro_iteration_0']:.3f} at iteration 0{_per_image(outcome)}. "
+            "Iteration 0's detector is iltm/iter_00/model.pt."
         )
     drop = outcome["image_auroc_iteration_0"] - outcome["image_auroc_final"] if _image_aurocs(outcome) else 0.0
     if drop > max(WORSE, _auroc_step(outcome)) + 1e-9:
@@ -173,6 +175,17 @@ def warnings(checks: dict) -> list[str]:
             f"iteration 0 ({_images(outcome)}). Where image-level decisions matter, compare iltm/iter_00/model.pt."
         )
     return out
+
+
+def _unmeasured_risk(outcome: dict) -> str:
+    """Masks of ordinary tokens can also cost accuracy (clean data, docs/README.md); say so where no label shows it."""
+    if outcome.get("aupro_final") is not None:
+        return "."  # the labelled outcome below says whether it did
+    return (
+        ", and masks of ordinary tokens can make a detector worse. No labelled validation image measures that: "
+        "compare the final model with iteration 0's (iltm/iter_00/model.pt) on labelled images before using it, or "
+        "keep iteration 0's."
+    )
 
 
 def _restriction_warnings(restriction: dict, source: dict) -> list[str]:
@@ -272,7 +285,7 @@ def render(checks: dict) -> str:
     if outcome.get("aupro_final") is not None:
         lines.append(
             f"- Outcome (labelled validation images): AUPRO {outcome['aupro_iteration_0']:.3f} at iteration 0, "
-            f"{outcome['aupro_final']:.3f} at the final iteration"
+            f"{outcome['aupro_final']:.3f} at the final iteration{_per_image(outcome)}"
             + (
                 f"; image AUROC {outcome['image_auroc_iteration_0']:.3f} at iteration 0, "
                 f"{outcome['image_auroc_final']:.3f} at the final iteration ({_images(outcome)})"
@@ -303,6 +316,13 @@ def _nothing_masked(masks: dict) -> bool:
 def _number(value: float | None) -> bool:
     """A measured value: runs recorded before 0.6.3 stored NaN where nothing was measured."""
     return value is not None and not math.isnan(value)
+
+
+def _per_image(outcome: dict) -> str:
+    """Images whose own AUPRO rose and fell: on few validation images a set-level change can be one image's."""
+    if outcome.get("images_better") is None:  # recorded before 0.7.3
+        return ""
+    return f" (each image scored alone: {outcome['images_better']} higher, {outcome['images_worse']} lower)"
 
 
 def _image_aurocs(outcome: dict) -> bool:

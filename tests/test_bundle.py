@@ -195,11 +195,13 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     outcome = checks["outcome"]  # labelled validation images, normal and anomalous: AUPRO and image AUROC
     assert outcome["normal_images"] > 0 and outcome["normal_images"] + outcome["anomalous_images"] == 4
     assert all(0 <= outcome[k] <= 1 for k in ("aupro_final", "image_auroc_iteration_0", "image_auroc_final"))
+    assert outcome["images_better"] + outcome["images_worse"] <= outcome["anomalous_images"]  # each scored alone
     assert "masks_00" not in state  # iteration 0 trained on every token: no given masks to report in row 0
     assert checks["masks"]["masked_tokens"] == [state["masks_01"]["masked_tokens"], state["masks_02"]["masked_tokens"]]
     summary = (whole / "iltm" / "summary.md").read_text()
     assert "## Can ILTM help here?" in summary and "flag_precision" in summary
     assert f"; image AUROC {outcome['image_auroc_iteration_0']:.3f} at iteration 0" in summary
+    assert f"scored alone: {outcome['images_better']} higher, {outcome['images_worse']} lower)" in summary
     with open(whole / "iltm" / "summary.csv", newline="") as f:  # each Transformer's kept, best validated epoch
         table = list(csv.DictReader(f))
     kept = [row["epoch"] for row in table]

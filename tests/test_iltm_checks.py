@@ -14,7 +14,8 @@ HEALTHY = {
     "iteration_0": {"flag_lift": 4.0, "mask_lift": 5.0, "mask_recall": 0.45},
     "masks": {"unlearning": 0.25, "unlearning_per_iteration": [0.25, 0.1], "kept_drop": 0.02, "mask_growth": 0.1},
     "outcome": {"aupro_iteration_0": 0.55, "aupro_final": 0.60, "image_auroc_iteration_0": 0.70,
-                "image_auroc_final": 0.75, "normal_images": 4, "anomalous_images": 16},
+                "image_auroc_final": 0.75, "normal_images": 4, "anomalous_images": 16, "images_better": 10,
+                "images_worse": 5},
 }  # fmt: skip
 
 
@@ -27,7 +28,9 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
     text = iltm_checks.render(HEALTHY)
     assert text.startswith("## Can ILTM help here?") and "No warning" in text
     assert "0.0400 inside labelled anomalies" in text and "+0.150" in text and "by 0.25 nats more" in text
-    assert "0.600 at the final iteration; image AUROC 0.700 at iteration 0, 0.750 at the final" in text
+    assert "0.600 at the final iteration (each image scored alone: 10 higher, 5 lower); image AUROC 0.700" in text
+    before_0_7_3 = {**HEALTHY, "outcome": {k: v for k, v in HEALTHY["outcome"].items() if not k.startswith("images_")}}
+    assert "0.600 at the final iteration; image AUROC" in iltm_checks.render(before_0_7_3)  # no per-image counts
     no_normal = _with("outcome", image_auroc_iteration_0=None, image_auroc_final=None, normal_images=0)
     assert iltm_checks.warnings(no_normal) == [] and "image AUROC" not in iltm_checks.render(no_normal)
     # one normal and three anomalous validation images: one pair ranked the other way (1/3) is no evidence, more is
@@ -45,7 +48,9 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
         (_with("iteration_0", flag_lift=1.2), "too weak for its masks"),
         (_with("masks", unlearning=0.02), "do not look like anomalies"),
         (_with("masks", kept_drop=0.3), "hurts the modelling of normal tokens"),
-        (_with("outcome", aupro_final=0.50), "made the detector worse"),
+        (_with("outcome", aupro_final=0.50), "made the detector worse on the labelled validation images: AUPRO 0.500 "
+                                             "at the final iteration vs 0.550 at iteration 0 (each image scored alone: "
+                                             "10 higher, 5 lower)"),
         (_with("outcome", image_auroc_final=0.60), "image AUROC 0.600 at the final iteration vs 0.700 at iteration 0 "
                                                    "(4 normal and 16 anomalous images)"),
         ({**HEALTHY, "map_source": {"overlap": 0.95, "marked_voxels": 100}}, "marked without any resampling"),
@@ -115,6 +120,20 @@ def test_masks_that_hold_nothing_are_said_plainly() -> None:
     late = _with("masks", unlearning=None, mask_growth=None, masked_tokens=[0, 5])
     assert iltm_checks.warnings(late) == []
     assert "masked training tokens none in the first pass" in iltm_checks.render(late)
+
+
+def test_masks_of_ordinary_tokens_without_a_labelled_outcome_point_to_iteration_0() -> None:
+    """On clean data ILTM masks ordinary tokens and can lose accuracy; with no labelled validation image to measure
+    that, the unlearning warning names the risk and iteration 0's detector; with one, the outcome line speaks."""
+    unlabelled = {
+        **{k: v for k, v in HEALTHY.items() if k != "outcome"},
+        "masks": {**HEALTHY["masks"], "unlearning": 0.02},
+    }
+    (warning,) = iltm_checks.warnings(unlabelled)
+    assert "do not look like anomalies" in warning and "can make a detector worse" in warning
+    assert "iltm/iter_00/model.pt" in warning
+    (labelled,) = iltm_checks.warnings(_with("masks", unlearning=0.02))
+    assert labelled.endswith("ILTM is unlikely to help here.") and "iter_00" not in labelled
 
 
 def test_a_record_from_before_0_6_3_with_nan_unlearning_reads_as_not_measured() -> None:

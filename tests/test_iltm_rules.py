@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from scripts.iltm import precision_recall, should_stop, threshold_schedule, tokens_from_map
+from scripts.iltm import images_changed, precision_recall, should_stop, threshold_schedule, tokens_from_map
 from scripts.steps import RunState
 from scripts.transformer import MaskedTransformer
 from scripts.transformer_stage import TransformerStage
@@ -53,6 +53,21 @@ def test_downsampling_rules_on_hand_made_maps():
     assert tokens.shape == (2, 2, 2, 2) and int(tokens.sum()) == 1 and bool(tokens[1, 1, 1, 1])
     with pytest.raises(ValueError):
         tokens_from_map(anomalous, (2, 2), "majority")
+
+
+def test_images_changed_counts_each_labelled_image_scored_alone():
+    """Image 0's defect scores higher after, image 1's lower, image 2 is unchanged; image 3 (no anomaly) and image 4
+    (all anomaly) have no AUPRO of their own and are left out."""
+    labels = torch.zeros(5, 8, 8, dtype=torch.bool)
+    labels[:3, 2:4, 2:4] = True
+    labels[4] = True
+    grid = torch.linspace(0, 1, 64).reshape(8, 8)  # every pixel its own score; the defect's are below most normal ones
+    before = grid.expand(5, 8, 8).clone()
+    before[1, 2:4, 2:4] += 2.0  # above every normal pixel: AUPRO 1
+    after = grid.expand(5, 8, 8).clone()
+    after[0, 2:4, 2:4] += 2.0
+    assert images_changed(before, after, labels) == {"images_better": 1, "images_worse": 1}
+    assert images_changed(before, before, labels) == {"images_better": 0, "images_worse": 0}
 
 
 def test_precision_recall_of_token_masks():
