@@ -139,7 +139,7 @@ def warnings(checks: dict) -> list[str]:
             f"{RECALL}): retraining without them leaves most of the contamination in, so ILTM can unlearn only the few "
             "anomalies they catch."
         )
-    masks = checks.get("masks", {})
+    masks, outcome = checks.get("masks", {}), checks.get("outcome", {})
     if _nothing_masked(masks):
         out.append(
             "ILTM masked no training token in any pass, so a retraining would see what iteration 0 saw and ILTM "
@@ -153,14 +153,13 @@ def warnings(checks: dict) -> list[str]:
             f"The masks do not look like anomalies: retrained without them, the Transformer lowered the masked "
             f"validation tokens' log-likelihood {_than_kept(masks['unlearning'], 'only ')} "
             f"(below {UNLEARNING}), as it does for masks of ordinary tokens. ILTM is unlikely to help here"
-            + _unmeasured_risk(checks.get("outcome", {}))
+            + _unmeasured_risk(outcome)
         )
     if masks.get("kept_drop") is not None and masks["kept_drop"] > KEPT_DROP:
         out.append(
             f"ILTM hurts the modelling of normal tokens: the kept validation tokens' log-likelihood fell by "
             f"{masks['kept_drop']:.2f} nats from iteration 0 to the final iteration."
         )
-    outcome = checks.get("outcome", {})
     if outcome.get("aupro_final") is not None and outcome["aupro_final"] < outcome["aupro_iteration_0"] - WORSE:
         out.append(
             f"ILTM made the detector worse on the labelled validation images: AUPRO {outcome['aupro_final']:.3f} at "
@@ -182,9 +181,9 @@ def _unmeasured_risk(outcome: dict) -> str:
     if outcome.get("aupro_final") is not None:
         return "."  # the labelled outcome below says whether it did
     return (
-        ", and masks of ordinary tokens can make a detector worse. No labelled validation image measures that: "
-        "compare the final model with iteration 0's (iltm/iter_00/model.pt) on labelled images before using it, or "
-        "keep iteration 0's."
+        ", and retraining without such masks can make the detector worse. No labelled validation image can show "
+        "whether it did: compare the final model with iteration 0's detector (iltm/iter_00/model.pt) on labelled "
+        "images before using it, or keep iteration 0's detector."
     )
 
 
@@ -322,7 +321,8 @@ def _per_image(outcome: dict) -> str:
     """Images whose own AUPRO rose and fell: on few validation images a set-level change can be one image's."""
     if outcome.get("images_better") is None:  # recorded before 0.7.3
         return ""
-    return f" (each image scored alone: {outcome['images_better']} higher, {outcome['images_worse']} lower)"
+    better, worse = outcome["images_better"], outcome["images_worse"]
+    return f" (image by image, the final iteration higher on {better}, lower on {worse})"
 
 
 def _image_aurocs(outcome: dict) -> bool:

@@ -28,7 +28,7 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
     text = iltm_checks.render(HEALTHY)
     assert text.startswith("## Can ILTM help here?") and "No warning" in text
     assert "0.0400 inside labelled anomalies" in text and "+0.150" in text and "by 0.25 nats more" in text
-    assert "0.600 at the final iteration (each image scored alone: 10 higher, 5 lower); image AUROC 0.700" in text
+    assert "0.600 at the final iteration (image by image, the final iteration higher on 10, lower on 5); image" in text
     before_0_7_3 = {**HEALTHY, "outcome": {k: v for k, v in HEALTHY["outcome"].items() if not k.startswith("images_")}}
     assert "0.600 at the final iteration; image AUROC" in iltm_checks.render(before_0_7_3)  # no per-image counts
     no_normal = _with("outcome", image_auroc_iteration_0=None, image_auroc_final=None, normal_images=0)
@@ -48,9 +48,8 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
         (_with("iteration_0", flag_lift=1.2), "too weak for its masks"),
         (_with("masks", unlearning=0.02), "do not look like anomalies"),
         (_with("masks", kept_drop=0.3), "hurts the modelling of normal tokens"),
-        (_with("outcome", aupro_final=0.50), "made the detector worse on the labelled validation images: AUPRO 0.500 "
-                                             "at the final iteration vs 0.550 at iteration 0 (each image scored alone: "
-                                             "10 higher, 5 lower)"),
+        (_with("outcome", aupro_final=0.50), "AUPRO 0.500 at the final iteration vs 0.550 at iteration 0 (image by "
+                                             "image, the final iteration higher on 10, lower on 5)"),
         (_with("outcome", image_auroc_final=0.60), "image AUROC 0.600 at the final iteration vs 0.700 at iteration 0 "
                                                    "(4 normal and 16 anomalous images)"),
         ({**HEALTHY, "map_source": {"overlap": 0.95, "marked_voxels": 100}}, "marked without any resampling"),
@@ -130,7 +129,7 @@ def test_masks_of_ordinary_tokens_without_a_labelled_outcome_point_to_iteration_
         "masks": {**HEALTHY["masks"], "unlearning": 0.02},
     }
     (warning,) = iltm_checks.warnings(unlabelled)
-    assert "do not look like anomalies" in warning and "can make a detector worse" in warning
+    assert "do not look like anomalies" in warning and "can make the detector worse" in warning
     assert "iltm/iter_00/model.pt" in warning
     (labelled,) = iltm_checks.warnings(_with("masks", unlearning=0.02))
     assert labelled.endswith("ILTM is unlikely to help here.") and "iter_00" not in labelled
