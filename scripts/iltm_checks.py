@@ -19,13 +19,16 @@ has; the thresholds are rules of thumb, stated here and in the model card, not g
   drop (its other instances are still learned). Also: the kept tokens' likelihood must not fall, and masks grow as
   later passes find what earlier models had learned as normal.
 - outcome: with validation labels, final iteration against iteration 0: AUPRO (and how many labelled images, each
-  scored alone, rose or fell: on few images a set-level change can be noise), and image AUROC where the validation
-  images are both normal and anomalous (ILTM can localise better yet rank whole images worse).
+  scored alone, rose or fell, and whether that split is beyond what chance gives by a sign test: on few images a
+  set-level change can be noise), and image AUROC where the validation images are both normal and anomalous (ILTM
+  can localise better yet rank whole images worse).
 """
 
 from __future__ import annotations
 
 import math
+
+from scipy.stats import binomtest
 
 from scripts.vqvae import fidelity_ratios
 
@@ -42,6 +45,7 @@ WORSE = 0.01
 BAND = 0.75  # share of intensity_min..max the training intensities fill below which they are a narrow band
 UNFLAGGED = 0.5  # share of validation images without a flagged token above which the Transformer adds little
 RECALL = 0.1  # share of the labelled anomalous training tokens the first masks must hold for ILTM to unlearn much
+SIGN_TEST = 0.05  # two-sided sign test over the images' own AUPRO changes: at or above, a split chance alone gives
 
 
 def first_stage(step: dict, codebook_size: int) -> dict:
@@ -302,7 +306,7 @@ def render(checks: dict) -> str:
     lines += (
         ["", *(f"- **Warning.** {w}" for w in found)]
         if found
-        else ["", "No warning: nothing here says ILTM cannot help."]
+        else ["", f"No warning: nothing here says ILTM cannot help{_unproven(outcome)}."]
     )
     return "\n".join(lines)
 
@@ -321,8 +325,27 @@ def _per_image(outcome: dict) -> str:
     """Images whose own AUPRO rose and fell: on few validation images a set-level change can be one image's."""
     if outcome.get("images_better") is None:  # recorded before 0.7.3
         return ""
-    better, worse = outcome["images_better"], outcome["images_worse"]
-    return f" (image by image, the final iteration higher on {better}, lower on {worse})"
+    split = (
+        f"image by image, the final iteration higher on {outcome['images_better']}, lower on {outcome['images_worse']}"
+    )
+    p = _sign_test(outcome)
+    return f" ({split})" if p is None else f" ({split}: {_within(p)} chance, sign test p = {p:.2g})"
+
+
+def _sign_test(outcome: dict) -> float | None:
+    """Were ILTM to change nothing, each image would be as likely to rise as to fall: how often chance splits so."""
+    better, worse = outcome.get("images_better"), outcome.get("images_worse")
+    return binomtest(better, better + worse).pvalue if better is not None and better + worse else None
+
+
+def _within(p: float) -> str:
+    return "within" if p >= SIGN_TEST else "beyond"
+
+
+def _unproven(outcome: dict) -> str:
+    """Without a warning, a labelled outcome within chance must not read as a gain either."""
+    p = _sign_test(outcome)
+    return "" if p is None or p < SIGN_TEST else ", nor that it helped: the labelled images' split is within chance"
 
 
 def _image_aurocs(outcome: dict) -> bool:

@@ -201,7 +201,8 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     summary = (whole / "iltm" / "summary.md").read_text()
     assert "## Can ILTM help here?" in summary and "flag_precision" in summary
     assert f"; image AUROC {outcome['image_auroc_iteration_0']:.3f} at iteration 0" in summary
-    assert f"the final iteration higher on {outcome['images_better']}, lower on {outcome['images_worse']})" in summary
+    assert f"the final iteration higher on {outcome['images_better']}, lower on {outcome['images_worse']}" in summary
+    assert ("sign test p = " in summary) == (outcome["images_better"] + outcome["images_worse"] > 0)
     with open(whole / "iltm" / "summary.csv", newline="") as f:  # each Transformer's kept, best validated epoch
         table = list(csv.DictReader(f))
     kept = [row["epoch"] for row in table]

@@ -28,7 +28,13 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
     text = iltm_checks.render(HEALTHY)
     assert text.startswith("## Can ILTM help here?") and "No warning" in text
     assert "0.0400 inside labelled anomalies" in text and "+0.150" in text and "by 0.25 nats more" in text
-    assert "0.600 at the final iteration (image by image, the final iteration higher on 10, lower on 5); image" in text
+    split = "(image by image, the final iteration higher on 10, lower on 5: within chance, sign test p = 0.3); image"
+    assert f"0.600 at the final iteration {split}" in text  # binomial: P(<= 5 or >= 10 of 15) = 0.30
+    assert "No warning: nothing here says ILTM cannot help, nor that it helped: the labelled images' split is" in text
+    one_sided = iltm_checks.render(_with("outcome", images_better=14, images_worse=1))
+    assert "higher on 14, lower on 1: beyond chance, sign test p = 0.00098)" in one_sided  # 2 x 16 / 2^15
+    assert "No warning: nothing here says ILTM cannot help.\n" in one_sided + "\n"
+    assert "higher on 0, lower on 0); image" in iltm_checks.render(_with("outcome", images_better=0, images_worse=0))
     before_0_7_3 = {**HEALTHY, "outcome": {k: v for k, v in HEALTHY["outcome"].items() if not k.startswith("images_")}}
     assert "0.600 at the final iteration; image AUROC" in iltm_checks.render(before_0_7_3)  # no per-image counts
     no_normal = _with("outcome", image_auroc_iteration_0=None, image_auroc_final=None, normal_images=0)
@@ -49,7 +55,8 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
         (_with("masks", unlearning=0.02), "do not look like anomalies"),
         (_with("masks", kept_drop=0.3), "hurts the modelling of normal tokens"),
         (_with("outcome", aupro_final=0.50), "AUPRO 0.500 at the final iteration vs 0.550 at iteration 0 (image by "
-                                             "image, the final iteration higher on 10, lower on 5)"),
+                                             "image, the final iteration higher on 10, lower on 5: within chance, "
+                                             "sign test p = 0.3)"),
         (_with("outcome", image_auroc_final=0.60), "image AUROC 0.600 at the final iteration vs 0.700 at iteration 0 "
                                                    "(4 normal and 16 anomalous images)"),
         ({**HEALTHY, "map_source": {"overlap": 0.95, "marked_voxels": 100}}, "marked without any resampling"),
