@@ -159,13 +159,25 @@ class CheckImaged(MapTransform):
                     f"{self.spatial_dims} (spatial_dims)"
                 )
             if key != self.label_key:
+                mode = getattr(img, "meta", {}).get("mode")
+                if mode in ("P", "PA"):  # PIL's reader gives the colour table's indices as one grey channel
+                    raise DataError(
+                        f"{name}: a palette image (PIL mode {mode}), whose values index a colour table and are no "
+                        "intensities: convert it to grey or RGB first (PIL: Image.open(path).convert('L') or 'RGB')"
+                    )
                 if img.shape[0] == 1 and self.channels > 1:
                     d[key] = img = img.repeat(self.channels, *([1] * self.spatial_dims))
                 if img.shape[0] != self.channels:
+                    alpha = mode in ("LA", "RGBA")
                     raise DataError(
-                        f"{name}: has {img.shape[0]} channels, the bundle is configured for "
-                        f"{self.channels} (in_channels): convert the images, or train with --in_channels "
-                        f"{img.shape[0]} (a trained detector keeps its channels)"
+                        f"{name}: has {img.shape[0]} channels, the bundle is configured for {self.channels} "
+                        + (
+                            f"(in_channels): its last one is PIL's alpha (mode {mode}); drop it (PIL: "
+                            f"Image.open(path).convert('{mode[:-1]}'))"
+                            if alpha
+                            else f"(in_channels): convert the images, or train with --in_channels {img.shape[0]} (a "
+                            "trained detector keeps its channels)"
+                        )
                     )
             if not torch.isfinite(torch.as_tensor(img)).all():
                 raise DataError(f"{name}: contains NaN or Inf values")
@@ -231,8 +243,13 @@ class BinarizeLabeld(MapTransform):
                 logger.warning(
                     f"{name}: a label of {levels.numel()} grey levels ({float(levels[0]):g}-{float(levels[-1]):g}); "
                     f"every voxel above label_threshold {self.threshold:g} is anomalous, "
-                    f"{float(anomalous.float().mean()):.1%} of this one. For JPEG or anti-aliased masks pass e.g. "
-                    "--label_threshold 127 (on 0-255). Said once per run."
+                    f"{float(anomalous.float().mean()):.1%} of this one."
+                    + (
+                        " For JPEG or anti-aliased masks pass e.g. --label_threshold 127 (on 0-255)."
+                        if not self.threshold
+                        else ""
+                    )
+                    + " Said once per run."
                 )
             if not self.warned_full and anomalous.all():
                 self.warned_full = True

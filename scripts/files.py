@@ -31,6 +31,7 @@ def check_target(path: str | None, setting: str) -> None:
     folder, or under a file or an unwritable folder, would otherwise stop the run after all of its training."""
     if not path:
         return
+    setting = setting.replace("::", "#")  # MONAI's parser rewrites "#" in a config expression, strings included
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)

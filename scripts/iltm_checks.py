@@ -45,6 +45,8 @@ WORSE = 0.01
 BAND = 0.75  # share of intensity_min..max the training intensities fill below which they are a narrow band
 UNFLAGGED = 0.5  # share of validation images without a flagged token above which the Transformer adds little
 RECALL = 0.1  # share of the labelled anomalous training tokens the first masks must hold for ILTM to unlearn much
+# where a run shows no validation label: a partly labelled section's labels are dropped (scripts.data.load_datalist)
+EVERY_ENTRY = "; a datalist section's labels are used only when every entry has one"
 SIGN_TEST = 0.05  # two-sided sign test over the images' own AUPRO changes: at or above, a split chance alone gives
 
 
@@ -232,7 +234,9 @@ def render(checks: dict) -> str:
             f"{stage['val_l1_normal']:.4f} outside ({stage['l1_ratio']:.1f}x)" + _matched(stage) + _codes(stage)
         )
     elif stage.get("val_l1") is not None:
-        lines.append(f"- First stage: validation L1 {stage['val_l1']:.4f} (no labelled anomalies)" + _codes(stage))
+        lines.append(
+            f"- First stage: validation L1 {stage['val_l1']:.4f} (no labelled anomalies{EVERY_ENTRY})" + _codes(stage)
+        )
     else:
         lines.append("- First stage: not measured (the VQ-VAE step recorded no validation metrics)")
     source = checks.get("map_source", {})
@@ -298,9 +302,9 @@ def render(checks: dict) -> str:
         )
     elif masks and not _nothing_masked(masks):  # ILTM masked: unmeasured, lest "no warning" read as a gain
         lines.append(
-            "- Outcome: not measured (no validation image has both labelled anomalous and normal voxels), so "
-            "nothing here says whether ILTM improved on iteration 0; to compare, evaluate iltm/iter_00/model.pt "
-            "and the final model.pt on labelled images"
+            "- Outcome: not measured (no validation image has both labelled anomalous and normal voxels"
+            f"{EVERY_ENTRY}), so nothing here says whether ILTM improved on iteration 0; to compare, evaluate "
+            "iltm/iter_00/model.pt and the final model.pt on labelled images"
         )
     found = warnings(checks)
     lines += (

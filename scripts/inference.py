@@ -54,15 +54,20 @@ def input_files(
     else:
         if not os.path.isdir(folder):
             raise DataError(f"{folder}: input folder not found")
+        if labels == "require":
+            raise DataError(f"{folder}: evaluation needs a label for every image, and --folder gives images alone: "
+                            "evaluate a datalist section whose entries have `label` (--datalist, --data_section), or "
+                            "map the folder with configs/inference.yaml alone")  # fmt: skip
         names = _images(folder, pattern)
-        if not names:
-            matching = f" matching folder_pattern {pattern!r}" if pattern != "*" else ""
-            raise DataError(f"{folder}: no image files{matching} ({', '.join(IMAGE_EXTENSIONS)})")
-        files = [{"image": os.path.join(folder, n)} for n in names]
         subs = [os.path.join(folder, sub) for sub in sorted(os.listdir(folder)) if not sub.startswith((".", "__"))]
         deeper = [os.path.basename(sub) for sub in subs if os.path.isdir(sub) and _images(sub, pattern)]
+        shown = ", ".join(deeper[:5]) + (", ..." if len(deeper) > 5 else "")
+        if not names:
+            matching = f" matching folder_pattern {pattern!r}" if pattern != "*" else ""
+            inside = f"; its subfolders {shown} have some: pass one as --folder, or a datalist" if deeper else ""
+            raise DataError(f"{folder}: no image files{matching} ({', '.join(IMAGE_EXTENSIONS)}){inside}")
+        files = [{"image": os.path.join(folder, n)} for n in names]
         if deeper:
-            shown = ", ".join(deeper[:5]) + (", ..." if len(deeper) > 5 else "")
             logger.warning(f"{folder}: the images in its subfolders ({shown}) are not processed, only the folder's own; "
                            "pass a subfolder as --folder, or a datalist")  # fmt: skip
     check_inputs(files, root or folder or dataset_dir, "--folder_pattern (e.g. '*.jpg'), " if folder else "")

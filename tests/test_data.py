@@ -123,6 +123,22 @@ def test_wrong_channel_count(tmp_path):
     assert "training0.png" in message and "3 channels" in message
 
 
+def test_palette_and_alpha_images_are_named_with_their_conversion(tmp_path):
+    """PIL's reader gives a palette image's colour-table indices as intensities, and alpha as a channel."""
+    sections = _dataset(tmp_path, rgb=True)
+    rgb = Image.open(tmp_path / "img" / "training1.png")
+    rgb.convert("P").save(tmp_path / "img" / "training1.png")
+    message = _error(_parser(tmp_path, sections, in_channels=3))
+    assert message.startswith(f"{tmp_path / 'img' / 'training1.png'}: a palette image (PIL mode P)")
+    assert "convert('L') or 'RGB')" in message
+    rgb.convert("RGBA").save(tmp_path / "img" / "training1.png")
+    message = _error(_parser(tmp_path, sections, in_channels=3))
+    assert "training1.png: has 4 channels" in message and "drop it (PIL: Image.open(path).convert('RGB'))" in message
+    rgb.convert("P").save(tmp_path / "lbl" / "training1.png")  # a label's palette indices are its classes: fine
+    rgb.save(tmp_path / "img" / "training1.png")
+    _parser(tmp_path, sections, in_channels=3).get_parsed_content("train#dataset#data")
+
+
 def test_wrong_dimensionality(tmp_path):
     sections = _dataset(tmp_path)
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(tmp_path / "img" / "vol.nii.gz"))
@@ -241,6 +257,11 @@ def test_a_label_of_many_grey_levels_is_warned_about_once(caplog) -> None:
     assert (
         "mask_07.jpg: a label of 16 grey levels (0-15)" in record.message and "--label_threshold 127" in record.message
     )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scripts.data"):  # the remedy taken: the levels said, not the advice
+        BinarizeLabeld("label", threshold=7.0)({"label": noisy})
+    (record,) = caplog.records
+    assert "above label_threshold 7 is anomalous, 50.0% of this one. Said" in record.message
 
 
 def test_a_label_anomalous_everywhere_is_warned_about_once(caplog) -> None:

@@ -81,6 +81,7 @@ def test_missing_evidence_is_not_a_warning() -> None:
     masked = {**checks, "masks": HEALTHY["masks"]}  # ILTM retrained, but no labelled validation image says how well
     assert iltm_checks.warnings(masked) == []
     assert "- Outcome: not measured" in iltm_checks.render(masked)
+    assert iltm_checks.render(masked).count("labels are used only when every entry has one") == 2  # why none shows
     assert "Outcome: not measured" not in iltm_checks.render(HEALTHY)
     nothing_masked = {**checks, "masks": {"masked_tokens": [0, 0]}}  # its own warning: ILTM changed nothing
     assert "Outcome" not in iltm_checks.render(nothing_masked)

@@ -135,6 +135,8 @@ def test_evaluation_writes_metrics_maps_and_overlays(dataset: str, checkpoint: s
     for key in ("pixel_auroc", "aupro", "best_dice", "best_dice_threshold", "image_auroc", "n_images"):
         assert key in result
     assert result["n_images"] == 4 and result["checkpoint"] == checkpoint and result["resample"] is True
+    data = {"datalist": os.path.join(dataset, "datalist.json"), "dataset_dir": dataset, "label_threshold": 0.0}
+    assert result["data"] == data  # which labels were scored and how they were read
     assert set(result["per_category"]) == {"brick", "grass"}
     with open(os.path.join(out, "image_score_raw.csv")) as f:  # MONAI's MetricsSaver, one file per value
         rows = list(csv.DictReader(f))
@@ -229,6 +231,29 @@ def test_folder_inference_needs_no_datalist(dataset: str, checkpoint: str, tmp_p
         + ["inference.json"]
     )
     assert not os.path.exists(unused)  # the synthetic set was not generated
+
+
+def test_evaluating_a_folder_stops_before_any_map(dataset: str, checkpoint: str, tmp_path) -> None:
+    """A folder gives images without labels, which evaluation's metrics need: said before anything is written."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    (folder / "sub").mkdir(parents=True)
+    Image.open(os.path.join(dataset, "images", "test_0000.png")).save(folder / "sub" / "part0.png")
+    with pytest.raises(Exception) as raised:
+        bundle_run("evaluating", config_file=[INFERENCE, EVALUATE], folder=str(folder), checkpoint=checkpoint,
+                   output_dir=str(out), **TINY)  # fmt: skip
+    assert "--folder gives images alone: evaluate a datalist section whose entries have `label`" in _cause(raised)
+    assert not out.exists()
+    with pytest.raises(Exception) as raised:  # inference: nothing in the folder itself, but in its subfolder
+        bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=checkpoint, output_dir=str(out), **TINY)
+    assert "no image files" in _cause(raised) and "its subfolders sub have some: pass one as --folder" in _cause(raised)
+
+
+def _cause(raised: pytest.ExceptionInfo) -> str:
+    """The last message of an exception's chain of causes: the bundle's own, under MONAI's wrappers."""
+    error = raised.value
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error)
 
 
 def test_a_wrong_checkpoint_stops_before_any_input_or_earlier_map_is_touched(
