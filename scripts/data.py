@@ -28,10 +28,12 @@ class DataError(ValueError):
 
     quiet = False  # set while check_data collects the problems it then logs at once
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, advice: str = "") -> None:
+        """`advice`: what to do, said once where many files share the problem (:func:`check_data`)."""
+        super().__init__(f"{message} {advice}" if advice else message)
+        self.problem, self.advice = message, advice
         if not DataError.quiet:
-            logger.error(message)
+            logger.error(str(self))
 
 
 def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "auto") -> list[dict]:
@@ -62,8 +64,8 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
             raise DataError(f"{datalist}: entry {i} of {section!r} has no 'image'")
         if labels == "require" and "label" not in entry:
             raise DataError(
-                f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'. Evaluation needs one per "
-                "image (an all-zero mask for a normal one); inference (configs/inference.yaml alone) needs none."
+                f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'. Evaluation and diagnosis need "
+                "one per image (an all-zero mask for a normal one); inference (configs/inference.yaml alone) needs none."
             )
     labelled = sum("label" in e for e in entries)
     if labels == "auto" and 0 < labelled < len(entries):
@@ -135,10 +137,10 @@ class CheckImaged(MapTransform):
         if clipped > self.max_clipped:
             raise DataError(
                 f"{name}: {clipped:.0%} of its intensities lie outside [{low:g}, {high:g}] (intensity_min, "
-                f"intensity_max), where the bundle clips them; the image spans {lo:g} to {hi:g}. Another bit depth or "
-                "scale? Set intensity_min and intensity_max to the range of your data when training (a trained detector "
-                "keeps the range it was trained with: convert the images to it), or raise max_clipped_fraction "
-                f"({self.max_clipped:g}) where clipping is intended."
+                f"intensity_max), where the bundle clips them; the image spans {lo:g} to {hi:g}.",
+                "Another bit depth or scale? Set intensity_min and intensity_max to the range of your data when "
+                "training (a trained detector keeps the range it was trained with: convert the images to it), or raise "
+                f"max_clipped_fraction ({self.max_clipped:g}) where clipping is intended.",
             )
         if hi > lo and (hi - lo) < self.NARROW * span and CheckImaged.warned < 5:
             CheckImaged.warned += 1
@@ -299,9 +301,12 @@ def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checki
         DataError.quiet = False
     if not problems:
         return list(entries)
-    lines = [why for why, _ in problems]
-    message = lines[0] if len(lines) == 1 else f"{len(lines)} of {len(entries)} entries cannot be used:{listing(lines)}"
-    raise DataError(message) from problems[0][1]  # an innermost cause: no loop in the chain
+    if len(problems) == 1:
+        raise DataError(problems[0][0]) from problems[0][1]  # an innermost cause: no loop in the chain
+    advice = [cause.advice for _, cause in problems if isinstance(cause, DataError) and cause.advice]
+    lines = [cause.problem if isinstance(cause, DataError) and cause.advice else why for why, cause in problems]
+    said = "".join(f"\n{a}" for a in dict.fromkeys(advice))  # each piece of advice once, after the files
+    raise DataError(f"{len(lines)} of {len(entries)} entries cannot be used:{listing(lines)}{said}") from problems[0][1]
 
 
 def listing(problems: Sequence[str], most: int = 20) -> str:

@@ -131,6 +131,13 @@ def test_inputs_on_another_intensity_scale(tmp_path, data, caplog, monkeypatch) 
         loading({"image": str(sixteen)})
     assert "of its intensities lie outside [0, 255]" in str(cause(err.value)) and "sixteen.png" in str(cause(err.value))
     assert "raise max_clipped_fraction (0.05) where clipping is intended" in str(cause(err.value))
+    from scripts.data import DataError, check_data
+
+    Image.fromarray(image * 200).save(tmp_path / "another.png")
+    with pytest.raises(DataError) as err:  # several such files: each named, the advice given once, after them
+        check_data([{"image": str(sixteen)}, {"image": str(tmp_path / "another.png")}], loading)
+    listed, *rest = str(err.value).split("\nAnother bit depth or scale?")
+    assert listed.startswith("2 of 2 entries cannot be used:") and "another.png: " in listed and len(rest) == 1
     windowed = ConfigParser()  # clipping on purpose (a CT window): the user allows it
     windowed.read_config(INFERENCE)
     windowed["max_clipped_fraction"] = 1.0
