@@ -17,6 +17,7 @@ from scripts import cause_chain
 
 logger = logging.getLogger(__name__)
 PATH_KEYS = ("image", "label")
+MASK_KEYS = ("mask", "masks", "seg", "segmentation", "gt", "ground_truth", "annotation")  # what users call a label
 
 
 class DataError(ValueError):
@@ -64,10 +65,13 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
             raise DataError(f"{datalist}: entry {i} of {section!r} has no 'image'")
         if labels == "require" and "label" not in entry:
             raise DataError(
-                f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'. Evaluation and diagnosis need "
-                "one per image (an all-zero mask for a normal one); inference (configs/inference.yaml alone) needs none."
+                f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'{_renamed([entry])}. Evaluation "
+                "and diagnosis need one per image (an all-zero mask for a normal one); inference (configs/inference.yaml "
+                "alone) needs none."
             )
     labelled = sum("label" in e for e in entries)
+    if labels != "drop" and labelled < len(entries) and _renamed(entries):
+        logger.warning(f"{datalist}: section {section!r} has entries without 'label'{_renamed(entries)}")
     if labels == "auto" and 0 < labelled < len(entries):
         logger.warning(
             f"{datalist}: {labelled} of {len(entries)} entries of section {section!r} have a label; a section's labels "
@@ -95,6 +99,14 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
         )
         raise DataError(f"{len(missing)} files of section {section!r} of {datalist} not found:{listing(missing)}{hint}")
     return entries
+
+
+def _renamed(entries: Sequence[dict]) -> str:
+    """Where entries carry their masks under another key, which the bundle would silently leave unread."""
+    keys = sorted({k for e in entries if "label" not in e for k in e if k.lower() in MASK_KEYS})
+    return (
+        f" but {', '.join(map(repr, keys))}: the bundle reads masks from 'label' alone; rename that key" if keys else ""
+    )
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -235,6 +235,14 @@ def test_labels_on_some_entries_of_a_section_are_named_as_unused(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="scripts.data"):
         assert all("label" in e for e in load_datalist(str(tmp_path / "partial.json"), str(tmp_path), "training"))
     assert caplog.text == ""
+    for entry in sections["test"]:  # masks under another key than 'label' would go unread without a word
+        entry["mask"] = entry.pop("label")
+    (tmp_path / "renamed.json").write_text(json.dumps(sections))
+    with caplog.at_level(logging.WARNING, logger="scripts.data"):
+        load_datalist(str(tmp_path / "renamed.json"), str(tmp_path), "test")
+    assert "section 'test' has entries without 'label' but 'mask': the bundle reads masks from 'label'" in caplog.text
+    with pytest.raises(DataError, match="has no 'label' but 'mask': the bundle reads masks from 'label' alone; rename"):
+        load_datalist(str(tmp_path / "renamed.json"), str(tmp_path), "test", labels="require")
 
 
 def test_a_label_of_many_grey_levels_is_warned_about_once(caplog) -> None:
