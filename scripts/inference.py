@@ -70,7 +70,7 @@ def input_files(
         if deeper:
             logger.warning(f"{folder}: the images in its subfolders ({shown}) are not processed, only the folder's own; "
                            "pass a subfolder as --folder, or a datalist")  # fmt: skip
-    check_inputs(files, root or folder or dataset_dir, "--folder_pattern (e.g. '*.jpg'), " if folder else "")
+    check_inputs(files, root or folder or dataset_dir, "--folder_pattern (e.g. '*.jpg')" if folder else "")
     return files
 
 
@@ -115,22 +115,29 @@ def check_inputs(files: Sequence[dict], root: str | None, select: str = "") -> N
     `select`: how the user can narrow the inputs instead (folder inference's pattern), named in the message."""
     problems = [f"{entry[key]}: {why}" for entry in files for key in ("image", "label")
                 if key in entry and (why := unreadable(str(entry[key])))]  # fmt: skip
+    advice = ["remove or replace the files that cannot be read"] if problems else []
     names: dict[str, str] = {}
+    outside, clashes = False, False
     for entry in files:
         name = output_name(str(entry["image"]), root)
         if name == os.pardir or name.startswith(os.pardir + os.sep):
-            common = os.path.commonpath([os.path.dirname(os.path.abspath(str(e["image"]))) for e in files])
             problems.append(f"{entry['image']}: not below {root}, so MONAI's writers would put its maps outside the "
-                            f"output folder; set --input_root to a folder that holds every input (--input_root "
-                            f"{common})")  # fmt: skip
+                            "output folder")  # fmt: skip
+            outside = True
         elif name in names:
             problems.append(f"{entry['image']}: its maps would overwrite those of {names[name]} (both <{name}>_*)")
+            clashes = True
         names.setdefault(name, str(entry["image"]))
+    if outside:
+        common = os.path.commonpath([os.path.dirname(os.path.abspath(str(e["image"]))) for e in files])
+        advice.append(f"set --input_root to a folder that holds every input (--input_root {common})")
+    if clashes:
+        advice.append("rename one of each pair with the same name")
     if problems:
+        advice += [f"or narrow the inputs with {select}"] if select else []
         raise DataError(
             f"{len(problems)} of {len(files)} inputs cannot be processed; nothing was written:{listing(problems)}"
-            + "\nRemove or replace these files (rename one of each pair with the same name), or set "
-            f"{select}--input_root, and run again."
+            f"\nTo go on: {'; '.join(advice)}; then run again."
         )
 
 

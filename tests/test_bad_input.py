@@ -202,8 +202,10 @@ def test_check_inputs_accepts_good_files(data) -> None:
     check_inputs(entries, data)
     with pytest.raises(DataError, match="would overwrite"):
         check_inputs(entries + entries[:1], data)
-    with pytest.raises(DataError, match="not below .*--input_root"):  # MONAI's writers would climb out with `..`
+    with pytest.raises(DataError, match="(?s)not below .*--input_root") as err:  # MONAI's writers would climb out
         check_inputs(entries, os.path.join(data, "elsewhere"))
+    assert str(err.value).count("set --input_root") == 1  # every input named, the way on said once
+    assert "not below" in str(err.value).splitlines()[len(entries)] and "rename" not in str(err.value)
 
 
 def test_resume_checkpoints_of_a_killed_process_do_not_pile_up(tmp_path) -> None:

@@ -479,7 +479,10 @@ def test_a_folder_pattern_maps_the_images_and_not_the_masks_beside_them(tmp_path
     for i in range(2):
         Image.fromarray(np.full((8, 8), 100, np.uint8)).save(tmp_path / f"tile{i}.jpg")
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"tile{i}.png")
-    with pytest.raises(DataError, match=r"(?s)tile0.png: its maps would overwrite those of .*set --folder_pattern"):
+    with pytest.raises(
+        DataError,
+        match=r"(?s)tile0.png: its maps would overwrite those of .*or narrow the inputs with --folder_pattern",
+    ):
         input_files(str(tmp_path), None, str(tmp_path))
     chosen = input_files(str(tmp_path), None, str(tmp_path), pattern="*.jpg")
     assert [os.path.basename(e["image"]) for e in chosen] == ["tile0.jpg", "tile1.jpg"]
