@@ -198,8 +198,8 @@ def _plot_panel(files, transform, truth, masks, path: str, n: int) -> None:
         index = None
         if image.ndim == 3 and "label" in item and item["label"].any():
             index = int(item["label"][0].sum(dim=(0, 2)).argmax())
-        label = item["label"][0] if "label" in item else torch.zeros(spatial)
-        panels = [("image", None), ("ground truth", label)]
+        label = item["label"][0] if "label" in item else None  # unlabelled: an empty panel would read as "normal"
+        panels = [("image", None), ("ground truth" if label is not None else "no label", label)]
         for k, mask in enumerate(masks, start=1):
             up = F.interpolate(mask[i][None, None].float(), size=spatial, mode="nearest")[0, 0]
             panels.append((f"masks it. {k}", up))
