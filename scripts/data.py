@@ -65,9 +65,9 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
             raise DataError(f"{datalist}: entry {i} of {section!r} has no 'image'")
         if labels == "require" and "label" not in entry:
             raise DataError(
-                f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'{_renamed([entry])}. Evaluation "
-                "and diagnosis need one per image (an all-zero mask for a normal one); inference (configs/inference.yaml "
-                "alone) needs none."
+                f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'{_renamed([entry])}. "
+                "Evaluation and diagnosis need one per image (an all-zero mask for a normal one); inference "
+                "(configs/inference.yaml alone) needs none."
             )
     labelled = sum("label" in e for e in entries)
     if labels != "drop" and labelled < len(entries) and _renamed(entries):
@@ -187,7 +187,7 @@ class CheckImaged(MapTransform):
                         f"{name}: has {img.shape[0]} channels, the bundle is configured for {self.channels} "
                         + (
                             f"(in_channels): its last one is PIL's alpha (mode {mode}); drop it (PIL: "
-                            f"Image.open(path).convert('{mode[:-1]}'))"
+                            f"Image.open(path).convert('{'L' if self.channels == 1 else 'RGB'}'))"
                             if alpha
                             else f"(in_channels): convert the images, or train with --in_channels {img.shape[0]} (a "
                             "trained detector keeps its channels)"

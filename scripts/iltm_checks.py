@@ -235,7 +235,8 @@ def render(checks: dict) -> str:
         )
     elif stage.get("val_l1") is not None:
         lines.append(
-            f"- First stage: validation L1 {stage['val_l1']:.4f} (no labelled anomalies{EVERY_ENTRY})" + _codes(stage)
+            f"- First stage: validation L1 {stage['val_l1']:.4f} (no labelled anomalies{_unlabelled(stage)})"
+            + _codes(stage)
         )
     else:
         lines.append("- First stage: not measured (the VQ-VAE step recorded no validation metrics)")
@@ -303,7 +304,7 @@ def render(checks: dict) -> str:
     elif masks and not _nothing_masked(masks):  # ILTM masked: unmeasured, lest "no warning" read as a gain
         lines.append(
             "- Outcome: not measured (no validation image has both labelled anomalous and normal voxels"
-            f"{EVERY_ENTRY}), so nothing here says whether ILTM improved on iteration 0; to compare, evaluate "
+            f"{_unlabelled(stage)}), so nothing here says whether ILTM improved on iteration 0; to compare, evaluate "
             "iltm/iter_00/model.pt and the final model.pt on labelled images"
         )
     found = warnings(checks)
@@ -333,7 +334,7 @@ def _per_image(outcome: dict) -> str:
         f"image by image, the final iteration higher on {outcome['images_better']}, lower on {outcome['images_worse']}"
     )
     p = _sign_test(outcome)
-    return f" ({split})" if p is None else f" ({split}: {_within(p)} chance, sign test p = {p:.2g})"
+    return f" ({split})" if p is None else f" ({split}: {_within(p)} chance, sign test p = {p:.3g})"
 
 
 def _sign_test(outcome: dict) -> float | None:
@@ -347,9 +348,19 @@ def _within(p: float) -> str:
 
 
 def _unproven(outcome: dict) -> str:
-    """Without a warning, a labelled outcome within chance must not read as a gain either."""
+    """Without a warning, a labelled outcome within chance must not read as a gain, nor one that most images lost."""
     p = _sign_test(outcome)
-    return "" if p is None or p < SIGN_TEST else ", nor that it helped: the labelled images' split is within chance"
+    if p is None:
+        return ""
+    if p >= SIGN_TEST:
+        return ", nor that it helped: the labelled images' split is within chance"
+    worse = outcome["images_worse"] > outcome["images_better"]
+    return ", though more labelled images fell than rose, beyond chance" if worse else ""
+
+
+def _unlabelled(stage: dict) -> str:
+    """Why no validation label shows, where none reached the run: the VQ-VAE measured no labelled voxel at all."""
+    return EVERY_ENTRY if stage.get("val_l1_normal") is None else ""
 
 
 def _image_aurocs(outcome: dict) -> bool:

@@ -134,6 +134,8 @@ def test_palette_and_alpha_images_are_named_with_their_conversion(tmp_path):
     rgb.convert("RGBA").save(tmp_path / "img" / "training1.png")
     message = _error(_parser(tmp_path, sections, in_channels=3))
     assert "training1.png: has 4 channels" in message and "drop it (PIL: Image.open(path).convert('RGB'))" in message
+    message = _error(_parser(tmp_path, sections, in_channels=1))  # a grey model: converted to RGB, it would not fit
+    assert "training1.png: has 4 channels" in message and "drop it (PIL: Image.open(path).convert('L'))" in message
     rgb.convert("P").save(tmp_path / "lbl" / "training1.png")  # a label's palette indices are its classes: fine
     rgb.save(tmp_path / "img" / "training1.png")
     _parser(tmp_path, sections, in_channels=3).get_parsed_content("train#dataset#data")

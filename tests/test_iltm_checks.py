@@ -28,12 +28,14 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
     text = iltm_checks.render(HEALTHY)
     assert text.startswith("## Can ILTM help here?") and "No warning" in text
     assert "0.0400 inside labelled anomalies" in text and "+0.150" in text and "by 0.25 nats more" in text
-    split = "(image by image, the final iteration higher on 10, lower on 5: within chance, sign test p = 0.3); image"
+    split = "(image by image, the final iteration higher on 10, lower on 5: within chance, sign test p = 0.302); image"
     assert f"0.600 at the final iteration {split}" in text  # binomial: P(<= 5 or >= 10 of 15) = 0.30
     assert "No warning: nothing here says ILTM cannot help, nor that it helped: the labelled images' split is" in text
     one_sided = iltm_checks.render(_with("outcome", images_better=14, images_worse=1))
-    assert "higher on 14, lower on 1: beyond chance, sign test p = 0.00098)" in one_sided  # 2 x 16 / 2^15
+    assert "higher on 14, lower on 1: beyond chance, sign test p = 0.000977)" in one_sided  # 2 x 16 / 2^15
     assert "No warning: nothing here says ILTM cannot help.\n" in one_sided + "\n"
+    most_fell = iltm_checks.render(_with("outcome", images_better=1, images_worse=14))  # set-level within WORSE
+    assert "cannot help, though more labelled images fell than rose, beyond chance." in most_fell
     assert "higher on 0, lower on 0); image" in iltm_checks.render(_with("outcome", images_better=0, images_worse=0))
     before_0_7_3 = {**HEALTHY, "outcome": {k: v for k, v in HEALTHY["outcome"].items() if not k.startswith("images_")}}
     assert "0.600 at the final iteration; image AUROC" in iltm_checks.render(before_0_7_3)  # no per-image counts
@@ -56,7 +58,7 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
         (_with("masks", kept_drop=0.3), "hurts the modelling of normal tokens"),
         (_with("outcome", aupro_final=0.50), "AUPRO 0.500 at the final iteration vs 0.550 at iteration 0 (image by "
                                              "image, the final iteration higher on 10, lower on 5: within chance, "
-                                             "sign test p = 0.3)"),
+                                             "sign test p = 0.302)"),
         (_with("outcome", image_auroc_final=0.60), "image AUROC 0.600 at the final iteration vs 0.700 at iteration 0 "
                                                    "(4 normal and 16 anomalous images)"),
         ({**HEALTHY, "map_source": {"overlap": 0.95, "marked_voxels": 100}}, "marked without any resampling"),
@@ -82,6 +84,9 @@ def test_missing_evidence_is_not_a_warning() -> None:
     assert iltm_checks.warnings(masked) == []
     assert "- Outcome: not measured" in iltm_checks.render(masked)
     assert iltm_checks.render(masked).count("labels are used only when every entry has one") == 2  # why none shows
+    all_normal = {**masked, "first_stage": {**checks["first_stage"], "val_l1_normal": 0.02}}  # labelled, none anomalous
+    assert "used only when every entry" not in iltm_checks.render(all_normal)
+    assert "- Outcome: not measured" in iltm_checks.render(all_normal)
     assert "Outcome: not measured" not in iltm_checks.render(HEALTHY)
     nothing_masked = {**checks, "masks": {"masked_tokens": [0, 0]}}  # its own warning: ILTM changed nothing
     assert "Outcome" not in iltm_checks.render(nothing_masked)
