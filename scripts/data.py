@@ -70,8 +70,9 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
                 "(configs/inference.yaml alone) needs none."
             )
     labelled = sum("label" in e for e in entries)
-    if labels != "drop" and labelled < len(entries) and _renamed(entries):
-        logger.warning(f"{datalist}: section {section!r} has entries without 'label'{_renamed(entries)}")
+    renamed = _renamed(entries) if labels != "drop" and labelled < len(entries) else ""
+    if renamed:
+        logger.warning(f"{datalist}: section {section!r} has entries without 'label'{renamed}")
     if labels == "auto" and 0 < labelled < len(entries):
         logger.warning(
             f"{datalist}: {labelled} of {len(entries)} entries of section {section!r} have a label; a section's labels "

@@ -45,8 +45,6 @@ WORSE = 0.01
 BAND = 0.75  # share of intensity_min..max the training intensities fill below which they are a narrow band
 UNFLAGGED = 0.5  # share of validation images without a flagged token above which the Transformer adds little
 RECALL = 0.1  # share of the labelled anomalous training tokens the first masks must hold for ILTM to unlearn much
-# where a run shows no validation label: a partly labelled section's labels are dropped (scripts.data.load_datalist)
-EVERY_ENTRY = "; a datalist section's labels are used only when every entry has one"
 SIGN_TEST = 0.05  # two-sided sign test over the images' own AUPRO changes: at or above, a split chance alone gives
 
 
@@ -334,17 +332,15 @@ def _per_image(outcome: dict) -> str:
         f"image by image, the final iteration higher on {outcome['images_better']}, lower on {outcome['images_worse']}"
     )
     p = _sign_test(outcome)
-    return f" ({split})" if p is None else f" ({split}: {_within(p)} chance, sign test p = {p:.3g})"
+    if p is None:
+        return f" ({split})"
+    return f" ({split}: {'within' if p >= SIGN_TEST else 'beyond'} chance, sign test p = {p:.3g})"
 
 
 def _sign_test(outcome: dict) -> float | None:
     """Were ILTM to change nothing, each image would be as likely to rise as to fall: how often chance splits so."""
     better, worse = outcome.get("images_better"), outcome.get("images_worse")
     return binomtest(better, better + worse).pvalue if better is not None and better + worse else None
-
-
-def _within(p: float) -> str:
-    return "within" if p >= SIGN_TEST else "beyond"
 
 
 def _unproven(outcome: dict) -> str:
@@ -359,8 +355,11 @@ def _unproven(outcome: dict) -> str:
 
 
 def _unlabelled(stage: dict) -> str:
-    """Why no validation label shows, where none reached the run: the VQ-VAE measured no labelled voxel at all."""
-    return EVERY_ENTRY if stage.get("val_l1_normal") is None else ""
+    """Why no validation label shows, where none reached the run (the VQ-VAE measured no labelled voxel at all): a
+    partly labelled section's labels are dropped (scripts.data.load_datalist)."""
+    if stage.get("val_l1_normal") is not None:
+        return ""
+    return "; a datalist section's labels are used only when every entry has one"
 
 
 def _image_aurocs(outcome: dict) -> bool:
