@@ -148,13 +148,15 @@ def mismatches(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[
     return lines
 
 
-def _detector_kind(networks: set[str]) -> tuple[str, str | None] | None:
+def detector_kind(record: Mapping[str, Any]) -> tuple[str, str | None] | None:
+    """The kind of detector a record's networks make, as (name, config layer) of :data:`DETECTORS`; None: no network."""
+    networks = {key.split("#")[0] for key in record}
     return next((DETECTORS[n] for n in sorted(networks) if n in DETECTORS), None)
 
 
 def _other_detector(path: str, recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
     """What to do when a checkpoint holds another kind of detector than the config builds (None: the same kind)."""
-    trained, built = (_detector_kind({key.split("#")[0] for key in record}) for record in (recorded, current))
+    trained, built = detector_kind(recorded), detector_kind(current)
     if trained is None or built is None or trained == built:
         return None
     if trained[1] is None:

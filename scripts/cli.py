@@ -45,6 +45,7 @@ RENAMED = {
     "transformer#stage#num_workers": ("num_workers", "0.4.0"),
     "transformer#stage#device": ("device", "0.4.0"),
     "transformer#stage#amp": ("amp", "0.4.0"),
+    "overlay_threshold": ("segmentation_threshold", "0.7.5"),
 }
 
 
@@ -80,6 +81,9 @@ def fire_main(component: Any, **kwargs: Any) -> None:
     traceback, as does everything else."""
     import fire
 
+    from scripts.data import DataError
+
+    quiet, DataError.quiet = DataError.quiet, True  # said once, below, not also logged where it is raised
     try:
         fire.Fire(component, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised unless the bundle raised it on purpose
@@ -88,6 +92,8 @@ def fire_main(component: Any, **kwargs: Any) -> None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        DataError.quiet = quiet
 
 
 def _on_purpose(error: BaseException | None) -> BaseException | None:

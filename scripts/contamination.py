@@ -97,8 +97,9 @@ def check_no_leakage(datalist: dict, name: str, key: str = "image") -> None:
 
 def check_protocol(out: str, protocol: dict[str, Any]) -> None:
     """The evaluation draw (seed, split sizes) of the datalists already in `out` (`protocol.json`, written with the
-    summary) must be this run's: another would put one preparation's test images in another's training sets beside
-    them. More ratios or categories, or other training-pool options, may be added later."""
+    summary, and by scripts.prepare_mvtec before its first datalist) must be this run's: another would put one
+    preparation's test images in another's training sets beside them. More ratios or categories, or other
+    training-pool options, may be added later."""
     path = os.path.join(out, "protocol.json")
     if not os.path.isfile(path):
         return
@@ -111,15 +112,21 @@ def check_protocol(out: str, protocol: dict[str, Any]) -> None:
 
 def write_summary(out: str, rows: Sequence[dict], title: str, protocol: dict[str, Any]) -> str:
     """Writes `summary.csv`, `summary.md` and the evaluation draw `protocol.json` (see :func:`check_protocol`) in
-    `out`, once the datalists are written; returns the Markdown table (for printing)."""
+    `out`, once the datalists are written; returns the Markdown table (for printing). The rows of datalists an
+    earlier preparation left in `out` (more ratios or categories) are kept, so that the summary lists every one."""
     write_json(os.path.join(out, "protocol.json"), protocol)
-    columns = list(rows[0])
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+    columns, path = list(rows[0]), os.path.join(out, "summary.csv")
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            earlier = [row for row in csv.DictReader(f) if row.get("datalist") not in {r["datalist"] for r in rows}]
+        present = [row for row in earlier if os.path.isfile(os.path.join(out, row.get("datalist") or ""))]
+        rows = sorted([*present, *rows], key=lambda row: (str(row.get("category")), str(row["datalist"])))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"| {' | '.join(columns)} |", f"|{'|'.join('---' for _ in columns)}|"]
-    lines += [f"| {' | '.join(str(row[c]) for c in columns)} |" for row in rows]
+    lines += [f"| {' | '.join(str(row.get(c, '')) for c in columns)} |" for row in rows]
     table = "\n".join(lines)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(f"# {title}\n\n{table}\n")

@@ -27,7 +27,7 @@ class DataError(ValueError):
     not have to read a traceback to learn which file is wrong.
     """
 
-    quiet = False  # set while check_data collects the problems it then logs at once
+    quiet = False  # set while check_data collects the problems it then logs at once, and by scripts.cli.fire_main
 
     def __init__(self, message: str, advice: str = "") -> None:
         """`advice`: what to do, said once where many files share the problem (:func:`check_data`)."""
@@ -183,17 +183,14 @@ class CheckImaged(MapTransform):
                 if img.shape[0] == 1 and self.channels > 1:
                     d[key] = img = img.repeat(self.channels, *([1] * self.spatial_dims))
                 if img.shape[0] != self.channels:
-                    alpha = mode in ("LA", "RGBA")
-                    raise DataError(
-                        f"{name}: has {img.shape[0]} channels, the bundle is configured for {self.channels} "
-                        + (
-                            f"(in_channels): its last one is PIL's alpha (mode {mode}); drop it (PIL: "
-                            f"Image.open(path).convert('{'L' if self.channels == 1 else 'RGB'}'))"
-                            if alpha
-                            else f"(in_channels): convert the images, or train with --in_channels {img.shape[0]} (a "
-                            "trained detector keeps its channels)"
+                    where = f"{name}: has {img.shape[0]} channels, the bundle is configured for {self.channels}"
+                    if mode in ("LA", "RGBA"):
+                        raise DataError(
+                            f"{where} (in_channels): its last one is PIL's alpha (mode {mode}); drop it "
+                            f"(PIL: Image.open(path).convert('{'L' if self.channels == 1 else 'RGB'}'))"
                         )
-                    )
+                    raise DataError(f"{where} (in_channels).", f"Convert the images, or train with --in_channels "
+                                    f"{img.shape[0]} (a trained detector keeps its channels).")  # fmt: skip
             if not torch.isfinite(torch.as_tensor(img)).all():
                 raise DataError(f"{name}: contains NaN or Inf values")
             if key != self.label_key and self.intensity_range is not None:
@@ -296,7 +293,7 @@ def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checki
     cause, named with the entry's files, and the first one's traceback is kept as the error's cause.
     """
     problems: list[tuple[str, BaseException]] = []
-    DataError.quiet = True
+    quiet, DataError.quiet = DataError.quiet, True
     try:
         for entry in tqdm(entries, desc=desc, leave=False):
             try:
@@ -311,7 +308,7 @@ def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checki
                 )
                 problems.append((why, cause))
     finally:
-        DataError.quiet = False
+        DataError.quiet = quiet
     if not problems:
         return list(entries)
     if len(problems) == 1:

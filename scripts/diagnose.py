@@ -37,6 +37,8 @@ from scripts.metrics import image_auroc, pixel_auroc, pixel_metrics
 from scripts.vqvae import error_tally, eval_except, fidelity, fidelity_ratios
 
 RULES = (("any", 0.0), ("fraction", 0.25), ("fraction", 0.5))
+SETTINGS = ("num_samples", "num_decodes", "resample_threshold", "density_threshold", "restrict_to_flags",
+            "flag_neighbourhood")  # fmt: skip
 
 
 def _maps(detector, items: list[dict], resample: bool, batch_size: int) -> dict[str, torch.Tensor]:
@@ -84,7 +86,17 @@ def diagnose(
     **overrides,
 ) -> dict:
     """Prints (and returns) the map source, flag and mask precision/recall, and first-stage fidelity of one detector
-    on one labelled datalist section; `overrides` are config ids, as on the bundle command line."""
+    on one labelled datalist section, with the inference settings they were measured with (`settings`: a preset's
+    N and M replace the checkpoint's).
+
+    Args:
+        config_file: the training configs (train.yaml and the preset), or configs/inference.yaml alone.
+        checkpoint: a detector, e.g. <output_dir>/iltm/iter_00/model.pt.
+        section: the labelled datalist section to measure on.
+        batch_size: images per forward pass.
+        json_path: also write the results there.
+        overrides: config ids, as on the bundle command line (--num_samples 10).
+    """
     parser = ConfigParser()
     parser.read_config(config_file)
     check_ids(parser, list(overrides), str(config_file))  # `--json out.json` would otherwise become a config id
@@ -97,7 +109,7 @@ def diagnose(
             f"{checkpoint}: diagnose measures an ILTM detector's flags, token masks and VQ-VAE; a baseline "
             f"({type(detector).__name__}) has none. Evaluate it instead (python -m monai.bundle run evaluating ...)."
         )
-    load_detector(detector, checkpoint)
+    load_detector(detector, checkpoint, parser.get_parsed_content("detector_settings"))  # a mismatch names the data
     files = load_datalist(
         parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), section, labels="require"
     )
@@ -105,6 +117,7 @@ def diagnose(
     items = [preprocessing(f) for f in tqdm(files, desc="loading", leave=False)]
     labels = torch.stack([item["label"] for item in items]) > 0
     results: dict = {"checkpoint": checkpoint, "section": section, "n_images": len(items)}
+    results["settings"] = {key: parser.get_parsed_content(key) for key in SETTINGS}
     for name, resample in (("full", True), ("no_resampling", False)):
         maps = _maps(detector, items, resample, batch_size)
         grid = tuple(maps["latent_flags"].shape[1:])

@@ -28,9 +28,10 @@ PER_IMAGE = ("anomalous", "image_score", "mean_score", "label_voxels", "segmente
 
 
 def summarise(
-    scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], density_threshold: float, fpr_limit: float = 0.3
+    scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], density_threshold: float | None, fpr_limit: float = 0.3
 ) -> dict[str, float | int | None]:
-    """Set-level metrics of maps [*S] and binary labels [*S]; a metric the set cannot define (one class) is None."""
+    """Set-level metrics of maps [*S] and binary labels [*S]; a metric the set cannot define (one class) is None, as
+    is the Dice at the density threshold of a map that has none (a baseline's: `density_threshold` None)."""
     out: dict[str, float | int | None] = {"n_images": len(scores)}
     out["n_anomalous_images"] = int(sum(bool(lab.any()) for lab in labels))
     try:
@@ -45,8 +46,10 @@ def summarise(
     except ValueError as e:
         logger.warning(f"{e}; reported as null")
         out["image_auroc"] = None
-    counts = np.sum([overlap(segment(s, density_threshold), lab) for s, lab in zip(scores, labels)], axis=0)
-    out["dice_at_density_threshold"] = dice(*map(int, counts)) if len(scores) else None
+    out["dice_at_density_threshold"] = None
+    if len(scores) and density_threshold is not None:
+        counts = np.sum([overlap(segment(s, density_threshold), lab) for s, lab in zip(scores, labels)], axis=0)
+        out["dice_at_density_threshold"] = dice(*map(int, counts))
     return out
 
 
@@ -85,7 +88,9 @@ class AnomalyMetrics:
     Metrics need every map of the set at once; they are kept as float32 arrays and bool labels, nothing else.
     """
 
-    def __init__(self, output_dir: str, density_threshold: float, fpr_limit: float = 0.3, extra: dict | None = None):
+    def __init__(
+        self, output_dir: str, density_threshold: float | None, fpr_limit: float = 0.3, extra: dict | None = None
+    ):
         self.output_dir, self.density_threshold, self.fpr_limit = output_dir, density_threshold, fpr_limit
         self.extra = dict(extra or {})
         self.scores: list[np.ndarray] = []
@@ -117,10 +122,13 @@ class AnomalyMetrics:
         """Each of :data:`PER_IMAGE` as an [N, 1] tensor, MONAI's layout of metric details."""
         rows = []
         for score, label in zip(self.scores, self.labels):
-            seg = segment(score, self.density_threshold)
-            per_image_dice = dice(*overlap(seg, label))
+            seg, per_image_dice = None, None  # a map without a threshold of its own: NaN
+            if self.density_threshold is not None:
+                seg = segment(score, self.density_threshold)
+                per_image_dice = dice(*overlap(seg, label))
             rows.append([float(label.any()), float(score.max()), float(score.mean()), float(label.sum()),
-                         float(seg.sum()), float("nan") if per_image_dice is None else per_image_dice])  # fmt: skip
+                         float("nan") if seg is None else float(seg.sum()),
+                         float("nan") if per_image_dice is None else per_image_dice])  # fmt: skip
         table = torch.tensor(rows, dtype=torch.float64).reshape(-1, len(PER_IMAGE))
         return {name: table[:, i : i + 1] for i, name in enumerate(PER_IMAGE)}
 

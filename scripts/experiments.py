@@ -32,6 +32,7 @@ evaluation (``metrics.json``) is skipped, an interrupted training resumes; more 
     python -m scripts.experiments run --overrides "{'vqvae#epochs': 10, 'transformer#epochs': 5}"
     python -m scripts.experiments report --exp_dir runs/experiments           # tables and figures only
     python -m scripts.experiments report --exp_dir runs/experiments --seeds "[0,1]" --out_dir runs/experiments/s01
+    python -m scripts.experiments compare runs/iltm_eval runs/nsa_eval      # your own evaluations of one test set
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from monai.bundle import ConfigParser
 from scripts.baselines import METHODS, own_overrides
 from scripts.cli import UnknownSetting, as_list, fire_main, quiet, unknown_ids
 from scripts.contamination import parse_names, parse_ratios, ratio_tag
-from scripts.experiments_report import final_iteration, report
+from scripts.experiments_report import compare, final_iteration, report
 from scripts.files import write_json
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -411,7 +412,7 @@ def _path(config: str) -> str:
 
 
 def main() -> None:
-    fire_main({"run": quiet(run), "report": quiet(report)})
+    fire_main({"run": quiet(run), "report": quiet(report), "compare": quiet(compare)})
 
 
 if __name__ == "__main__":

@@ -231,6 +231,57 @@ def report(
     return rows
 
 
+def compare(*evaluations: str, out: str | None = None) -> str:
+    """Your own evaluations side by side, e.g. ILTM's and the baselines' on one test set: each a folder holding
+    ``metrics.json`` (an evaluation's --output_dir) or the file. Evaluations that scored other labels (their
+    ``data`` and ``data_section`` records differ) are refused, since their numbers do not compare; `out`: also write
+    the table there (Markdown)."""
+    if not evaluations:
+        raise ValueError("name the evaluations to compare: folders holding metrics.json (evaluation's --output_dir)")
+    results = {}
+    for given in evaluations:
+        path = os.path.join(given, "metrics.json") if os.path.isdir(given) else given
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{given}: no metrics.json there (python -m monai.bundle run evaluating ... "
+                                    "--output_dir writes it)")  # fmt: skip
+        with open(path) as f:
+            results[given] = json.load(f)
+    scored = {given: (_data(r.get("data")), r.get("data_section"), r.get("n_images")) for given, r in results.items()}
+    if len({json.dumps(v, sort_keys=True) for v in scored.values()}) > 1:
+        listed = "".join(f"\n  {given}: {d}, section {sec!r}, {n} images" for given, (d, sec, n) in scored.items())
+        raise ValueError(f"these evaluations scored different labels, so their metrics do not compare:{listed}")
+    lines = ["| evaluation | method | checkpoint | " + " | ".join(TITLES.values()) + " | images |",
+             "|---|---|---|" + "---|" * len(TITLES) + "---|"]  # fmt: skip
+    for given, r in results.items():
+        cells = [f"{100 * r[m]:.1f}" if isinstance(r.get(m), (int, float)) else "-" for m in TITLES]
+        lines.append(f"| {given} | {r.get('method', '?')} | {r.get('checkpoint', '?')} | {' | '.join(cells)} | "
+                     f"{r.get('n_images', '?')} |")  # fmt: skip
+    data, section, _ = next(iter(scored.values()))
+    table = (
+        "\n".join(lines)
+        + "\n\nIn %, "
+        + (
+            f"each on section {section!r} of {data['datalist']}."
+            if data
+            else "of evaluations recorded before 0.7.4, "
+            "which do not record the labels they scored: check that they are one test set."
+        )
+    )
+    if out:
+        with open(out, "w") as f:
+            f.write(table + "\n")
+    print(table, flush=True)
+    return table
+
+
+def _data(record: Any) -> Any:
+    """An evaluation's `data` record with its paths made absolute: one datalist given two ways is one test set."""
+    if not isinstance(record, dict):
+        return record
+    return {k: os.path.realpath(v) if k in ("datalist", "dataset_dir") and isinstance(v, str) else v
+            for k, v in record.items()}  # fmt: skip
+
+
 def plot_contamination(rows: Sequence[dict], path: str) -> None:
     """Figure 4: each metric against the training-set contamination, one line per method, sd over seeds as bars."""
     fig, axes = _figure(1, 4, (15, 3.6))

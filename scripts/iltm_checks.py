@@ -165,10 +165,13 @@ def warnings(checks: dict) -> list[str]:
             f"{masks['kept_drop']:.2f} nats from iteration 0 to the final iteration."
         )
     if outcome.get("aupro_final") is not None and outcome["aupro_final"] < outcome["aupro_iteration_0"] - WORSE:
+        p = _sign_test(outcome)
+        noise = p is not None and p >= SIGN_TEST  # a fall the images' split cannot tell from chance
         out.append(
-            f"ILTM made the detector worse on the labelled validation images: AUPRO {outcome['aupro_final']:.3f} at "
-            f"the final iteration vs {outcome['aupro_iteration_0']:.3f} at iteration 0{_per_image(outcome)}. "
-            "Iteration 0's detector is iltm/iter_00/model.pt."
+            ("AUPRO fell, though not beyond chance," if noise else "ILTM made the detector worse")
+            + f" on the labelled validation images: AUPRO {outcome['aupro_final']:.3f} at the final iteration vs "
+            f"{outcome['aupro_iteration_0']:.3f} at iteration 0{_per_image(outcome)}. Iteration 0's detector is "
+            "iltm/iter_00/model.pt" + ("; compare the two on more labelled images." if noise else ".")
         )
     drop = outcome["image_auroc_iteration_0"] - outcome["image_auroc_final"] if _image_aurocs(outcome) else 0.0
     if drop > max(WORSE, _auroc_step(outcome)) + 1e-9:
@@ -264,12 +267,12 @@ def render(checks: dict) -> str:
         if flags is not None and masks is not None:
             recall = start.get("mask_recall")
             lines.append(
-                f"- Iteration 0 on the training images: flags {flags:.1f}x and first masks {masks:.1f}x {odds}"
+                f"- Iteration 0 on the training images: flags {flags:.2f}x and first masks {masks:.2f}x {odds}"
                 + (f"; the first masks hold {recall:.1%} of them" if _number(recall) else "")
             )
         else:
-            flagged = "no token flagged" if flags is None else f"flags {flags:.1f}x {odds}"
-            masked = "no token in the first masks" if masks is None else f"first masks {masks:.1f}x as likely"
+            flagged = "no token flagged" if flags is None else f"flags {flags:.2f}x {odds}"
+            masked = "no token in the first masks" if masks is None else f"first masks {masks:.2f}x as likely"
             lines.append(f"- Iteration 0 on the training images: {flagged}; {masked}")
     masks = checks.get("masks", {})
     if _nothing_masked(masks):
@@ -332,8 +335,8 @@ def _per_image(outcome: dict) -> str:
         f"image by image, the final iteration higher on {outcome['images_better']}, lower on {outcome['images_worse']}"
     )
     p = _sign_test(outcome)
-    if p is None:
-        return f" ({split})"
+    if p is None:  # neither rose nor fell
+        return " (no image's own AUPRO changed)"
     return f" ({split}: {'within' if p >= SIGN_TEST else 'beyond'} chance, sign test p = {p:.3g})"
 
 
@@ -374,7 +377,8 @@ def _auroc_step(outcome: dict) -> float:
 
 def _images(outcome: dict) -> str:
     """How many validation images an image AUROC rests on: with few normal ones it moves in large steps."""
-    return f"{outcome.get('normal_images')} normal and {outcome.get('anomalous_images')} anomalous images"
+    anomalous = outcome.get("anomalous_images")
+    return f"{outcome.get('normal_images')} normal and {anomalous} anomalous image{'' if anomalous == 1 else 's'}"
 
 
 def _matched(stage: dict) -> str:

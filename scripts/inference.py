@@ -8,9 +8,11 @@ metadata on the map (so that MONAI's writers and ``Invertd`` know the file and i
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatch
 from typing import Any
@@ -149,12 +151,14 @@ def unfinished(
     outputs: Sequence[str],
     resume: bool = True,
     check: Callable[[list[dict]], list[dict]] | None = None,
+    results: Sequence[str] = (),
 ) -> list[dict]:
     """The inputs still to map. A rerun of the same inference (the same checkpoint file, settings and input files,
     recorded in ``<maps_dir>/inference.json``) skips every input whose last output (`outputs`, in the order they are
     written) is complete, so a killed run over a large folder resumes where it stopped. Any other run maps every
     input, and first removes the last outputs an earlier run left for them, so that a rerun after a kill never takes
-    another run's maps for its own.
+    another run's maps for its own. The maps of another inference are not written over: its folder, with the files of
+    `results` (globs: evaluation's metrics), is moved aside to ``<maps_dir>.replaced-<time>``.
 
     Every rank decides from the folder as it was before rank 0 records this run (a barrier in between), so the ranks
     of a torchrun agree on the list they shard. ``check`` (the input check) runs on that list before anything is
@@ -163,13 +167,14 @@ def unfinished(
     path = os.path.join(maps_dir, "inference.json")
     record = json.loads(json.dumps({**record, "inputs": file_table(files)}, default=str))
     last = [os.path.join(maps_dir, output_name(e["image"], root) + outputs[-1]) for e in files] if outputs else []
-    same = False
-    if resume and outputs and os.path.isfile(path):
+    previous = None
+    if outputs and os.path.isfile(path):
         try:
             with open(path) as f:
-                same = json.load(f) == record
+                previous = json.load(f)
         except (OSError, ValueError):
-            same = False
+            previous = None
+    same = resume and previous == record
     todo = [e for e, marker in zip(files, last) if not complete(marker)] if same else list(files)
     if len(todo) < len(files):
         logger.info(f"{maps_dir}: {len(files) - len(todo)} of {len(files)} inputs already mapped by this inference; "
@@ -182,12 +187,27 @@ def unfinished(
             os.makedirs(maps_dir, exist_ok=True)
         except OSError as e:
             raise OSError(f"{maps_dir}: the maps cannot be written there ({e}); use a writable --output_dir") from None
+        found = [f for pattern in results for f in sorted(glob.glob(pattern))]
+        if previous is not None and previous != record and (found or set(os.listdir(maps_dir)) - {"inference.json"}):
+            _move_aside(maps_dir, found)
         if not same:  # another run's finished maps must not pass for this run's if this one is killed
             for marker in last:
                 if os.path.isfile(marker):
                     os.remove(marker)
         write_json(path, record)
     return todo
+
+
+def _move_aside(maps_dir: str, results: Sequence[str]) -> None:
+    """Another inference's maps (and evaluation's metrics) to ``<maps_dir>.replaced-<time>``, with a warning."""
+    aside = f"{maps_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(maps_dir, aside)
+    os.makedirs(maps_dir)
+    for result in results:
+        os.replace(result, os.path.join(aside, os.path.basename(result)))
+    what = "maps and metrics" if results else "maps"
+    logger.warning(f"{maps_dir}: held the {what} of another inference (another checkpoint, settings or inputs); "
+                   f"moved to {aside}")  # fmt: skip
 
 
 def complete(path: str) -> bool:
@@ -268,7 +288,7 @@ class AnomalyOutputd(MapTransform):
 
     OUTPUTS = ("segmentation", "score")
 
-    def __init__(self, keys: KeysCollection, density_threshold: float, default: str = "segmentation") -> None:
+    def __init__(self, keys: KeysCollection, density_threshold: float | None, default: str = "segmentation") -> None:
         super().__init__(keys)
         if default not in self.OUTPUTS:
             raise ValueError(f"anomaly_output must be one of {self.OUTPUTS}, got {default!r}")
@@ -283,13 +303,12 @@ class AnomalyOutputd(MapTransform):
             score = d[key].float()
             if isinstance(score, MetaTensor):  # a map has no channel, even where its RGB input had one last
                 score.meta = {**score.meta, "original_channel_dim": "no_channel"}
+            d["score_map"], d["result"] = score, {**(d.get("result") or {}), "image_score": float(score.max())}
+            if self.density_threshold is None:  # a baseline's map has no threshold of its own: the score is all
+                d[key] = score
+                continue
             seg = segment(score, self.density_threshold).to(torch.uint8)
-            d["score_map"], d["segmentation"] = score, seg
+            d["segmentation"] = seg
             d[key] = seg if choice == "segmentation" else score
-            d["result"] = {
-                **(d.get("result") or {}),
-                "image_score": float(score.max()),
-                "anomalous_fraction": float(seg.float().mean()),
-                "density_threshold": self.density_threshold,
-            }
+            d["result"].update(anomalous_fraction=float(seg.float().mean()), density_threshold=self.density_threshold)
         return d

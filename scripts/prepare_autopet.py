@@ -277,8 +277,10 @@ def main(
         ratios: diseased fractions of the training sets, "0,0.2,1.0" or a list.
         seed: fixes the evaluation subjects and the training draws.
         n_train: training subjects per ratio (paper: 425).
-        n_val, val_anomalous: validation subjects (paper: 20), of which diseased.
-        n_test, test_anomalous: test subjects (paper: 50), of which diseased.
+        n_val: validation subjects (paper: 20).
+        val_anomalous: how many of the validation subjects are diseased.
+        n_test: test subjects (paper: 50).
+        test_anomalous: how many of the test subjects are diseased.
         study: "first" or "last" study by date represents each subject.
         all_training_studies: the pools hold every study of the training subjects (more distinct diseased scans than
             one per subject, fewer repeats); evaluation subjects still count with one study.

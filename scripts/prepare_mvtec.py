@@ -22,6 +22,7 @@ writes ``OUT_DIR/datalist_<category>_r<ratio, 2 decimals>.json`` (e.g. ``datalis
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
 EXCLUDED = ("toothbrush", "transistor")  # paper §3.3: too few anomalous images for a contamination pool
 NORMAL = "good"
 MASK_SUFFIX = "_mask.png"
+OTHER_IMAGES = (".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------- MVTec AD
@@ -88,7 +91,15 @@ class CategorySplit:
 
 
 def _pngs(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(".png") and not f.startswith("."))
+    """The PNG files of a folder; other images are named, since MVTec AD's layout has PNG only and they are left out."""
+    names = [f for f in sorted(os.listdir(folder)) if not f.startswith(".")]
+    other = [f for f in names if f.lower().endswith(OTHER_IMAGES)]
+    if other:
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        logger.warning(
+            f"{folder}: {len(other)} image(s) not in PNG left out ({shown}); convert them to PNG to use them"
+        )
+    return [f for f in names if f.lower().endswith(".png")]
 
 
 def _rel(*parts: str) -> str:
@@ -119,10 +130,11 @@ def scan_category(root: str, name: str) -> Category:
         if defect == NORMAL:
             test_good = [Sample(_rel(name, "test", NORMAL, f), NORMAL) for f in files]
             continue
-        samples = []
+        samples, masks_dir = [], os.path.join(cat_dir, "ground_truth", defect)
+        masks = {m.lower(): m for m in os.listdir(masks_dir)} if os.path.isdir(masks_dir) else {}  # 000_mask.PNG too
         for f in files:
-            image = _rel(name, "test", defect, f)
-            label = _rel(name, "ground_truth", defect, f"{os.path.splitext(f)[0]}{MASK_SUFFIX}")
+            image, mask = _rel(name, "test", defect, f), f"{os.path.splitext(f)[0]}{MASK_SUFFIX}"
+            label = _rel(name, "ground_truth", defect, masks.get(mask.lower(), mask))
             if not os.path.isfile(os.path.join(root, label)):
                 raise LayoutError(f"{os.path.join(root, label)}: mask of anomalous image {image} not found")
             if image_size(root, image) != image_size(root, label):
@@ -152,11 +164,9 @@ def find_categories(root: str, categories: Sequence[str], exclude: Sequence[str]
     """The requested categories, or every sub-folder of the root (except the output folder) minus `exclude`."""
     if not os.path.isdir(root):
         raise LayoutError(f"{root}: MVTec AD folder not found")
-    if categories:
-        missing = [c for c in categories if not os.path.isdir(os.path.join(root, c))]
-        if missing:
-            raise LayoutError(f"{os.path.join(root, missing[0])}: category folder not found")
-        return [c for c in categories if c not in exclude]
+    if all(os.path.isdir(os.path.join(root, sub)) for sub in ("train", "test")):
+        raise LayoutError(f"{root}: a category folder (it holds train/ and test/); pass the folder above it as --root "
+                          f"and --categories {os.path.basename(root.rstrip(os.sep))}")  # fmt: skip
     out_real = os.path.realpath(out)
     found = sorted(
         d
@@ -165,6 +175,12 @@ def find_categories(root: str, categories: Sequence[str], exclude: Sequence[str]
         and not d.startswith(".")
         and os.path.realpath(os.path.join(root, d)) != out_real
     )
+    if categories:
+        missing = [c for c in categories if not os.path.isdir(os.path.join(root, c))]
+        if missing:
+            raise LayoutError(f"{os.path.join(root, missing[0])}: category folder not found; {root} holds "
+                              f"{', '.join(found) or 'no folder'}")  # fmt: skip
+        return [c for c in categories if c not in exclude]
     if not found:
         raise LayoutError(f"{root}: no category folders (expected <root>/<category>/train/good/*.png)")
     kept = [c for c in found if c not in exclude]
@@ -205,12 +221,13 @@ def split_category(
     if len(anomalous) < test_anomalous + val_anomalous:
         raise LayoutError(
             f"{category.name}: {len(anomalous)} anomalous test images, {test_anomalous} (test) + {val_anomalous} "
-            f"(validation) needed"
+            f"(validation) needed; lower --test_anomalous or --val_anomalous"
         )
     if len(normal) < n_test_normal + n_val_normal:
         raise LayoutError(
             f"{category.name}: {len(normal)} images in test/good, {n_test_normal} (test) + {n_val_normal} "
-            f"(validation) needed"
+            f"(validation) needed; lower --n_test or --n_val (normal images: n_test - test_anomalous, "
+            f"n_val - val_anomalous)"
         )
     test = normal[:n_test_normal] + anomalous[:test_anomalous]
     validation = normal[n_test_normal : n_test_normal + n_val_normal]
@@ -309,13 +326,14 @@ def prepare_category(
     writer: MaskWriter,
     train_size: int | None,
     oversample: bool,
-) -> list[dict]:
-    """Writes the category's datalists, one per ratio; returns their summary rows."""
+) -> tuple[list[dict], dict[str, dict]]:
+    """The category's datalists by file name, one per ratio, with their summary rows; drawn whole before any is
+    written, so that a ratio that fails leaves none."""
     category = scan_category(root, name)
     split = split_category(category, seed=seed, **splits)
     validation = [writer.entry(name, s) for s in split.validation]
     test = [writer.entry(name, s) for s in split.test]
-    rows = []
+    rows, datalists = [], {}
     for ratio in ratios:
         train = training_set(category, split.pool, ratio, seed, train_size, oversample)
         datalist = {
@@ -333,7 +351,7 @@ def prepare_category(
         }
         filename = f"datalist_{name}_{ratio_tag(ratio)}.json"
         check_no_leakage(datalist, filename)
-        write_json(os.path.join(out, filename), datalist)
+        datalists[filename] = datalist
         anomalous = [s.image for s in train if s.anomalous]
         train_normal, train_anomalous = entry_counts(datalist["training"])
         rows.append(
@@ -353,7 +371,7 @@ def prepare_category(
                 "datalist": filename,
             }
         )
-    return rows
+    return rows, datalists
 
 
 def main(
@@ -382,8 +400,10 @@ def main(
         seed: fixes the validation/test split and the training draws.
         categories: only these categories (default: every folder in `root`).
         exclude: categories left out (default: toothbrush, transistor, as in the paper); "" for none.
-        n_val, val_anomalous: validation images per category, of which anomalous (the rest from test/good).
-        n_test, test_anomalous: test images per category, of which anomalous (the rest from test/good).
+        n_val: validation images per category (the normal ones from test/good).
+        val_anomalous: how many of the validation images are anomalous.
+        n_test: test images per category (the normal ones from test/good).
+        test_anomalous: how many of the test images are anomalous.
         train_size: training images per category (default: the category's number of train/good images).
         oversample: repeat anomalous images when the pool is smaller than a ratio needs (False: error instead).
         copy: also write images and masks resized to `size` under `out/images`; paths then relative to `out`.
@@ -406,7 +426,12 @@ def main(
     check_protocol(out, protocol)
     rows = []
     for name in names:
-        rows += prepare_category(root, out, name, ratios, int(seed), splits, writer, train_size, bool(oversample))
+        found, datalists = prepare_category(root, out, name, ratios, int(seed), splits, writer, train_size,
+                                            bool(oversample))  # fmt: skip
+        write_json(os.path.join(out, "protocol.json"), protocol)  # before any datalist: a later failure binds them
+        for filename, datalist in datalists.items():
+            write_json(os.path.join(out, filename), datalist)
+        rows += found
     table = write_summary(out, rows, f"MVTec AD datalists (seed {seed})", protocol)
     print(table)
     base = "the output folder" if copy else "the MVTec AD root"

@@ -5,7 +5,9 @@ any work, and two processes never train into one folder at once.
 training and validation files with their sizes and modification times, and the bundle version. A rerun into the
 folder compares them first: the same run resumes; another one stops with what differs and the three ways on (a new
 ``--output_dir``, ``--resume True`` to keep the completed steps as they are, ``--overwrite True`` to move the old
-run aside). ``<output_dir>/run.lock`` names the process that trains into the folder; a lock left by a killed run
+run aside); a run of another kind of detector stops with the two ways on that keep it. A folder without ``run.json``
+that holds what a training writes (``model.pt``, ``vqvae/``, ...) is refused as well, so that nothing there is
+written over. ``<output_dir>/run.lock`` names the process that trains into the folder; a lock left by a killed run
 (its process is gone) is replaced with a warning.
 """
 
@@ -21,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from scripts import distributed
-from scripts.checkpoint import current_keys, flatten
+from scripts.checkpoint import current_keys, detector_kind, flatten
 from scripts.files import write_json
 from scripts.steps import read_record
 
@@ -30,6 +32,9 @@ logger = logging.getLogger(__name__)
 # settings that only decide how far a run goes (or how fast): changing them does not make its completed steps wrong
 EXTENDABLE = ("iltm#max_iterations", "iltm#min_iterations", "iltm#stop_tolerance", "iltm#mask_batch_size")
 SHOWN = 8  # differing files listed by name
+# what a training writes into its output folder (ILTM and the baselines): a folder holding one of these but no run
+# record would have it written over
+WRITES = ("model.pt", "state.json", "vqvae", "tokens", "iltm", "baseline", "stkd", "mlruns.db")
 
 
 class RunConflict(RuntimeError):
@@ -148,6 +153,16 @@ class RunGuard:
             old = read_record(self.path, f"what the run in {self.output_dir} was started with")
             if isinstance(old.get("settings"), dict):
                 old["settings"] = current_keys(old["settings"])  # a run an older version started
+            kinds = [
+                detector_kind(r["settings"]) if isinstance(r.get("settings"), dict) else None
+                for r in (old, self.record)
+            ]
+            if None not in kinds and kinds[0] != kinds[1]:  # no setting of the one says anything about the other
+                self.finish()
+                raise RunConflict(
+                    f"{self.output_dir} holds a run of {kinds[0][0]}, and this training builds {kinds[1][0]}. Use a "
+                    "new --output_dir, or --overwrite True to move that run aside (--resume True cannot mix the two)."
+                )
             differ = _differences(old, self.record)
             if differ and not self.resume:
                 self.finish()
@@ -167,7 +182,28 @@ class RunGuard:
                 return  # the record keeps what the completed steps were made with
         elif has_steps:
             logger.warning(f"{self.output_dir}: a run without {os.path.basename(self.path)}; recording this one's")
+        else:
+            self._check_foreign()
         write_json(self.path, self.record, indent=1)
+
+    def _check_foreign(self) -> None:
+        """A folder that holds files but no run: refused where the run would write over them, else named."""
+        present = sorted(
+            n for n in os.listdir(self.output_dir)
+            if not n.startswith(".") and n != "run.lock" and _results(os.path.join(self.output_dir, n))
+        )  # fmt: skip
+        if not present:
+            return
+        shown = ", ".join(present[:SHOWN]) + (f" and {len(present) - SHOWN} more" if len(present) > SHOWN else "")
+        clash = [n for n in present if n in WRITES]
+        if clash:
+            self.finish()
+            raise RunConflict(
+                f"{self.output_dir} holds {', '.join(clash)} but no run record ({os.path.basename(self.path)}), so "
+                f"a training there would write over {'it' if len(clash) == 1 else 'them'}. Use a new --output_dir, or "
+                "--overwrite True to move the folder aside and start afresh."
+            )
+        logger.warning(f"{self.output_dir}: holds files that are not a run's ({shown}); the run is written beside them")
 
     def _holder(self) -> dict:
         try:
@@ -213,6 +249,14 @@ class RunGuard:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
+
+
+def _results(path: str) -> bool:
+    """Whether `path` is or holds a file other than a TensorBoard event file (those get a new name on every write,
+    and the stages' handlers make theirs before the guard starts)."""
+    if not os.path.isdir(path):
+        return not os.path.basename(path).startswith("events.out.tfevents")
+    return any(_results(os.path.join(path, name)) for name in os.listdir(path))
 
 
 def _bundle_version() -> str:

@@ -138,6 +138,12 @@ def test_inputs_on_another_intensity_scale(tmp_path, data, caplog, monkeypatch) 
         check_data([{"image": str(sixteen)}, {"image": str(tmp_path / "another.png")}], loading)
     listed, *rest = str(err.value).split("\nAnother bit depth or scale?")
     assert listed.startswith("2 of 2 entries cannot be used:") and "another.png: " in listed and len(rest) == 1
+    rgb = [tmp_path / f"rgb{i}.png" for i in range(2)]
+    for path in rgb:
+        Image.fromarray(np.stack([image.astype(np.uint8)] * 3, axis=-1)).save(path)
+    with pytest.raises(DataError) as err:  # colour images for a grey model: the same
+        check_data([{"image": str(path)} for path in rgb], loading)
+    assert str(err.value).count("has 3 channels") == 2 and str(err.value).count("--in_channels 3") == 1
     windowed = ConfigParser()  # clipping on purpose (a CT window): the user allows it
     windowed.read_config(INFERENCE)
     windowed["max_clipped_fraction"] = 1.0

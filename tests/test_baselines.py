@@ -77,7 +77,9 @@ def test_trains_and_evaluates_through_the_bundle_commands(tmp_path) -> None:
     results = json.load(open(os.path.join(out, "metrics.json")))
     assert results["method"] == "dense_vae" and results["n_images"] == 4
     assert 0.0 <= results["pixel_auroc"] <= 1.0 and 0.0 <= results["aupro"] <= 1.0
+    assert results["dice_at_density_threshold"] is None and results["density_threshold"] is None  # no density map
     maps = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(out, "evaluation")) for n in names]
+    assert not [m for m in maps if m.endswith("_seg.nii.gz")]  # nor a segmentation at ILTM's threshold
     maps = [m for m in maps if m.endswith("_score.nii.gz")]
     assert len(maps) == 4
     assert nib.load(maps[0]).shape[:2] == (32, 32)  # the synthetic images' own size

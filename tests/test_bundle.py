@@ -201,7 +201,9 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     summary = (whole / "iltm" / "summary.md").read_text()
     assert "## Can ILTM help here?" in summary and "flag_precision" in summary
     assert f"; image AUROC {outcome['image_auroc_iteration_0']:.3f} at iteration 0" in summary
-    assert f"the final iteration higher on {outcome['images_better']}, lower on {outcome['images_worse']}" in summary
+    changed = outcome["images_better"] + outcome["images_worse"]
+    split = f"the final iteration higher on {outcome['images_better']}, lower on {outcome['images_worse']}"
+    assert (split if changed else "no image's own AUPRO changed") in summary
     assert ("sign test p = " in summary) == (outcome["images_better"] + outcome["images_worse"] > 0)
     with open(whole / "iltm" / "summary.csv", newline="") as f:  # each Transformer's kept, best validated epoch
         table = list(csv.DictReader(f))
@@ -225,11 +227,17 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     assert found["full"]["masks_any"]["masked"] >= 0 and 0 <= found["full"]["aupro"] <= 1
     assert 0 <= found["full"]["token_auroc"] <= 1 and "token_auroc" not in found["no_resampling"]
     assert 0 <= found["full"]["token_auroc_anomalies_out_of_context"] <= 1
+    assert found["settings"]["num_samples"] == TINY_2D["num_samples"]  # what the numbers were measured with
     # inference.yaml alone: the checkpoint given to diagnose is the one whose recorded settings build the detector
     data = str(tmp_path / "data")
     again = diagnose(_config("inference.yaml"), str(whole / "iltm" / "iter_00" / "model.pt"), section="validation",
                      bundle_root=ROOT, dataset_dir=data, datalist=os.path.join(data, "datalist.json"))  # fmt: skip
     assert again["first_stage"] == pytest.approx(stage, rel=1e-5)
+    from scripts.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"image_size: trained with \[32, 32\], this config has \[64, 64\]"):
+        diagnose(_config("train.yaml", "demo.yaml"), str(whole / "iltm" / "iter_00" / "model.pt"),
+                 section="validation", **{**overrides, "image_size": [64, 64]})  # fmt: skip
 
     # Kill the same run in the middle of ILTM iteration 1's mask generation, then rerun the same command.
     from scripts import iltm

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from scripts.cli import UnknownSetting, check_overrides, command_line_ids, fire_main, unknown_ids
+from scripts.data import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN, DEMO, INFERENCE = (os.path.join(ROOT, "configs", f) for f in ("train.yaml", "demo.yaml", "inference.yaml"))
@@ -172,3 +173,15 @@ def test_a_bug_keeps_its_traceback(capsys) -> None:
         with pytest.raises(SystemExit) as stop:
             fire_main(bundle_code[name], command=[])
         assert stop.value.code == 1 and capsys.readouterr().err == "error: x.png: cannot be read\n"
+
+
+def test_a_data_error_ends_a_script_once(capsys, caplog) -> None:
+    """A DataError logs itself where MONAI's parser would bury it in a traceback; a script's ending says it instead."""
+
+    def bad_input() -> None:
+        raise DataError("x.png: cannot be read", "Replace it.")
+
+    with caplog.at_level("ERROR"), pytest.raises(SystemExit):
+        fire_main(bad_input, command=[])
+    assert capsys.readouterr().err == "error: x.png: cannot be read Replace it.\n" and not caplog.records
+    assert DataError.quiet is False

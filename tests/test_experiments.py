@@ -394,3 +394,25 @@ def test_a_rerun_appends_to_the_steps_log(tmp_path, monkeypatch) -> None:
     text = open(log).read()
     assert text.count("=== ") == 2 and text.count("monai.bundle run training") == 2
     assert text.count("Traceback: killed") == 2
+
+
+def test_compare_puts_evaluations_of_one_test_set_side_by_side(tmp_path, capsys) -> None:
+    data = {"datalist": str(tmp_path / "list.json"), "dataset_dir": str(tmp_path), "label_threshold": 0.0}
+    common = {"data": data, "data_section": "test", "n_images": 4, "best_dice": 0.2, "pixel_auroc": 0.9}
+    for name, method, aupro, image_auroc in (("iltm", "iltm", 0.7, None), ("nsa", "nsa", 0.612, 0.75)):
+        (tmp_path / name).mkdir()
+        result = {**common, "method": method, "checkpoint": f"runs/{name}/model.pt", "aupro": aupro,
+                  "image_auroc": image_auroc}  # fmt: skip
+        (tmp_path / name / "metrics.json").write_text(json.dumps(result))
+    table = experiments_report.compare(str(tmp_path / "iltm"), str(tmp_path / "nsa" / "metrics.json"),
+                                       out=str(tmp_path / "table.md"))  # fmt: skip
+    assert f"| {tmp_path / 'nsa' / 'metrics.json'} | nsa | runs/nsa/model.pt | 61.2 | 20.0 | 90.0 | 75.0 | 4 |" in table
+    assert "| iltm | runs/iltm/model.pt | 70.0 | 20.0 | 90.0 | - | 4 |" in table  # undefined: "-"
+    assert (tmp_path / "table.md").read_text() == table + "\n" and "section 'test' of" in capsys.readouterr().out
+    other = json.loads((tmp_path / "nsa" / "metrics.json").read_text())
+    (tmp_path / "nsa" / "metrics.json").write_text(json.dumps({**other, "data_section": "validation"}))
+    with pytest.raises(ValueError, match="scored different labels") as err:
+        experiments_report.compare(str(tmp_path / "iltm"), str(tmp_path / "nsa"))
+    assert "section 'validation', 4 images" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="nowhere: no metrics.json there"):
+        experiments_report.compare(str(tmp_path / "nowhere"))

@@ -36,7 +36,8 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
     assert "No warning: nothing here says ILTM cannot help.\n" in one_sided + "\n"
     most_fell = iltm_checks.render(_with("outcome", images_better=1, images_worse=14))  # set-level within WORSE
     assert "cannot help, though more labelled images fell than rose, beyond chance." in most_fell
-    assert "higher on 0, lower on 0); image" in iltm_checks.render(_with("outcome", images_better=0, images_worse=0))
+    unchanged = iltm_checks.render(_with("outcome", images_better=0, images_worse=0))
+    assert "0.600 at the final iteration (no image's own AUPRO changed); image" in unchanged
     before_0_7_3 = {**HEALTHY, "outcome": {k: v for k, v in HEALTHY["outcome"].items() if not k.startswith("images_")}}
     assert "0.600 at the final iteration; image AUROC" in iltm_checks.render(before_0_7_3)  # no per-image counts
     no_normal = _with("outcome", image_auroc_iteration_0=None, image_auroc_final=None, normal_images=0)
@@ -148,6 +149,19 @@ def test_masks_of_ordinary_tokens_without_a_labelled_outcome_point_to_iteration_
     assert labelled.endswith("ILTM is unlikely to help here.") and "iter_00" not in labelled
 
 
+def test_a_fall_in_aupro_is_called_worse_only_beyond_chance() -> None:
+    """A user's run warned "ILTM made the detector worse" on one anomalous validation image, with p = 1 beside it."""
+    one = _with("outcome", aupro_final=0.50, images_better=0, images_worse=1, normal_images=1, anomalous_images=1)
+    (warning,) = [w for w in iltm_checks.warnings(one) if "AUPRO 0.500" in w]
+    assert warning.startswith("AUPRO fell, though not beyond chance, on the labelled validation images: AUPRO 0.500")
+    assert "sign test p = 1)" in warning and warning.endswith("compare the two on more labelled images.")
+    assert "(1 normal and 1 anomalous image)" in iltm_checks.render(one)
+    many = _with("outcome", aupro_final=0.50, images_better=1, images_worse=14)
+    (warning,) = [w for w in iltm_checks.warnings(many) if "AUPRO 0.500" in w]
+    assert warning.startswith("ILTM made the detector worse on the labelled validation images: AUPRO 0.500")
+    assert "beyond chance, sign test p = 0.000977)" in warning and warning.endswith("iltm/iter_00/model.pt.")
+
+
 def test_a_record_from_before_0_6_3_with_nan_unlearning_reads_as_not_measured() -> None:
     old = _with("masks", unlearning=float("nan"), unlearning_per_iteration=[float("nan")])
     assert iltm_checks.warnings(old) == []
@@ -157,10 +171,10 @@ def test_a_record_from_before_0_6_3_with_nan_unlearning_reads_as_not_measured() 
 def test_nothing_flagged_or_masked_at_iteration_0_is_said_not_formatted() -> None:
     """A lift is None where iteration 0 flagged or masked no training token: the section says so (it crashed)."""
     for lifts, says in (
-        ({"flag_lift": 3.0, "mask_lift": None}, "flags 3.0x as likely as chance to hit a labelled anomalous token; "
+        ({"flag_lift": 3.0, "mask_lift": None}, "flags 3.00x as likely as chance to hit a labelled anomalous token; "
                                                 "no token in the first masks"),
         ({"flag_lift": None, "mask_lift": None}, "no token flagged; no token in the first masks"),
-        ({"flag_lift": 0.0, "mask_lift": 2.0}, "flags 0.0x and first masks 2.0x as likely as chance"),
+        ({"flag_lift": 0.0, "mask_lift": 2.0}, "flags 0.00x and first masks 2.00x as likely as chance"),
     ):  # fmt: skip
         assert f"- Iteration 0 on the training images: {says}" in iltm_checks.render({"iteration_0": lifts})
 

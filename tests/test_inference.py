@@ -156,6 +156,30 @@ def test_evaluation_writes_metrics_maps_and_overlays(dataset: str, checkpoint: s
     assert Image.open(os.path.join(maps, "test_0003_overlay.png")).size[0] > 0
 
 
+def test_another_evaluation_moves_the_earlier_one_aside(dataset: str, checkpoint: str, tmp_path, capsys) -> None:
+    """Evaluating another detector (or with other settings) into the same folder replaced the earlier maps and metrics;
+    they are moved aside, while a rerun of the same evaluation replaces its own."""
+    out = tmp_path / "eval"
+
+    def evaluate(**overrides) -> None:
+        bundle_run(
+            "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset, save_overlays=False,
+            datalist=os.path.join(dataset, "datalist.json"), checkpoint=checkpoint, output_dir=str(out),
+            **{**TINY, **overrides},
+        )  # fmt: skip
+
+    evaluate()
+    evaluate()  # the same evaluation again: nothing to keep
+    assert not list(tmp_path.glob("eval/evaluation.replaced-*"))
+    evaluate(**{"network_def#resample": False})
+    aside = list(tmp_path.glob("eval/evaluation.replaced-*"))
+    assert len(aside) == 1 and "moved to" in capsys.readouterr().out  # logging.conf: stdout
+    kept = json.loads((aside[0] / "metrics.json").read_text())
+    assert kept["resample"] is True and (aside[0] / "images" / "test_0000_score.nii.gz").is_file()
+    assert (aside[0] / "metrics.csv").is_file() and (aside[0] / "image_score_raw.csv").is_file()
+    assert json.loads((out / "metrics.json").read_text())["resample"] is False
+
+
 def test_evaluation_of_a_set_without_anomalies_leaves_its_metrics_undefined_quietly(
     dataset: str, checkpoint: str, tmp_path
 ) -> None:
@@ -438,7 +462,7 @@ def test_the_overlay_outlines_the_true_mask_where_it_is(tmp_path, monkeypatch, s
     overlays.save_overlay(str(tmp_path / "u.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), None)
     assert figures[0].axes[2].get_title() == "image"
     assert len(figures[0].axes[2].get_images()) == 1  # the image, no segmentation layer
-    assert parser("inference.yaml", "baseline_nsa.yaml").get_parsed_content("overlay_threshold") is None
+    assert parser("inference.yaml", "baseline_nsa.yaml").get_parsed_content("segmentation_threshold") is None
 
 
 def test_colour_inputs_get_maps_of_their_size(dataset: str, tmp_path) -> None:

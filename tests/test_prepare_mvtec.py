@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from scripts.contamination import LayoutError, check_no_leakage, count_at_ratio, draw, parse_ratios, rng
-from scripts.prepare_mvtec import main
+from scripts.prepare_mvtec import main, scan_category
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN, N_TEST_GOOD = 12, 14
@@ -182,15 +182,55 @@ def test_clear_errors_for_partial_folders(mvtec, tmp_path, damage, message):
 def test_missing_root_and_categories(tmp_path, mvtec):
     with pytest.raises(LayoutError, match="MVTec AD folder not found"):
         _run(str(tmp_path / "nowhere"), tmp_path / "out")
-    with pytest.raises(LayoutError, match="carpet: category folder not found"):
+    with pytest.raises(LayoutError, match="carpet: category folder not found; .* holds bottle, grid, toothbrush"):
         _run(mvtec, tmp_path / "out", categories="carpet")
-    with pytest.raises(LayoutError, match="bottle: 14 images in test/good, 18 .test. \\+ 2"):
+    with pytest.raises(LayoutError, match="bottle: 14 images in test/good, 18 .test. \\+ 2 .* lower --n_test"):
         _run(mvtec, tmp_path / "out", categories="bottle", n_test=20, test_anomalous=2)
+    with pytest.raises(LayoutError, match="bottle: a category folder .*; pass the folder above it as --root and "
+                                         "--categories bottle"):  # fmt: skip
+        _run(os.path.join(mvtec, "bottle"), tmp_path / "out")
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         parse_ratios("0,1.5")
     assert parse_ratios("0.4,0,0.2") == parse_ratios((0, 0.2, 0.4)) == parse_ratios("[0.2, 0.4, 0]") == (0, 0.2, 0.4)
     with pytest.raises(ValueError, match="0.333, 0.334 share a file name"):  # both would be written as r0.33
         parse_ratios("0.333,0.334")
+
+
+def test_a_failed_preparation_binds_what_it_left_and_summaries_list_every_datalist(mvtec, tmp_path):
+    """A ratio whose pool runs dry leaves no datalist of its category; a category written before the failing one
+    records the split it was drawn with, so that a rerun with other split sizes cannot put beside its datalists
+    others whose training images are its test images."""
+    out = tmp_path / "out"
+    with pytest.raises(LayoutError, match="anomalous training images"):  # pools of 4 and no oversampling
+        _run(mvtec, out, categories="bottle", ratios="0,0.8", oversample=False)
+    assert not list(out.glob("datalist_*.json")) and not (out / "protocol.json").exists()
+    _category(mvtec, "wood", defects={"knot": 13})  # no pool at all: the category after bottle fails
+    with pytest.raises(LayoutError, match="wood: anomalous training images"):
+        _run(mvtec, out, categories="bottle,wood", ratios="0,0.2")
+    assert sorted(p.name for p in out.glob("datalist_*.json")) == [
+        "datalist_bottle_r0.00.json",
+        "datalist_bottle_r0.20.json",
+    ]
+    with pytest.raises(LayoutError, match="other settings .n_test: 20 there, 12 now"):
+        _run(mvtec, out, categories="bottle", ratios="0.2", n_test=12)
+    _run(mvtec, out, categories="bottle", ratios="0.2")
+    _run(mvtec, out, categories="bottle,grid", ratios="0.4")  # a later call adds to the summary
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {c} | {r} |" in summary for c, r in (("bottle", "0.20"), ("bottle", "0.40"), ("grid", "0.40")))
+
+
+def test_uppercase_extensions_and_other_images(mvtec, tmp_path, caplog):
+    """000.PNG has its mask in 000_mask.PNG; a JPEG beside the PNGs is named, not dropped without a word."""
+    crack = os.path.join(mvtec, "bottle", "test", "crack")
+    os.rename(os.path.join(crack, "000.png"), os.path.join(crack, "000.PNG"))
+    masks = os.path.join(mvtec, "bottle", "ground_truth", "crack")
+    os.rename(os.path.join(masks, "000_mask.png"), os.path.join(masks, "000_mask.PNG"))
+    Image.new("RGB", (10, 8)).save(os.path.join(mvtec, "bottle", "train", "good", "extra.jpg"))
+    with caplog.at_level("WARNING", logger="scripts.prepare_mvtec"):
+        _run(mvtec, tmp_path / "out", categories="bottle", ratios="0")
+    assert "1 image(s) not in PNG left out (extra.jpg)" in caplog.text
+    first = scan_category(mvtec, "bottle").test_defects["crack"][0]
+    assert (first.image, first.label) == ("bottle/test/crack/000.PNG", "bottle/ground_truth/crack/000_mask.PNG")
 
 
 def test_command_line(mvtec, tmp_path):

@@ -115,6 +115,50 @@ def test_resume_keeps_the_record_and_overwrite_moves_the_run_aside(tmp_path, dat
         guard(out, data, resume="false")
 
 
+def test_a_folder_that_is_not_a_run_is_never_written_over(tmp_path, data, caplog) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"someone's weights")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunConflict, match=r"mine holds model.pt but no run record \(run.json\)") as err:
+        guard(str(out), data).start()
+    assert "--overwrite True" in str(err.value) and sorted(os.listdir(out)) == ["model.pt", "notes.txt"]
+    with pytest.raises(RunConflict, match="holds model.pt"):  # resuming has nothing to resume from
+        guard(str(out), data, resume=True).start()
+    moved = guard(str(out), data, overwrite=True)
+    moved.start()
+    aside = [p for p in os.listdir(tmp_path) if p.startswith("mine.replaced-")]
+    assert len(aside) == 1 and (tmp_path / aside[0] / "model.pt").read_bytes() == b"someone's weights"
+    moved.finish()
+    other = tmp_path / "other"  # files no run writes: the run goes beside them, with a warning
+    other.mkdir()
+    (other / "notes.txt").write_text("unrelated")
+    with caplog.at_level("WARNING", logger="scripts.runs"):
+        guard(str(other), data).start()
+    assert "other: holds files that are not a run's (notes.txt); the run is written beside them" in caplog.text
+    events = tmp_path / "fresh" / "vqvae" / "tensorboard"  # what a stage's handlers make before the guard starts
+    events.mkdir(parents=True)
+    (events / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scripts.runs"):
+        guard(str(tmp_path / "fresh"), data).start()
+    assert not caplog.text
+
+
+def test_a_run_of_another_detector_is_kept_even_with_resume(tmp_path, data) -> None:
+    """Following the advice to resume in a baseline's folder replaced the baseline's detector with ILTM's."""
+    out = str(tmp_path / "run")
+    nsa = guard(out, data, detector={"segmenter_def": {"channels": [4, 8]}})
+    nsa.start()
+    nsa.finish()
+    for resume in (False, True):
+        with pytest.raises(RunConflict, match="holds a run of the NSA baseline's detector, and this training builds "
+                                              r"the ILTM detector \(VQ-VAE \+ Transformer\)") as err:  # fmt: skip
+            guard(out, data, detector={"vqvae_def": {"channels": [8, 8]}}, resume=resume).start()
+        assert "--overwrite True" in str(err.value) and "--resume True to continue" not in str(err.value)
+    guard(out, data, detector={"segmenter_def": {"channels": [4, 8]}}).start()  # the same kind still resumes
+
+
 def test_resume_names_what_it_resumes_past_once(tmp_path, data, caplog) -> None:
     """--resume True keeps the completed steps: it says which settings they keep, once per command."""
     out = str(tmp_path / "run")

@@ -55,11 +55,12 @@ def test_every_consumer_reads_the_converted_values(preset, epsilon, threshold) -
             assert parser.get_parsed_content("iltm#mask_density_threshold") == pytest.approx(threshold)
     assert values["train.yaml"] == pytest.approx((epsilon, threshold))
     assert values["inference.yaml"] == pytest.approx((epsilon, threshold))
+    assert parser.get_parsed_content("segmentation_threshold") == pytest.approx(threshold)  # what segments below
     with open(os.path.join(ROOT, "configs", "inference.yaml")) as f:
         text = f.read()
-    assert "@density_threshold" in text.split("postprocessing:")[1]  # the saved segmentation uses the same value
+    assert "@segmentation_threshold" in text.split("postprocessing:")[1]  # the saved segmentation uses the same value
     with open(os.path.join(ROOT, "configs", "evaluate.yaml")) as f:
-        assert 'density_threshold: "@density_threshold"' in f.read()  # Dice at the detector's threshold
+        assert 'density_threshold: "@segmentation_threshold"' in f.read()  # Dice at the detector's threshold
 
 
 def test_same_image_at_two_intensity_scales_gives_the_same_segmentation_and_masks(tmp_path) -> None:
