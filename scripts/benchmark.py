@@ -18,6 +18,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -306,6 +307,12 @@ def print_table(rows: list[dict[str, object]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
+def _dashed(arg: str) -> str:
+    """--size_2d=64 -> --size-2d=64: the other scripts spell their flags with underscores (fire), so both work."""
+    name, eq, value = arg.partition("=")
+    return name.replace("_", "-") + eq + value if arg.startswith("--") else arg
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = CPU, and CUDA if present")
@@ -334,7 +341,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="median (and min-max) of this many runs of each timing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows (and the settings) to this JSON file")
-    args = p.parse_args(argv)
+    args = p.parse_args([_dashed(a) for a in (sys.argv[1:] if argv is None else argv)])
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if not cases or set(cases) - {"2d", "3d"}:
         p.error(f"--cases {args.cases!r}: comma-separated 2d and 3d")

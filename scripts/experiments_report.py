@@ -238,35 +238,32 @@ def compare(*evaluations: str, out: str | None = None) -> str:
     the table there (Markdown)."""
     if not evaluations:
         raise ValueError("name the evaluations to compare: folders holding metrics.json (evaluation's --output_dir)")
-    results = {}
+    results = []
     for given in evaluations:
         path = os.path.join(given, "metrics.json") if os.path.isdir(given) else given
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{given}: no metrics.json there (python -m monai.bundle run evaluating ... "
                                     "--output_dir writes it)")  # fmt: skip
         with open(path) as f:
-            results[given] = json.load(f)
-    scored = {given: (_data(r.get("data")), r.get("data_section"), r.get("n_images")) for given, r in results.items()}
-    if len({json.dumps(v, sort_keys=True) for v in scored.values()}) > 1:
-        listed = "".join(f"\n  {given}: {d}, section {sec!r}, {n} images" for given, (d, sec, n) in scored.items())
+            results.append((given, json.load(f)))
+    scored = [
+        (given, (_data(r["data"]), r.get("data_section"), r.get("n_images"))) for given, r in results if r.get("data")
+    ]
+    if len({json.dumps(v, sort_keys=True) for _, v in scored}) > 1:
+        listed = "".join(f"\n  {given}: {d}, section {sec!r}, {n} images" for given, (d, sec, n) in scored)
         raise ValueError(f"these evaluations scored different labels, so their metrics do not compare:{listed}")
     lines = ["| evaluation | method | checkpoint | " + " | ".join(TITLES.values()) + " | images |",
              "|---|---|---|" + "---|" * len(TITLES) + "---|"]  # fmt: skip
-    for given, r in results.items():
+    for given, r in results:
         cells = [f"{100 * r[m]:.1f}" if isinstance(r.get(m), (int, float)) else "-" for m in TITLES]
         lines.append(f"| {given} | {r.get('method', '?')} | {r.get('checkpoint', '?')} | {' | '.join(cells)} | "
                      f"{r.get('n_images', '?')} |")  # fmt: skip
-    data, section, _ = next(iter(scored.values()))
-    table = (
-        "\n".join(lines)
-        + "\n\nIn %, "
-        + (
-            f"each on section {section!r} of {data['datalist']}."
-            if data
-            else "of evaluations recorded before 0.7.4, "
-            "which do not record the labels they scored: check that they are one test set."
-        )
-    )
+    table = "\n".join(lines) + "\n\nIn %"
+    data, section, _ = scored[0][1] if scored else (None, None, None)
+    table += f", each on section {section!r} of {data['datalist']}." if data else "."
+    unrecorded = [given for given, r in results if not r.get("data")]
+    if unrecorded:  # evaluated before 0.7.4
+        table += f" Not recorded which labels {', '.join(unrecorded)} scored: check that it is the same test set."
     if out:
         with open(out, "w") as f:
             f.write(table + "\n")

@@ -165,13 +165,16 @@ def warnings(checks: dict) -> list[str]:
             f"{masks['kept_drop']:.2f} nats from iteration 0 to the final iteration."
         )
     if outcome.get("aupro_final") is not None and outcome["aupro_final"] < outcome["aupro_iteration_0"] - WORSE:
-        p = _sign_test(outcome)
-        noise = p is not None and p >= SIGN_TEST  # a fall the images' split cannot tell from chance
+        p, better, worse = _sign_test(outcome), outcome.get("images_better"), outcome.get("images_worse")
+        if better is None or p is not None and p < SIGN_TEST and worse > better:  # no split recorded, or most fell
+            head, tail = "ILTM made the detector worse", "."
+        else:  # a fall the images, each scored alone, do not bear out
+            head = "AUPRO fell, though not beyond chance," if p is not None and p >= SIGN_TEST else "AUPRO fell"
+            tail = "; compare the two on more labelled images."
         out.append(
-            ("AUPRO fell, though not beyond chance," if noise else "ILTM made the detector worse")
-            + f" on the labelled validation images: AUPRO {outcome['aupro_final']:.3f} at the final iteration vs "
+            f"{head} on the labelled validation images: AUPRO {outcome['aupro_final']:.3f} at the final iteration vs "
             f"{outcome['aupro_iteration_0']:.3f} at iteration 0{_per_image(outcome)}. Iteration 0's detector is "
-            "iltm/iter_00/model.pt" + ("; compare the two on more labelled images." if noise else ".")
+            f"iltm/iter_00/model.pt{tail}"
         )
     drop = outcome["image_auroc_iteration_0"] - outcome["image_auroc_final"] if _image_aurocs(outcome) else 0.0
     if drop > max(WORSE, _auroc_step(outcome)) + 1e-9:

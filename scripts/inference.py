@@ -156,9 +156,9 @@ def unfinished(
     """The inputs still to map. A rerun of the same inference (the same checkpoint file, settings and input files,
     recorded in ``<maps_dir>/inference.json``) skips every input whose last output (`outputs`, in the order they are
     written) is complete, so a killed run over a large folder resumes where it stopped. Any other run maps every
-    input, and first removes the last outputs an earlier run left for them, so that a rerun after a kill never takes
-    another run's maps for its own. The maps of another inference are not written over: its folder, with the files of
-    `results` (globs: evaluation's metrics), is moved aside to ``<maps_dir>.replaced-<time>``.
+    input, and first moves the maps and record of the earlier run, with the files of `results` (globs: evaluation's
+    metrics), to ``<maps_dir>.replaced-<time>``: they are never written over, and a rerun after a kill never takes
+    another run's maps for its own.
 
     Every rank decides from the folder as it was before rank 0 records this run (a barrier in between), so the ranks
     of a torchrun agree on the list they shard. ``check`` (the input check) runs on that list before anything is
@@ -173,7 +173,7 @@ def unfinished(
             with open(path) as f:
                 previous = json.load(f)
         except (OSError, ValueError):
-            previous = None
+            previous = {}  # unreadable: another run's, as far as anyone can tell
     same = resume and previous == record
     todo = [e for e, marker in zip(files, last) if not complete(marker)] if same else list(files)
     if len(todo) < len(files):
@@ -187,27 +187,38 @@ def unfinished(
             os.makedirs(maps_dir, exist_ok=True)
         except OSError as e:
             raise OSError(f"{maps_dir}: the maps cannot be written there ({e}); use a writable --output_dir") from None
-        found = [f for pattern in results for f in sorted(glob.glob(pattern))]
-        if previous is not None and previous != record and (found or set(os.listdir(maps_dir)) - {"inference.json"}):
-            _move_aside(maps_dir, found)
-        if not same:  # another run's finished maps must not pass for this run's if this one is killed
-            for marker in last:
-                if os.path.isfile(marker):
-                    os.remove(marker)
+        if previous is not None and previous != record:
+            _move_aside(maps_dir, [path, *_maps_in(maps_dir, outputs)], [f for p in results for f in glob.glob(p)])
         write_json(path, record)
+    distributed.barrier()  # no rank writes a map before rank 0 has moved the earlier ones
     return todo
 
 
-def _move_aside(maps_dir: str, results: Sequence[str]) -> None:
-    """Another inference's maps (and evaluation's metrics) to ``<maps_dir>.replaced-<time>``, with a warning."""
+def _maps_in(maps_dir: str, outputs: Sequence[str]) -> list[str]:
+    """The map files under `maps_dir` (names ending as `outputs` do; inputs' subfolders kept)."""
+    return [
+        os.path.join(d, n) for d, _, names in os.walk(maps_dir) for n in sorted(names) if n.endswith(tuple(outputs))
+    ]
+
+
+def _move_aside(maps_dir: str, maps: Sequence[str], results: Sequence[str]) -> None:
+    """Another inference's maps and record, and evaluation's metrics (`results`), to ``<maps_dir>.replaced-<time>``
+    with their relative paths, and a warning; nothing else in the folders moves."""
+    moved = [f for f in dict.fromkeys([*maps, *results]) if os.path.isfile(f)]
+    if not [f for f in moved if os.path.basename(f) != "inference.json"]:
+        return  # a record alone (a run killed before its first map): nothing finished to keep
     aside = f"{maps_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(maps_dir, aside)
-    os.makedirs(maps_dir)
-    for result in results:
-        os.replace(result, os.path.join(aside, os.path.basename(result)))
-    what = "maps and metrics" if results else "maps"
-    logger.warning(f"{maps_dir}: held the {what} of another inference (another checkpoint, settings or inputs); "
-                   f"moved to {aside}")  # fmt: skip
+    try:
+        for f in moved:
+            base = maps_dir if f.startswith(maps_dir.rstrip(os.sep) + os.sep) else os.path.dirname(f)
+            target = os.path.join(aside, os.path.relpath(f, base))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(f, target)
+    except OSError as e:
+        raise OSError(f"{maps_dir}: the maps of another inference there cannot be moved aside to {aside} ({e}); "
+                      "use another --output_dir") from None  # fmt: skip
+    logger.warning(f"{maps_dir}: held the maps{' and metrics' if results else ''} of another inference (another "
+                   f"checkpoint, settings or inputs); moved to {aside}")  # fmt: skip
 
 
 def complete(path: str) -> bool:
@@ -283,7 +294,8 @@ class AnomalyOutputd(MapTransform):
     """The score map on the input's grid becomes `score_map`, its label map `segmentation` (uint8, 1 = anomaly), and
     `pred` one of them: MONAI Label and viewers write `pred` with the input's format (a PNG cannot hold floats) and
     read its values as labels. The request key `anomaly_output` ("segmentation" or "score") chooses; `result`
-    (MONAI Label's JSON answer) gets the image score and the anomalous fraction.
+    (MONAI Label's JSON answer) gets the image score and the anomalous fraction. A map without a density threshold
+    (a baseline's: `density_threshold` None) has no segmentation: `pred` is the score and the answer its image score.
     """
 
     OUTPUTS = ("segmentation", "score")

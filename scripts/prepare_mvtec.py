@@ -432,10 +432,11 @@ def main(
         for filename, datalist in datalists.items():
             write_json(os.path.join(out, filename), datalist)
         rows += found
-    table = write_summary(out, rows, f"MVTec AD datalists (seed {seed})", protocol)
+        table = write_summary(out, found, f"MVTec AD datalists (seed {seed})", protocol)  # after each category
     print(table)
     base = "the output folder" if copy else "the MVTec AD root"
-    print(f"\n{len(rows)} datalists in {out}; image paths are relative to {base}: pass it as --dataset_dir.")
+    print(f"\n{len(rows)} datalists written in {out} (its summary.md lists every one there); image paths are "
+          f"relative to {base}: pass it as --dataset_dir.")  # fmt: skip
     if not copy and int(size) != 256:
         print(f'Images are resized by the bundle: add --image_size "[{size}, {size}]" to the training command.')
     return rows

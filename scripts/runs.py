@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
+from fnmatch import fnmatch
 from typing import Any
 
 from scripts import distributed
@@ -34,7 +35,7 @@ EXTENDABLE = ("iltm#max_iterations", "iltm#min_iterations", "iltm#stop_tolerance
 SHOWN = 8  # differing files listed by name
 # what a training writes into its output folder (ILTM and the baselines): a folder holding one of these but no run
 # record would have it written over
-WRITES = ("model.pt", "state.json", "vqvae", "tokens", "iltm", "baseline", "stkd", "mlruns.db")
+WRITES = ("model.pt", "state.json", "vqvae", "tokens", "iltm", "baseline", "stkd")
 
 
 class RunConflict(RuntimeError):
@@ -153,15 +154,12 @@ class RunGuard:
             old = read_record(self.path, f"what the run in {self.output_dir} was started with")
             if isinstance(old.get("settings"), dict):
                 old["settings"] = current_keys(old["settings"])  # a run an older version started
-            kinds = [
-                detector_kind(r["settings"]) if isinstance(r.get("settings"), dict) else None
-                for r in (old, self.record)
-            ]
+            kinds = [_method(r.get("settings")) for r in (old, self.record)]
             if None not in kinds and kinds[0] != kinds[1]:  # no setting of the one says anything about the other
                 self.finish()
                 raise RunConflict(
-                    f"{self.output_dir} holds a run of {kinds[0][0]}, and this training builds {kinds[1][0]}. Use a "
-                    "new --output_dir, or --overwrite True to move that run aside (--resume True cannot mix the two)."
+                    f"{self.output_dir} holds a run of {kinds[0]}, and this training builds {kinds[1]}. Use a new "
+                    "--output_dir, or --overwrite True to move that run aside (--resume True cannot mix the two)."
                 )
             differ = _differences(old, self.record)
             if differ and not self.resume:
@@ -251,12 +249,23 @@ class RunGuard:
                 os.remove(tmp)
 
 
+def _method(settings: Any) -> str | None:
+    """The detector a run's recorded settings build, told apart down to the baseline; None: no network recorded."""
+    kind = detector_kind(settings) if isinstance(settings, dict) else None
+    if kind is None:
+        return None
+    if any(key.startswith("classifier_def#") for key in settings):  # CutPaste and STKD share one network
+        return f"the {'STKD' if any(k.startswith('stkd#') for k in settings) else 'CutPaste'} baseline's detector"
+    return kind[0]
+
+
 def _results(path: str) -> bool:
-    """Whether `path` is or holds a file other than a TensorBoard event file (those get a new name on every write,
-    and the stages' handlers make theirs before the guard starts)."""
+    """Whether `path` is or holds a file other than a TensorBoard event file or MONAI's copy of the run's config
+    (`config_<time>.json`, with --tracking mlflow): the stages' handlers write those before the guard starts."""
+    name = os.path.basename(path)
     if not os.path.isdir(path):
-        return not os.path.basename(path).startswith("events.out.tfevents")
-    return any(_results(os.path.join(path, name)) for name in os.listdir(path))
+        return not (name.startswith("events.out.tfevents") or fnmatch(name, "config_*.json"))
+    return any(_results(os.path.join(path, sub)) for sub in os.listdir(path))
 
 
 def _bundle_version() -> str:

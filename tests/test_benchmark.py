@@ -39,3 +39,10 @@ def test_bad_arguments_stop_before_any_timing(argv, says, capsys) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert says in capsys.readouterr().err
+
+
+def test_flags_take_underscores_as_the_other_scripts_do() -> None:
+    from scripts.benchmark import parse_args
+
+    args = parse_args(["--size_2d", "64", "--num_samples=7", "--skip_naive", "--json", "a_b.json"])
+    assert (args.size_2d, args.num_samples, args.skip_naive, args.json) == (64, 7, True, "a_b.json")

@@ -414,5 +414,8 @@ def test_compare_puts_evaluations_of_one_test_set_side_by_side(tmp_path, capsys)
     with pytest.raises(ValueError, match="scored different labels") as err:
         experiments_report.compare(str(tmp_path / "iltm"), str(tmp_path / "nsa"))
     assert "section 'validation', 4 images" in str(err.value)
+    (tmp_path / "nsa" / "metrics.json").write_text(json.dumps({k: v for k, v in other.items() if k != "data"}))
+    older = experiments_report.compare(str(tmp_path / "iltm"), str(tmp_path / "nsa"))  # evaluated before 0.7.4
+    assert older.endswith(f"Not recorded which labels {tmp_path / 'nsa'} scored: check that it is the same test set.")
     with pytest.raises(FileNotFoundError, match="nowhere: no metrics.json there"):
         experiments_report.compare(str(tmp_path / "nowhere"))

@@ -160,6 +160,13 @@ def test_a_fall_in_aupro_is_called_worse_only_beyond_chance() -> None:
     (warning,) = [w for w in iltm_checks.warnings(many) if "AUPRO 0.500" in w]
     assert warning.startswith("ILTM made the detector worse on the labelled validation images: AUPRO 0.500")
     assert "beyond chance, sign test p = 0.000977)" in warning and warning.endswith("iltm/iter_00/model.pt.")
+    for rose, fell, says in ((14, 1, "AUPRO fell on"), (0, 0, "AUPRO fell on")):  # most images rose, or none moved
+        (warning,) = [w for w in iltm_checks.warnings(_with("outcome", aupro_final=0.5, images_better=rose,
+                                                               images_worse=fell)) if "AUPRO 0.500" in w]  # fmt: skip
+        assert warning.startswith(says) and "worse" not in warning
+    old = {**HEALTHY, "outcome": {k: v for k, v in HEALTHY["outcome"].items() if not k.startswith("images_")}}
+    old["outcome"]["aupro_final"] = 0.5  # recorded before 0.7.3: no split to weigh the fall against
+    assert any(w.startswith("ILTM made the detector worse") for w in iltm_checks.warnings(old))
 
 
 def test_a_record_from_before_0_6_3_with_nan_unlearning_reads_as_not_measured() -> None:

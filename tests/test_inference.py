@@ -398,8 +398,10 @@ def test_killed_inference_resumes_without_remapping(dataset: str, checkpoint: st
         m.setattr(AnomalyInferer, "__call__", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
         with pytest.raises(BaseException):
             infer(**other)
-    third = infer(**other)  # the first run's complete maps are not taken for this one's
+    third = infer(**other)  # the first run's complete maps are not taken for this one's: they were moved aside
     assert all(third[n] != second[n] for n in second)
+    (aside,) = [p for p in os.listdir(out) if p.startswith("inference.replaced-")]
+    assert sorted(os.listdir(os.path.join(out, aside))) == sorted([*second, "inference.json"])
     fourth = infer(**other, resume_maps=False)
     assert all(fourth[n] != third[n] for n in third)
 

@@ -211,12 +211,14 @@ def test_a_failed_preparation_binds_what_it_left_and_summaries_list_every_datali
         "datalist_bottle_r0.00.json",
         "datalist_bottle_r0.20.json",
     ]
+    assert "| bottle | 0.00 |" in (out / "summary.md").read_text()  # the summary lists what the failed run left
     with pytest.raises(LayoutError, match="other settings .n_test: 20 there, 12 now"):
         _run(mvtec, out, categories="bottle", ratios="0.2", n_test=12)
     _run(mvtec, out, categories="bottle", ratios="0.2")
     _run(mvtec, out, categories="bottle,grid", ratios="0.4")  # a later call adds to the summary
     summary = (out / "summary.md").read_text()
-    assert all(f"| {c} | {r} |" in summary for c, r in (("bottle", "0.20"), ("bottle", "0.40"), ("grid", "0.40")))
+    listed = (("bottle", "0.00"), ("bottle", "0.20"), ("bottle", "0.40"), ("grid", "0.40"))
+    assert all(f"| {c} | {r} |" in summary for c, r in listed) and summary.count("| bottle |") == 3
 
 
 def test_uppercase_extensions_and_other_images(mvtec, tmp_path, caplog):

@@ -139,6 +139,7 @@ def test_a_folder_that_is_not_a_run_is_never_written_over(tmp_path, data, caplog
     events = tmp_path / "fresh" / "vqvae" / "tensorboard"  # what a stage's handlers make before the guard starts
     events.mkdir(parents=True)
     (events / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    (tmp_path / "fresh" / "config_20261202_110217.json").write_text("{}")  # MONAI's copy, with --tracking mlflow
     caplog.clear()
     with caplog.at_level("WARNING", logger="scripts.runs"):
         guard(str(tmp_path / "fresh"), data).start()
@@ -157,6 +158,15 @@ def test_a_run_of_another_detector_is_kept_even_with_resume(tmp_path, data) -> N
             guard(out, data, detector={"vqvae_def": {"channels": [8, 8]}}, resume=resume).start()
         assert "--overwrite True" in str(err.value) and "--resume True to continue" not in str(err.value)
     guard(out, data, detector={"segmenter_def": {"channels": [4, 8]}}).start()  # the same kind still resumes
+    classifier = {"classifier_def": {"channels": [4]}}  # CutPaste and STKD: one network, told apart by their settings
+    cutpaste = RunGuard(str(tmp_path / "cp"), {"cutpaste": {"epochs": 2}}, entries(data, "training"), [], classifier)
+    cutpaste.start()
+    cutpaste.finish()
+    stkd = {"cutpaste": {"epochs": 2}, "stkd": {"rounds": 2}}
+    with pytest.raises(
+        RunConflict, match="a run of the CutPaste baseline's detector, and this training builds the STKD"
+    ):
+        RunGuard(str(tmp_path / "cp"), stkd, entries(data, "training"), [], classifier, resume=True).start()
 
 
 def test_resume_names_what_it_resumes_past_once(tmp_path, data, caplog) -> None:
