@@ -9,6 +9,7 @@ metadata on the map (so that MONAI's writers and ``Invertd`` know the file and i
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
@@ -188,7 +189,8 @@ def unfinished(
         except OSError as e:
             raise OSError(f"{maps_dir}: the maps cannot be written there ({e}); use a writable --output_dir") from None
         if previous is not None and previous != record:
-            _move_aside(maps_dir, [path, *_maps_in(maps_dir, outputs)], [f for p in results for f in glob.glob(p)])
+            kinds = [*outputs, *(previous.get("outputs") or [])]  # the earlier run's overlays, where this one has none
+            _move_aside(maps_dir, [path, *_maps_in(maps_dir, kinds)], [f for p in results for f in glob.glob(p)])
         write_json(path, record)
     distributed.barrier()  # no rank writes a map before rank 0 has moved the earlier ones
     return todo
@@ -207,7 +209,11 @@ def _move_aside(maps_dir: str, maps: Sequence[str], results: Sequence[str]) -> N
     moved = [f for f in dict.fromkeys([*maps, *results]) if os.path.isfile(f)]
     if not [f for f in moved if os.path.basename(f) != "inference.json"]:
         return  # a record alone (a run killed before its first map): nothing finished to keep
-    aside = f"{maps_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = stamped = f"{maps_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(2):  # two runs replaced within one second keep a folder each
+        if not os.path.exists(aside):
+            break
+        aside = f"{stamped}-{n}"
     try:
         for f in moved:
             base = maps_dir if f.startswith(maps_dir.rstrip(os.sep) + os.sep) else os.path.dirname(f)

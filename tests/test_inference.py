@@ -163,17 +163,21 @@ def test_another_evaluation_moves_the_earlier_one_aside(dataset: str, checkpoint
 
     def evaluate(**overrides) -> None:
         bundle_run(
-            "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset, save_overlays=False,
+            "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset,
             datalist=os.path.join(dataset, "datalist.json"), checkpoint=checkpoint, output_dir=str(out),
-            **{**TINY, **overrides},
+            **{**TINY, "save_overlays": False, **overrides},
         )  # fmt: skip
 
     evaluate()
     evaluate()  # the same evaluation again: nothing to keep
     assert not list(tmp_path.glob("eval/evaluation.replaced-*"))
+    evaluate(**{"network_def#resample": False, "save_overlays": True})  # with overlays this time
+    evaluate()  # without: the overlays of the run before go aside too, not left beside this run's maps
+    assert not list(tmp_path.glob("eval/evaluation/images/*_overlay.png"))
+    assert len(list(tmp_path.glob("eval/evaluation.replaced-*/images/*_overlay.png"))) == 4
     evaluate(**{"network_def#resample": False})
-    aside = list(tmp_path.glob("eval/evaluation.replaced-*"))
-    assert len(aside) == 1 and "moved to" in capsys.readouterr().out  # logging.conf: stdout
+    aside = [p for p in tmp_path.glob("eval/evaluation.replaced-*") if not list(p.glob("images/*_overlay.png"))]
+    assert len(aside) == 2 and "moved to" in capsys.readouterr().out  # logging.conf: stdout
     kept = json.loads((aside[0] / "metrics.json").read_text())
     assert kept["resample"] is True and (aside[0] / "images" / "test_0000_score.nii.gz").is_file()
     assert (aside[0] / "metrics.csv").is_file() and (aside[0] / "image_score_raw.csv").is_file()
