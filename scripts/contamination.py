@@ -117,10 +117,11 @@ def write_summary(out: str, rows: Sequence[dict], title: str, protocol: dict[str
     write_json(os.path.join(out, "protocol.json"), protocol)
     columns, path = list(rows[0]), os.path.join(out, "summary.csv")
     if os.path.isfile(path):
-        with open(path, newline="") as f:
-            earlier = [row for row in csv.DictReader(f) if row.get("datalist") not in {r["datalist"] for r in rows}]
-        present = [row for row in earlier if os.path.isfile(os.path.join(out, row.get("datalist") or ""))]
-        rows = sorted([*present, *rows], key=lambda row: (str(row.get("category")), str(row["datalist"])))
+        new = {row["datalist"] for row in rows}
+        with open(path, newline="") as f:  # the earlier rows whose datalists are still there and not drawn again
+            kept = [row for row in csv.DictReader(f) if row.get("datalist") not in new
+                    and os.path.isfile(os.path.join(out, row.get("datalist") or ""))]  # fmt: skip
+        rows = sorted([*kept, *rows], key=lambda row: (str(row.get("category")), str(row["datalist"])))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

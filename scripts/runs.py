@@ -192,7 +192,6 @@ class RunGuard:
         )  # fmt: skip
         if not present:
             return
-        shown = ", ".join(present[:SHOWN]) + (f" and {len(present) - SHOWN} more" if len(present) > SHOWN else "")
         clash = [n for n in present if n in WRITES]
         if clash:
             self.finish()
@@ -201,6 +200,7 @@ class RunGuard:
                 f"a training there would write over {'it' if len(clash) == 1 else 'them'}. Use a new --output_dir, or "
                 "--overwrite True to move the folder aside and start afresh."
             )
+        shown = ", ".join(present[:SHOWN]) + (f" and {len(present) - SHOWN} more" if len(present) > SHOWN else "")
         logger.warning(f"{self.output_dir}: holds files that are not a run's ({shown}); the run is written beside them")
 
     def _holder(self) -> dict:
