@@ -23,8 +23,11 @@ from scripts.inference import item_filename, output_name
 logger = logging.getLogger(__name__)
 
 # per-image values (MONAI's metric details): 1 if the label has any anomalous voxel, the image score (maximum of the
-# map), the mean score, labelled and segmented voxels, and the Dice of the detector's own segmentation
-PER_IMAGE = ("anomalous", "image_score", "mean_score", "label_voxels", "segmented_voxels", "dice_at_density_threshold")
+# map), the mean score, labelled and segmented voxels, the Dice of the detector's own segmentation, and the image's
+# own AUPRO (NaN without anomalous or normal voxels), which `python -m scripts.experiments compare` pairs image by image
+PER_IMAGE = (
+    "anomalous", "image_score", "mean_score", "label_voxels", "segmented_voxels", "dice_at_density_threshold", "aupro"
+)  # fmt: skip
 
 
 def summarise(
@@ -128,7 +131,8 @@ class AnomalyMetrics:
                 per_image_dice = dice(*overlap(seg, label))
             rows.append([float(label.any()), float(score.max()), float(score.mean()), float(label.sum()),
                          float("nan") if seg is None else float(seg.sum()),
-                         float("nan") if per_image_dice is None else per_image_dice])  # fmt: skip
+                         float("nan") if per_image_dice is None else per_image_dice,
+                         metrics.image_aupro(score, label, self.fpr_limit)])  # fmt: skip
         table = torch.tensor(rows, dtype=torch.float64).reshape(-1, len(PER_IMAGE))
         return {name: table[:, i : i + 1] for i, name in enumerate(PER_IMAGE)}
 

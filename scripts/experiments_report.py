@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from matplotlib.ticker import MaxNLocator
+from scipy.stats import binomtest
 
 from scripts.baselines import METHODS
 from scripts.cli import as_list
+from scripts.iltm_checks import SIGN_TEST
 from scripts.plots import figure
 
 METRICS = ("aupro", "best_dice", "pixel_auroc", "image_auroc", "dice_at_density_threshold")
@@ -264,11 +266,38 @@ def compare(*evaluations: str, out: str | None = None) -> str:
     unrecorded = [given for given, r in results if not r.get("data")]
     if unrecorded:  # evaluated before 0.7.4
         table += f" Not recorded which labels {', '.join(unrecorded)} scored: check that it is the same test set."
+    table += "".join(_paired(evaluations[0], given) for given in evaluations[1:])
     if out:
         with open(out, "w") as f:
             f.write(table + "\n")
     print(table, flush=True)
     return table
+
+
+def _paired(first: str, other: str) -> str:
+    """`other` against `first`, image by image (each image's own AUPRO, ``aupro_raw.csv``): on a test set of a few
+    dozen images a set-level difference can rest on a few of them, and a sign test says whether chance splits so."""
+    own = [_image_aupros(given) for given in (first, other)]
+    if not all(own):  # evaluated before 0.7.6, or a file given for the folder
+        return f"\n\n{other} against {first}: no per-image AUPRO to pair (aupro_raw.csv, written since 0.7.6)."
+    paired = [(own[0][name], value) for name, value in own[1].items() if name in own[0]]
+    higher, lower = sum(b > a for a, b in paired), sum(b < a for a, b in paired)
+    line = f"\n\n{other} against {first}, image by image (own AUPRO, {len(paired)} images with anomalies): "
+    if not higher + lower:
+        return line + "no image's AUPRO differs."
+    p = binomtest(higher, higher + lower).pvalue
+    return line + (f"higher on {higher}, lower on {lower}: {'within' if p >= SIGN_TEST else 'beyond'} chance "
+                   f"(two-sided sign test, p = {p:.3g}).")  # fmt: skip
+
+
+def _image_aupros(given: str) -> dict[str, float]:
+    """An evaluation's per-image AUPRO by image name, images without one (no anomaly) left out; {} without the file."""
+    path = os.path.join(given if os.path.isdir(given) else os.path.dirname(given), "aupro_raw.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rows = [(row["filename"], _float(row["class0"])) for row in csv.DictReader(f)]
+    return {name: value for name, value in rows if not math.isnan(value)}
 
 
 def _data(record: Any) -> Any:

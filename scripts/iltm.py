@@ -81,7 +81,7 @@ def images_changed(before: torch.Tensor, after: torch.Tensor, labels: torch.Tens
     `before`: a set-level change on a few validation images can rest on one or two of them, so the summary shows
     both (on the 2D demo's 16 the set-level change had the test set's sign in 2 of 8 runs, docs/README.md)."""
     changes = [
-        metrics.aupro(a[None].numpy(), lab[None].numpy()) - metrics.aupro(b[None].numpy(), lab[None].numpy())
+        metrics.image_aupro(a.numpy(), lab.numpy()) - metrics.image_aupro(b.numpy(), lab.numpy())
         for b, a, lab in zip(before, after, labels)
         if lab.any() and not lab.all()
     ]

@@ -159,7 +159,8 @@ def unfinished(
     written) is complete, so a killed run over a large folder resumes where it stopped. Any other run maps every
     input, and first moves the maps and record of the earlier run, with the files of `results` (globs: evaluation's
     metrics), to ``<maps_dir>.replaced-<time>``: they are never written over, and a rerun after a kill never takes
-    another run's maps for its own.
+    another run's maps for its own. Maps and metrics found without a record (an older version's) go aside too, and an
+    evaluation without maps keeps a record for its metrics.
 
     Every rank decides from the folder as it was before rank 0 records this run (a barrier in between), so the ranks
     of a torchrun agree on the list they shard. ``check`` (the input check) runs on that list before anything is
@@ -168,13 +169,15 @@ def unfinished(
     path = os.path.join(maps_dir, "inference.json")
     record = json.loads(json.dumps({**record, "inputs": file_table(files)}, default=str))
     last = [os.path.join(maps_dir, output_name(e["image"], root) + outputs[-1]) for e in files] if outputs else []
+    recorded = bool(outputs or results)  # an evaluation without maps still has metrics to keep
     previous = None
-    if outputs and os.path.isfile(path):
+    if recorded and os.path.isfile(path):
         try:
             with open(path) as f:
                 previous = json.load(f)
         except (OSError, ValueError):
             previous = {}  # unreadable: another run's, as far as anyone can tell
+        previous = previous if isinstance(previous, dict) else {}
     same = resume and previous == record
     todo = [e for e, marker in zip(files, last) if not complete(marker)] if same else list(files)
     if len(todo) < len(files):
@@ -183,13 +186,16 @@ def unfinished(
     if check is not None:
         todo = check(todo)
     distributed.barrier()
-    if outputs and distributed.is_main():
+    if recorded and distributed.is_main():
         try:
             os.makedirs(maps_dir, exist_ok=True)
         except OSError as e:
             raise OSError(f"{maps_dir}: the maps cannot be written there ({e}); use a writable --output_dir") from None
-        if previous is not None and previous != record:
-            kinds = [*outputs, *(previous.get("outputs") or [])]  # the earlier run's overlays, where this one has none
+        if previous != record:  # no record: outputs of unknown origin (an older version's), moved aside as well
+            kinds = [
+                *outputs,
+                *((previous or {}).get("outputs") or []),
+            ]  # the earlier run's overlays, where this one has none
             _move_aside(maps_dir, [path, *_maps_in(maps_dir, kinds)], [f for p in results for f in glob.glob(p)])
         write_json(path, record)
     distributed.barrier()  # no rank writes a map before rank 0 has moved the earlier ones

@@ -360,3 +360,10 @@ def pixel_metrics(scores: ArrayInput, labels: ArrayInput, fpr_limit: float = 0.3
             acc.update(*group)
     dice, thr = accs[2].result()
     return {"pixel_auroc": accs[0].result(pooled), "aupro": accs[1].result(), "best_dice": dice, "dice_threshold": thr}
+
+
+def image_aupro(score: np.ndarray, label: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """One image's own AUPRO (NaN where it has no anomalous or no normal voxel): the unit of paired per-image
+    comparisons, where a set-level difference on few images can rest on one or two of them."""
+    label = np.asarray(label, dtype=bool)
+    return aupro(score[None], label[None], fpr_limit) if label.any() and not label.all() else float("nan")

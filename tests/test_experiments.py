@@ -416,6 +416,18 @@ def test_compare_puts_evaluations_of_one_test_set_side_by_side(tmp_path, capsys)
     assert "section 'validation', 4 images" in str(err.value)
     (tmp_path / "nsa" / "metrics.json").write_text(json.dumps({k: v for k, v in other.items() if k != "data"}))
     older = experiments_report.compare(str(tmp_path / "iltm"), str(tmp_path / "nsa"))  # evaluated before 0.7.4
-    assert older.endswith(f"Not recorded which labels {tmp_path / 'nsa'} scored: check that it is the same test set.")
+    assert f"Not recorded which labels {tmp_path / 'nsa'} scored: check that it is the same test set." in older
+    assert older.endswith("no per-image AUPRO to pair (aupro_raw.csv, written since 0.7.6).")
+    own = {"iltm": [0.5, 0.6, 0.7, 0.8, 0.9, 0.4, 0.3, "nan"], "nsa": [0.4, 0.5, 0.6, 0.7, 0.8, 0.3, 0.3, 0.9]}
+    for name, values in own.items():  # MONAI's MetricsSaver layout; the last image of the first has no anomaly
+        rows = "".join(f"images/{i},{v},{v}\n" for i, v in enumerate(values))
+        (tmp_path / name / "aupro_raw.csv").write_text("filename,class0,mean\n" + rows)
+    paired = experiments_report.compare(str(tmp_path / "iltm"), str(tmp_path / "nsa"))
+    assert paired.endswith(
+        f"{tmp_path / 'nsa'} against {tmp_path / 'iltm'}, image by image (own AUPRO, 7 images with "
+        "anomalies): higher on 0, lower on 6: beyond chance (two-sided sign test, p = 0.0312)."
+    )
+    reverse = experiments_report.compare(str(tmp_path / "nsa"), str(tmp_path / "iltm"))
+    assert reverse.endswith("higher on 6, lower on 0: beyond chance (two-sided sign test, p = 0.0312).")
     with pytest.raises(FileNotFoundError, match="nowhere: no metrics.json there"):
         experiments_report.compare(str(tmp_path / "nowhere"))

@@ -184,6 +184,29 @@ def test_another_evaluation_moves_the_earlier_one_aside(dataset: str, checkpoint
     assert json.loads((out / "metrics.json").read_text())["resample"] is False
 
 
+def test_an_evaluation_without_maps_keeps_the_earlier_metrics(dataset: str, checkpoint: str, tmp_path) -> None:
+    """Without maps there was no record, so another evaluation wrote over the metrics; metrics found without a record
+    (an older version's) are of another run as far as anyone can tell."""
+    out = tmp_path / "eval"
+
+    def evaluate(**overrides) -> dict:
+        bundle_run(
+            "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset,
+            datalist=os.path.join(dataset, "datalist.json"), checkpoint=checkpoint, output_dir=str(out),
+            **{**TINY, "save_maps": False, "save_overlays": False, **overrides},
+        )  # fmt: skip
+        return json.loads((out / "metrics.json").read_text())
+
+    assert evaluate()["resample"] is True
+    assert evaluate(**{"network_def#resample": False})["resample"] is False
+    (aside,) = tmp_path.glob("eval/evaluation.replaced-*")
+    assert json.loads((aside / "metrics.json").read_text())["resample"] is True
+    assert (aside / "image_score_raw.csv").is_file() and (aside / "inference.json").is_file()
+    (out / "evaluation" / "inference.json").unlink()
+    evaluate(**{"network_def#resample": False})
+    assert len(list(tmp_path.glob("eval/evaluation.replaced-*/metrics.json"))) == 2
+
+
 def test_evaluation_of_a_set_without_anomalies_leaves_its_metrics_undefined_quietly(
     dataset: str, checkpoint: str, tmp_path
 ) -> None:
@@ -220,7 +243,13 @@ def test_evaluation_without_resampling_is_recorded(dataset: str, checkpoint: str
     )  # fmt: skip
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["resample"] is False
-    assert not os.path.exists(os.path.join(out, "evaluation"))
+    assert os.listdir(os.path.join(out, "evaluation")) == ["inference.json"]  # no maps; the record of the metrics
+    with open(os.path.join(out, "aupro_raw.csv")) as f:  # each image's own AUPRO, for compare's pairing
+        own = {row["filename"]: float(row["class0"]) for row in csv.DictReader(f)}
+    with open(os.path.join(out, "anomalous_raw.csv")) as f:
+        anomalous = {row["filename"]: float(row["class0"]) > 0 for row in csv.DictReader(f)}
+    assert own.keys() == anomalous.keys() and any(anomalous.values()) and not all(anomalous.values())
+    assert all(0 <= own[n] <= 1 if anomalous[n] else np.isnan(own[n]) for n in own)
 
 
 def test_restricted_maps_without_flags_rank_as_the_unrestricted_ones(dataset: str, checkpoint: str, tmp_path) -> None:
