@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -51,9 +52,14 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{datalist}: not a valid JSON datalist ({e})") from e
     if not isinstance(sections, dict) or not sections.get(section):
+        present = [k for k, v in sections.items() if isinstance(v, list) and v] if isinstance(sections, dict) else []
+        close = difflib.get_close_matches(section, present, n=1, cutoff=0.5)
+        has = f"; it has {', '.join(map(repr, present))}" if present else ""
         raise DataError(
-            f"{datalist}: section {section!r} is missing or empty; add it (training needs `training` and "
-            "`validation` sections, evaluation and inference a `test` section or another --data_section)"
+            f"{datalist}: section {section!r} is missing or empty{has}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + "; add it (training needs `training` and `validation` sections, evaluation and inference a `test` "
+            "section or another --data_section)"
         )
     base = dataset_dir
     if os.path.isfile(os.path.join(dataset_dir, "params.json")) and not _inside(datalist, dataset_dir):
@@ -63,12 +69,20 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
     for i, entry in enumerate(entries):
         if "image" not in entry:
             raise DataError(f"{datalist}: entry {i} of {section!r} has no 'image'")
-        if labels == "require" and "label" not in entry:
-            raise DataError(
-                f"{datalist}: entry {i} of {section!r} ({entry['image']}) has no 'label'{_renamed([entry])}. "
-                "Evaluation and diagnosis need one per image (an all-zero mask for a normal one); inference "
-                "(configs/inference.yaml alone) needs none."
-            )
+    unlabelled = [i for i, entry in enumerate(entries) if "label" not in entry]
+    if labels == "require" and unlabelled:
+        i, image = unlabelled[0], entries[unlabelled[0]]["image"]
+        which = (
+            f"entry {i} of {section!r} ({image}) has no 'label'"
+            if len(unlabelled) == 1
+            else f"{len(unlabelled)} of the {len(entries)} entries of {section!r} (the first: entry {i}, {image}) have no "
+            "'label'"
+        )
+        raise DataError(
+            f"{datalist}: {which}{_renamed([entries[i]])}. "
+            "Evaluation and diagnosis need one per image (an all-zero mask for a normal one); inference "
+            "(configs/inference.yaml alone) needs none."
+        )
     labelled = sum("label" in e for e in entries)
     renamed = _renamed(entries) if labels != "drop" and labelled < len(entries) else ""
     if renamed:
@@ -173,6 +187,11 @@ class CheckImaged(MapTransform):
                     f"{name}: has {img.ndim - 1} spatial dimensions, the bundle is configured for "
                     f"{self.spatial_dims} (spatial_dims)"
                 )
+            if self.spatial_dims == 3 and 1 in img.shape[1:]:  # resized to a volume, and its maps saved squeezed
+                raise DataError(
+                    f"{name}: a single slice (shape {tuple(img.shape[1:])}), not a volume; a 3D detector needs "
+                    "volumes (slices go to a 2D detector, spatial_dims 2)"
+                )
             if key != self.label_key:
                 mode = getattr(img, "meta", {}).get("mode")
                 if mode in ("P", "PA"):  # PIL's reader gives the colour table's indices as one grey channel
@@ -197,13 +216,32 @@ class CheckImaged(MapTransform):
                 self._check_scale(name, img)
         if self.label_key in d and self.keys[0] in d:
             image, label = d[self.keys[0]], d[self.label_key]
+            name = getattr(label, "meta", {}).get("filename_or_obj", self.label_key)
             if tuple(image.shape[1:]) != tuple(label.shape[1:]):
-                name = getattr(label, "meta", {}).get("filename_or_obj", self.label_key)
                 raise DataError(
                     f"{name}: label shape {tuple(label.shape[1:])} does not match its image's "
                     f"{tuple(image.shape[1:])}"
                 )
+            _check_aligned(name, image, label)
         return d
+
+
+def _check_aligned(name: str, image: Any, label: Any) -> None:
+    """A label of the image's shape but another affine (a mask saved in another frame) lies elsewhere in space: each
+    would be resampled in its own frame and then scored voxel by voxel as if aligned."""
+    a, b = (getattr(x, "affine", None) for x in (image, label))
+    if a is None or b is None or a.shape != b.shape:
+        return
+    a, b = (torch.as_tensor(x, dtype=torch.float64) for x in (a, b))
+    size = float(a[:-1, :-1].abs().max()) or 1.0  # voxel size, for the tolerance
+    if not torch.allclose(a, b, rtol=0.0, atol=1e-3 * size):
+        origin = [[round(float(v), 3) for v in x[:-1, -1]] for x in (a, b)]
+        spacing = [[round(float(v), 3) for v in x[:-1, :-1].norm(dim=0)] for x in (a, b)]
+        raise DataError(
+            f"{name}: its affine differs from its image's (origin {origin[1]}, voxel size {spacing[1]}; the image's "
+            f"{origin[0]}, {spacing[0]}): the label lies elsewhere in space.",
+            "Resample the labels onto their images' grids (or fix their headers) before training or evaluation.",
+        )
 
 
 class ShieldStringsd(MapTransform):
@@ -275,14 +313,15 @@ class BinarizeLabeld(MapTransform):
         return d
 
 
-def intensity_band(entries: Sequence[dict], images: int = 50, voxels: int = 100_000) -> tuple[float, float]:
+def intensity_band(entries: Sequence[dict], images: int = 50, voxels: int = 100_000) -> tuple[float, float, float]:
     """The 0.1 and 99.9 percentiles of the raw intensities of up to `images` evenly spaced entries (`voxels` evenly
-    spaced voxels each): the band to map to [0, 1] where the images use a narrow part of intensity_min..max."""
+    spaced voxels each): the band to map to [0, 1] where the images use a narrow part of intensity_min..max; and their
+    maximum, since bright anomalies (hot lesions) can lie above the band."""
     load = LoadImage(image_only=True)
     values = [torch.as_tensor(load(e["image"])).flatten() for e in entries[:: max(1, len(entries) // images)]]
     sample = torch.cat([v[:: max(1, len(v) // voxels)].double() for v in values])
     low, high = torch.quantile(sample, torch.tensor([0.001, 0.999], dtype=torch.float64))
-    return float(low), float(high)
+    return float(low), float(high), float(sample.max())
 
 
 def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checking data") -> list[dict]:

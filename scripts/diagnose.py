@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from scripts.checkpoint import load_detector
 from scripts.cli import check_ids, fire_main
-from scripts.data import load_datalist
+from scripts.data import DataError, load_datalist
 from scripts.detector import AnomalyDetector
 from scripts.files import write_json
 from scripts.healing import token_log_likelihood
@@ -110,12 +110,20 @@ def diagnose(
             f"({type(detector).__name__}) has none. Evaluate it instead (python -m monai.bundle run evaluating ...)."
         )
     load_detector(detector, checkpoint, parser.get_parsed_content("detector_settings"))  # a mismatch names the data
-    files = load_datalist(
-        parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), section, labels="require"
-    )
+    datalist = parser.get_parsed_content("datalist")
+    try:
+        files = load_datalist(datalist, parser.get_parsed_content("dataset_dir"), section, labels="require")
+    except DataError as e:  # its words are the bundle's; diagnose's own flag is --section
+        raise DataError(str(e).replace("--data_section", "--section")) from None
     preprocessing = parser.get_parsed_content("preprocessing")
     items = [preprocessing(f) for f in tqdm(files, desc="loading", leave=False)]
     labels = torch.stack([item["label"] for item in items]) > 0
+    if not labels.any() or labels.all():  # before minutes of maps that nothing could be measured against
+        raise DataError(
+            f"{datalist}: no {'normal' if labels.any() else 'labelled anomalous'} voxel in section {section!r}, so the "
+            "pixel metrics and the flags' and masks' precision and recall are undefined there; pass a --section whose "
+            "labels mark both (e.g. the validation section of a contaminated set)"
+        )
     results: dict = {"checkpoint": checkpoint, "section": section, "n_images": len(items)}
     results["settings"] = {key: parser.get_parsed_content(key) for key in SETTINGS}
     for name, resample in (("full", True), ("no_resampling", False)):

@@ -389,6 +389,11 @@ class ILTMWorkflow:
                 "mask_lift": iltm_checks.lift(first.get("precision"), rate),
                 "mask_recall": first.get("recall"),
             }
+        if first_masks and state.steps["masks_01"].get("total_tokens"):  # no labels needed
+            first = state.steps["masks_01"]
+            checks["flags"] = {
+                f"{k}_share": first[f"{k}_tokens"] / first["total_tokens"] for k in ("resampled", "masked")
+            }
         if final >= 1 and len(val_seq):
             checks["masks"] = self._mask_signals(state, final, val_seq)
         elif first_masks:

@@ -45,6 +45,7 @@ WORSE = 0.01
 BAND = 0.75  # share of intensity_min..max the training intensities fill below which they are a narrow band
 UNFLAGGED = 0.5  # share of validation images without a flagged token above which the Transformer adds little
 RECALL = 0.1  # share of the labelled anomalous training tokens the first masks must hold for ILTM to unlearn much
+FLAGGED = 0.5  # share of the training tokens flagged or masked by iteration 0 above which it marks more than anomalies
 SIGN_TEST = 0.05  # two-sided sign test over the images' own AUPRO changes: at or above, a split chance alone gives
 
 
@@ -68,14 +69,22 @@ def _band(stage: dict) -> str:
         return (
             "Images whose intensities fill a narrow band are one cause: set --intensity_min and --intensity_max to it."
         )
-    (low, high), (start, end) = stage["intensity_band"], stage["intensity_range"]
+    (low, high, *top), (start, end) = stage["intensity_band"], stage["intensity_range"]  # top: since 0.7.6
     if high - low >= BAND * (end - start):
         return "The training images use most of intensity_min..intensity_max, so their intensity band is not the cause."
     step = 10 ** math.floor(math.log10(end - start)) / 100  # rounded outward, to 1 on 0-255 and 0.01 on 0-1
+    upper = round(math.ceil(high / step) * step, 6)
+    clipped = (
+        f" Intensities above {upper:g} (the brightest 0.1 % of the sampled voxels, up to {top[0]:.4g}) would be "
+        "clipped to it: where anomalies are brighter than normal tissue (hot lesions), keep --intensity_max above "
+        "them, or keep the preset's scale."
+        if top and top[0] > upper
+        else ""
+    )
     return (
-        f"The training images' intensities fill {low:g}-{high:g} (0.1-99.9 percentiles) of {start:g}-{end:g}; "
+        f"The training images' intensities fill {low:.4g}-{high:.4g} (0.1-99.9 percentiles) of {start:g}-{end:g}; "
         f"mapping that band to [0, 1] can mend it: in a new --output_dir, --intensity_min "
-        f"{round(math.floor(low / step) * step, 6):g} --intensity_max {round(math.ceil(high / step) * step, 6):g}."
+        f"{round(math.floor(low / step) * step, 6):g} --intensity_max {upper:g}.{clipped}"
     )
 
 
@@ -136,6 +145,16 @@ def warnings(checks: dict) -> list[str]:
                 f"Iteration 0 is too weak for its masks to mean much: {what} hit labelled anomalous training tokens "
                 f"only {start[name]:.2f}x as often as chance (below {LIFT:.0f}x)."
             )
+    shares = checks.get("flags", {})
+    flagged, masked = (shares.get(k) for k in ("resampled_share", "masked_share"))
+    if flagged is not None and max(flagged, masked) > FLAGGED:
+        out.append(
+            f"Iteration 0 marks most of each training image: it flags {flagged:.0%} of the training tokens for "
+            f"resampling and its first masks hold {masked:.0%} (above {FLAGGED:.0%}). Anomalies are rarely that much "
+            "of an image, so its maps mark more than anomalies and its masks take mostly normal tokens out of "
+            "training. An undertrained Transformer (more transformer#epochs) or a resampling threshold near the "
+            "chance probability of a code (1 / codebook size) causes it."
+        )
     recall = start.get("mask_recall")
     if _number(recall) and 0 < recall < RECALL:  # none masked at all has its own warning below
         out.append(
@@ -277,6 +296,12 @@ def render(checks: dict) -> str:
             flagged = "no token flagged" if flags is None else f"flags {flags:.2f}x {odds}"
             masked = "no token in the first masks" if masks is None else f"first masks {masks:.2f}x as likely"
             lines.append(f"- Iteration 0 on the training images: {flagged}; {masked}")
+    shares = checks.get("flags")
+    if shares:  # recorded since 0.7.6
+        lines.append(
+            f"- Iteration 0 on the training images (no labels needed): {shares['resampled_share']:.1%} of the tokens "
+            f"flagged for resampling, {shares['masked_share']:.1%} in the first masks"
+        )
     masks = checks.get("masks", {})
     if _nothing_masked(masks):
         lines.append("- Masks: no training token was masked in any pass")

@@ -53,7 +53,11 @@ def input_files(
     `root`: the folder output names are relative to (MONAI's `data_root_dir`; default `folder` or `dataset_dir`).
     """
     if not folder:
-        files = load_datalist(datalist, dataset_dir, section, labels)
+        listed = load_datalist(datalist, dataset_dir, section, labels)
+        files = list({json.dumps(e, sort_keys=True, default=str): e for e in listed}.values())
+        if len(files) < len(listed):  # e.g. a training section that prepare_mvtec or prepare_autopet over-sampled
+            logger.info(f"{datalist}: {len(listed) - len(files)} of the {len(listed)} entries of {section!r} repeat an "
+                        "earlier one; each image is mapped once")  # fmt: skip
     else:
         if not os.path.isdir(folder):
             raise DataError(f"{folder}: input folder not found")

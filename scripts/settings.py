@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from scripts.checkpoint import flatten
 from scripts.tokens import mask_spec
 
@@ -86,9 +88,22 @@ def _sizes(v: Any) -> str | None:
     return "positive sizes" if min(v) < 1 else None
 
 
+def _device(v: Any) -> str | None:
+    """`--device cuda` on a machine without CUDA fails deep in PyTorch ("Torch not compiled with CUDA enabled")."""
+    try:
+        device = torch.device(v)
+    except (RuntimeError, TypeError):
+        return "a torch device, e.g. 'cpu' or 'cuda:0'"
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        seen = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        return f"a device this machine has (torch {torch.__version__} sees {seen}; leave --device out for the default)"
+    return None
+
+
 # id -> check; a check returns None or what the value must be
 DOMAINS: dict[str, Callable[[Any], str | None]] = {
     "spatial_dims": _choice(2, 3),
+    "device": _device,
     "spacing": _spacing,
     "foreground_threshold": _optional(_float()),
     "resize_mode": _choice("resize", "pad_crop"),

@@ -19,7 +19,7 @@ from tiny import TINY_DETECTOR
 from scripts import steps
 from scripts.checkpoint import CheckpointError, atomic_save
 from scripts.data import DataError, load_datalist
-from scripts.inference import check_inputs
+from scripts.inference import check_inputs, input_files
 from scripts.settings import SettingError
 from scripts.steps import RunState
 from scripts.synthetic import ensure_dataset, make_2d
@@ -55,6 +55,8 @@ def data(tmp_path_factory) -> str:
         ({"intensity_max": -5.0}, "intensity_max (-5.0) must be above intensity_min (0.0)"),
         ({"vqvae#epochs": 2.5}, "vqvae#epochs must be a whole number"),
         ({"max_clipped_fraction": 2}, "max_clipped_fraction must be <= 1.0, got 2"),
+        ({"device": "cuda:99"}, "device must be a device this machine has (torch "),  # not PyTorch's bare assertion
+        ({"device": "gpu"}, "device must be a torch device, e.g. 'cpu' or 'cuda:0', got 'gpu'"),
         (
             {"image_size": [36, 30]},
             "image_size must be a multiple of 4 in every dimension (the network's strides "
@@ -212,6 +214,28 @@ def test_check_inputs_accepts_good_files(data) -> None:
         check_inputs(entries, os.path.join(data, "elsewhere"))
     assert str(err.value).count("set --input_root") == 1  # every input named, the way on said once
     assert "not below" in str(err.value).splitlines()[len(entries)] and "rename" not in str(err.value)
+
+
+def test_a_repeated_entry_is_mapped_once(data, tmp_path, caplog) -> None:
+    """prepare_autopet over-samples its training sections: one file listed twice was refused as two inputs whose maps
+    would overwrite each other, with advice to rename one of them."""
+    with open(os.path.join(data, "datalist.json")) as f:
+        test = [
+            {k: os.path.join(data, v) for k, v in e.items() if k in ("image", "label")} for e in json.load(f)["test"]
+        ]
+    datalist = tmp_path / "repeated.json"
+    datalist.write_text(
+        json.dumps({"test": test + test[:2], "training": test + [{**test[0], "label": test[1]["label"]}]})
+    )
+    with caplog.at_level("INFO", logger="scripts.inference"):
+        files = input_files(None, str(datalist), data, "test")
+    assert [f["image"] for f in files] == [e["image"] for e in test]
+    assert (
+        f"{datalist}: 2 of the {len(test) + 2} entries of 'test' repeat an earlier one; each image is mapped once"
+        in caplog.text
+    )
+    with pytest.raises(DataError, match="would overwrite"):  # the same image with another label: still refused
+        input_files(None, str(datalist), data, "training")
 
 
 def test_resume_checkpoints_of_a_killed_process_do_not_pile_up(tmp_path) -> None:

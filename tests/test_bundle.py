@@ -238,6 +238,19 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     with pytest.raises(CheckpointError, match=r"image_size: trained with \[32, 32\], this config has \[64, 64\]"):
         diagnose(_config("train.yaml", "demo.yaml"), str(whole / "iltm" / "iter_00" / "model.pt"),
                  section="validation", **{**overrides, "image_size": [64, 64]})  # fmt: skip
+    from scripts.data import DataError
+
+    with open(os.path.join(data, "datalist.json")) as f:
+        normal = [e for e in json.load(f)["validation"] if not e["anomalous"]]
+    (tmp_path / "data" / "normal.json").write_text(json.dumps({"validation": normal}))
+    for section, says in (
+        ("validation", "no labelled anomalous voxel in section 'validation'"),
+        ("valid", "--section"),
+    ):
+        with pytest.raises(DataError, match=says) as err:  # before any map, and in diagnose's own words
+            diagnose(_config("train.yaml", "demo.yaml"), str(whole / "iltm" / "iter_00" / "model.pt"),
+                     section=section, **{**overrides, "datalist": str(tmp_path / "data" / "normal.json")})  # fmt: skip
+        assert "--data_section" not in str(err.value)
 
     # Kill the same run in the middle of ILTM iteration 1's mask generation, then rerun the same command.
     from scripts import iltm

@@ -108,6 +108,9 @@ def test_missing_datalist_and_empty_or_absent_section(tmp_path):
     sections["validation"] = []
     message = _error(_parser(tmp_path, sections), "validate#dataset#data")
     assert "'validation'" in message and "empty" in message
+    sections["valid"] = sections.pop("training")  # a misnamed section: the one there is named
+    message = _error(_parser(tmp_path, sections), "validate#dataset#data")
+    assert "section 'validation' is missing or empty; it has 'test', 'valid' (did you mean 'valid'?); add it" in message
 
 
 def test_unreadable_image(tmp_path):
@@ -169,6 +172,32 @@ def test_label_shape_mismatch(tmp_path):
     assert "small.png" in message and "does not match" in message
 
 
+def test_a_label_elsewhere_in_space_and_a_single_slice_are_refused(tmp_path):
+    """A mask of its image's shape saved in another frame was scored as if aligned (a new user's 3D pass: identical
+    metrics with the label 60 mm away), and a one-slice volume was stretched to a volume and its maps saved 2D."""
+    affine = np.diag([3.0, 3.0, 4.0, 1.0])
+    affine[:3, 3] = [-40, -50, 10]
+    moved = affine.copy()
+    moved[0, 3] += 60
+    os.makedirs(tmp_path / "img")
+    for name, shape, frame in (("pet", (8, 8, 6), affine), ("seg", (8, 8, 6), moved), ("near", (8, 8, 6), affine + 1e-4),
+                               ("slab", (8, 8, 1), affine)):  # fmt: skip
+        data = np.zeros(shape, np.float32) if name in ("seg", "near") else np.ones(shape, np.float32)
+        nib.save(nib.Nifti1Image(data, frame), str(tmp_path / "img" / f"{name}.nii.gz"))
+    settings = {"spatial_dims": 3, "image_size": [8, 8, 8], "intensity_max": 1.0}
+    sections = {"training": [{"image": "img/pet.nii.gz", "label": "img/seg.nii.gz"}]}
+    message = _error(_parser(tmp_path, sections, **settings))
+    assert message.startswith(
+        f"{tmp_path / 'img' / 'seg.nii.gz'}: its affine differs from its image's (origin "
+        "[20.0, -50.0, 10.0], voxel size [3.0, 3.0, 4.0]; the image's [-40.0, -50.0, 10.0]"
+    )
+    assert "Resample the labels onto their images' grids" in message
+    sections = {"training": [{"image": "img/pet.nii.gz", "label": "img/near.nii.gz"}]}  # header round-off: accepted
+    assert len(_parser(tmp_path, sections, **settings).get_parsed_content("train#dataset#data")) == 1
+    message = _error(_parser(tmp_path, {"training": [{"image": "img/slab.nii.gz"}]}, **settings))
+    assert "slab.nii.gz: a single slice (shape (8, 8, 1)), not a volume" in message
+
+
 def test_test_entries_must_carry_labels_and_training_labels_are_optional(tmp_path):
     from scripts.data import load_datalist
 
@@ -178,7 +207,14 @@ def test_test_entries_must_carry_labels_and_training_labels_are_optional(tmp_pat
     (tmp_path / "d.json").write_text(json.dumps(sections))
     training = load_datalist(str(tmp_path / "d.json"), str(tmp_path), "training")
     assert all("label" not in e for e in training)  # partial labels dropped so that batches collate
-    with pytest.raises(DataError, match="test1.png.*no 'label'|no 'label'"):
+    with pytest.raises(DataError, match=r"d.json: entry 1 of 'test' \(.*test1.png\) has no 'label'"):
+        load_datalist(str(tmp_path / "d.json"), str(tmp_path), "test", labels="require")
+    for entry in sections["test"]:
+        entry.pop("label", None)
+    (tmp_path / "d.json").write_text(json.dumps(sections))
+    with pytest.raises(
+        DataError, match=r"d.json: 3 of the 3 entries of 'test' \(the first: entry 0, .*test0.png\) have no 'label'\. "
+    ):
         load_datalist(str(tmp_path / "d.json"), str(tmp_path), "test", labels="require")
 
 
@@ -243,7 +279,9 @@ def test_labels_on_some_entries_of_a_section_are_named_as_unused(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="scripts.data"):
         load_datalist(str(tmp_path / "renamed.json"), str(tmp_path), "test")
     assert "section 'test' has entries without 'label' but 'mask': the bundle reads masks from 'label'" in caplog.text
-    with pytest.raises(DataError, match="has no 'label' but 'mask': the bundle reads masks from 'label' alone; rename"):
+    with pytest.raises(
+        DataError, match="have no 'label' but 'mask': the bundle reads masks from 'label' alone; rename"
+    ):
         load_datalist(str(tmp_path / "renamed.json"), str(tmp_path), "test", labels="require")
 
 
@@ -304,5 +342,5 @@ def test_the_intensity_band_is_that_of_the_raw_images(tmp_path) -> None:
         path = tmp_path / f"patch_{i}.png"
         Image.fromarray(rng.integers(90, 191, size=(32, 32)).astype(np.uint8)).save(path)
         entries.append({"image": str(path)})
-    low, high = intensity_band(entries)
-    assert 90 <= low < 92 and 188 < high <= 190
+    low, high, top = intensity_band(entries)
+    assert 90 <= low < 92 and 188 < high <= 190 and top == 190

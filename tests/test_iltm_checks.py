@@ -12,6 +12,7 @@ HEALTHY = {
     "map_source": {"aupro_full": 0.55, "aupro_ablation": 0.40, "aupro_gap": 0.15},
     "restriction": {"restricted": False, "images": 20, "unflagged_images": 2, "aupro_other": 0.50},
     "iteration_0": {"flag_lift": 4.0, "mask_lift": 5.0, "mask_recall": 0.45},
+    "flags": {"resampled_share": 0.04, "masked_share": 0.08},
     "masks": {"unlearning": 0.25, "unlearning_per_iteration": [0.25, 0.1], "kept_drop": 0.02, "mask_growth": 0.1},
     "outcome": {"aupro_iteration_0": 0.55, "aupro_final": 0.60, "image_auroc_iteration_0": 0.70,
                 "image_auroc_final": 0.75, "normal_images": 4, "anomalous_images": 16, "images_better": 10,
@@ -28,6 +29,7 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
     text = iltm_checks.render(HEALTHY)
     assert text.startswith("## Can ILTM help here?") and "No warning" in text
     assert "0.0400 inside labelled anomalies" in text and "+0.150" in text and "by 0.25 nats more" in text
+    assert "(no labels needed): 4.0% of the tokens flagged for resampling, 8.0% in the first masks" in text
     split = "(image by image, the final iteration higher on 10, lower on 5: within chance, sign test p = 0.302); image"
     assert f"0.600 at the final iteration {split}" in text  # binomial: P(<= 5 or >= 10 of 15) = 0.30
     assert "No warning: nothing here says ILTM cannot help, nor that it helped: the labelled images' split is" in text
@@ -66,6 +68,10 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
         (_with("restriction", unflagged_images=20), "flagged no token on 20 of 20 validation images"),
         (_with("restriction", aupro_other=0.70), "AUPRO 0.700 vs 0.550 (iteration 0)"),
         (_with("iteration_0", mask_recall=0.038), "The first masks hold only 3.8% of the labelled anomalous"),
+        # a new user's 3D pass: every token flagged, and without labels "No warning"
+        ({**{k: v for k, v in HEALTHY.items() if k not in ("iteration_0", "outcome")},
+          "flags": {"resampled_share": 1.0, "masked_share": 0.3}}, "it flags 100% of the training tokens for "
+                                                                   "resampling and its first masks hold 30% (above 50%)"),
     ],
 )  # fmt: skip
 def test_each_warning_fires_on_its_evidence(checks: dict, phrase: str) -> None:
@@ -235,3 +241,11 @@ def test_a_collapsed_codebook_names_the_band_of_narrow_intensities() -> None:
     assert not iltm_checks.collapsed({"val_codes_used": 100, "codebook_size": 256})
     unit = {**collapsed, "intensity_range": [0.0, 1.0], "intensity_band": [0.2137, 0.6021]}  # float images on 0-1
     assert "--intensity_min 0.21 --intensity_max 0.61" in iltm_checks.warnings({"first_stage": unit})[0]
+    # SUV on the autoPET preset's 0-15: hot lesions are the brightest voxels; the band's top would clip them
+    pet = {**collapsed, "intensity_range": [0.0, 15.0], "intensity_band": [0.02, 8.2041, 13.7]}
+    (hot,) = iltm_checks.warnings({"first_stage": pet})
+    assert "fill 0.02-8.204 (0.1-99.9 percentiles) of 0-15;" in hot and "--intensity_max 8.3." in hot
+    assert "Intensities above 8.3 (the brightest 0.1 % of the sampled voxels, up to 13.7) would be clipped" in hot
+    assert (
+        "would be clipped" not in iltm_checks.warnings({"first_stage": {**pet, "intensity_band": [0.02, 8.2, 8.2]}})[0]
+    )
