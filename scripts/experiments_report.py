@@ -379,7 +379,8 @@ def _cell(stat: tuple[float, float, int] | None, sign: bool = False, seeds: int 
     if stat is None:
         return "-"
     mean, sd, n = stat
-    text = f"{100 * mean:+.1f}" if sign else f"{100 * mean:.1f}"
+    mean = round(100 * mean, 1) + 0.0  # a mean that rounds to zero reads "0.0", not "-0.0"
+    text = f"{mean:+.1f}" if sign else f"{mean:.1f}"
     return text + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}") + (f" (n={n})" if n < seeds else "")
 
 

@@ -72,13 +72,28 @@ def input_files(
         if not names:
             matching = f" matching folder_pattern {pattern!r}" if pattern != "*" else ""
             inside = f"; its subfolders {shown} have some: pass one as --folder, or a datalist" if deeper else ""
-            raise DataError(f"{folder}: no image files{matching} ({', '.join(IMAGE_EXTENSIONS)}){inside}")
+            nested = "" if deeper else _deeper(folder, pattern)
+            raise DataError(f"{folder}: no image files{matching} ({', '.join(IMAGE_EXTENSIONS)}){inside}{nested}")
         files = [{"image": os.path.join(folder, n)} for n in names]
         if deeper:
             logger.warning(f"{folder}: the images in its subfolders ({shown}) are not processed, only the folder's own; "
                            "pass a subfolder as --folder, or a datalist")  # fmt: skip
     check_inputs(files, root or folder or dataset_dir, "--folder_pattern (e.g. '*.jpg')" if folder else "")
     return files
+
+
+def _deeper(folder: str, pattern: str, levels: int = 4) -> str:
+    """Where images lie further down (autoPET's PETCT_<subject>/<study>/SUV.nii.gz), as advice; "" when none do."""
+    for d, subs, _ in os.walk(folder):
+        depth = os.path.relpath(d, folder).count(os.sep) + 1
+        subs[:] = sorted(s for s in subs if not s.startswith((".", "__"))) if depth < levels else []
+        names = _images(d, pattern) if d != folder else []
+        if names:
+            example = os.path.relpath(os.path.join(d, names[0]), folder)
+            return (f"; images lie deeper (e.g. {example}): pass a datalist (python -m scripts.prepare_autopet makes "
+                    "one for an autoPET folder), or one of those folders, with --folder_pattern to pick one kind of "
+                    "file there (e.g. 'SUV*' for autoPET's PET images)")  # fmt: skip
+    return ""
 
 
 def _images(folder: str, pattern: str = "*") -> list[str]:

@@ -30,9 +30,10 @@ class SaveOverlays:
 
     def __call__(self, engine: Engine) -> None:
         for item in engine.state.output:
-            path = os.path.join(self.output_dir, output_name(item_filename(item), self.root) + "_overlay.png")
+            name = output_name(item_filename(item), self.root)
+            path = os.path.join(self.output_dir, name + "_overlay.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_overlay(path, item["image"], item["score"], self.density_threshold, item.get("label"), self.dpi)
+            save_overlay(path, item["image"], item["score"], self.density_threshold, item.get("label"), self.dpi, name)
 
 
 def _view(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -51,9 +52,11 @@ def save_overlay(
     density_threshold: float | None,
     label: torch.Tensor | None = None,
     dpi: int = 80,
+    title: str | None = None,
 ) -> None:
     """Image | score map | segmentation (red) with the true mask's outline (green) if given. Without a density
-    threshold (a baseline's map is no density) the third panel is the image with the outline alone."""
+    threshold (a baseline's map is no density) the third panel is the image with the outline alone. `title`: the
+    input's path below the input root, since one file name (autoPET's SUV.nii.gz) can name every input."""
     origin = "lower" if image.ndim == 4 else "upper"
     shown, scores = np.clip(_view(image), 0, 1), _view(score)
     fig = figure(figsize=(7.5, 2.8), dpi=dpi)
@@ -81,5 +84,5 @@ def save_overlay(
     axes[2].set_title(title, fontsize=8)
     for ax in axes:
         ax.set_axis_off()
-    fig.suptitle(os.path.basename(path), fontsize=7)
+    fig.suptitle(title or os.path.basename(path), fontsize=7)
     fig.savefig(path, format="png", metadata={"Software": None})

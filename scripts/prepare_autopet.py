@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -53,8 +54,10 @@ from scripts.contamination import (
     rng,
     write_summary,
 )
+from scripts.data import listing
 from scripts.files import write_json
 
+logger = logging.getLogger(__name__)
 DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 REQUIRED = ("SUV.nii.gz", "CTres.nii.gz", "SEG.nii.gz")
 SUBJECT_PREFIX = "PETCT_"
@@ -129,16 +132,24 @@ def select_studies(studies: dict[str, list[str]], study: str) -> dict[str, str]:
     """The study that represents each subject: the first or the last by date."""
     if study not in ("first", "last"):
         raise ValueError(f"study must be 'first' or 'last', got {study!r}")
+    undated = [f"{subject}/{n}" for subject, names in studies.items() if len(names) > 1 for n in names
+               if not DATE.match(n)]  # fmt: skip
+    if undated:
+        logger.warning(f"{len(undated)} study folders of subjects with several studies do not start with a MM-DD-YYYY "
+                       f"date, so they count as later than the dated ones (by name among themselves): "
+                       f"{', '.join(undated[:5])}{', ...' if len(undated) > 5 else ''}")  # fmt: skip
     return {subject: names[0 if study == "first" else -1] for subject, names in studies.items()}
 
 
 def check_files(root: str, folders: Sequence[str], required: Sequence[str]) -> None:
-    """Every needed file of every used study exists; the error names the first one missing."""
-    for folder in folders:
-        for name in required:
-            path = os.path.join(root, *folder.split("/"), name)
-            if not os.path.isfile(path):
-                raise LayoutError(f"{path}: not found (each study folder needs {', '.join(required)})")
+    """Every needed file of every used study exists; the error names every one missing, to fix in one pass."""
+    paths = [os.path.join(root, *folder.split("/"), name) for folder in folders for name in required]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    needs = f"each study folder needs {', '.join(required)}"
+    if len(missing) == 1:
+        raise LayoutError(f"{missing[0]}: not found ({needs})")
+    if missing:
+        raise LayoutError(f"{len(missing)} files not found ({needs}):{listing(missing)}")
 
 
 def count_lesion_voxels(path: str) -> int:
@@ -175,8 +186,20 @@ def read_status(root: str, out: str, folders: Sequence[str], workers: int) -> di
     stamps = {folder: stamp(folder) for folder in folders}
     todo = [f for f in folders if f not in cache or cache[f][:2] != stamps[f]]
     paths = [os.path.join(root, *f.split("/"), "SEG.nii.gz") for f in todo]
+
+    def attempt(path: str) -> int | LayoutError:
+        try:
+            return count_lesion_voxels(path)
+        except LayoutError as e:
+            return e
+
     with ThreadPoolExecutor(max(1, int(workers))) as pool:
-        counts = list(tqdm(pool.map(count_lesion_voxels, paths), total=len(paths), desc="reading SEG", leave=False))
+        counts = list(tqdm(pool.map(attempt, paths), total=len(paths), desc="reading SEG", leave=False))
+    errors = [str(c) for c in counts if isinstance(c, LayoutError)]  # every bad SEG at once
+    if errors:
+        raise LayoutError(
+            errors[0] if len(errors) == 1 else f"{len(errors)} SEG files cannot be used:{listing(errors)}"
+        )
     for folder, count in zip(todo, counts):
         cache[folder] = [*stamps[folder], count]
     if todo:

@@ -272,3 +272,16 @@ def test_the_size_check_reads_each_detectors_strides() -> None:
     check_grid([16, 16, 32], [[2, 2, 4]])  # strides per dimension
     with pytest.raises(SettingError, match=r"multiple of \[2, 2, 4\] in every dimension"):
         check_grid([16, 16, 30], [[2, 2, 4]])
+
+
+def test_a_folder_whose_images_lie_deeper_says_where(tmp_path) -> None:
+    """autoPET's PETCT_<subject>/<study>/SUV.nii.gz, passed as --folder at its root, got "no image files" alone."""
+    study = tmp_path / "PETCT_0001" / "study"
+    study.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(study / "SUV.png")
+    with pytest.raises(DataError) as err:
+        input_files(str(tmp_path), None, "")
+    assert f"{tmp_path}: no image files (" in str(err.value)
+    assert f"images lie deeper (e.g. {os.path.join('PETCT_0001', 'study', 'SUV.png')}): pass a datalist" in str(
+        err.value
+    )

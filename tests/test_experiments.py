@@ -431,3 +431,10 @@ def test_compare_puts_evaluations_of_one_test_set_side_by_side(tmp_path, capsys)
     assert reverse.endswith("higher on 6, lower on 0: beyond chance (two-sided sign test, p = 0.0312).")
     with pytest.raises(FileNotFoundError, match="nowhere: no metrics.json there"):
         experiments_report.compare(str(tmp_path / "nowhere"))
+
+
+def test_a_gain_that_rounds_to_zero_reads_as_zero() -> None:
+    """A new user's sweep table showed "-0.0" for a mean gain of a few thousandths below zero."""
+    assert experiments_report._cell((-0.0001, 0.01, 2), sign=True) == "+0.0 ± 1.0"
+    assert experiments_report._cell((-0.0004, float("nan"), 1), seeds=2) == "0.0 (n=1)"
+    assert experiments_report._cell((-0.0123, 0.02, 2), sign=True) == "-1.2 ± 2.0"

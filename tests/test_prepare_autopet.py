@@ -183,6 +183,31 @@ def test_clear_errors_for_partial_folders(autopet, tmp_path, damage, message):
         _run(autopet, tmp_path / "out")
 
 
+def test_every_bad_study_is_named_at_once(autopet, tmp_path):
+    """A new user's pass fixed one study per run: two missing SEGs, then three SEGs of another shape."""
+    os.remove(f"{autopet}/PETCT_03bb3e/04-13-2014-NA-PET-CT Ganzkoerper-3/SEG.nii.gz")
+    os.remove(f"{autopet}/PETCT_02aa2f/03-03-2012-NA-PET-CT Ganzkoerper-2/SEG.nii.gz")
+    with pytest.raises(
+        LayoutError, match=r"(?s)^2 files not found \(each study folder needs .*PETCT_02aa2f.*PETCT_03bb3e"
+    ):
+        _run(autopet, tmp_path / "out")
+    _study(autopet, "PETCT_03bb3e", "04-13-2014-NA-PET-CT Ganzkoerper-3", diseased=True)
+    _study(autopet, "PETCT_02aa2f", "03-03-2012-NA-PET-CT Ganzkoerper-2", diseased=False)
+    for i in (4, 5):
+        subject = f"PETCT_0{i}bb{i}e/0{i + 1}-1{i}-2014-NA-PET-CT Ganzkoerper-{i}"
+        _nii(f"{autopet}/{subject}/SEG.nii.gz", np.zeros((6, 7, 9), np.uint8))
+    with pytest.raises(LayoutError, match=r"(?s)^2 SEG files cannot be used:.*PETCT_04bb4e.*differs.*PETCT_05bb5e"):
+        _run(autopet, tmp_path / "out")
+
+
+def test_undated_study_folders_are_named(autopet, tmp_path, caplog):
+    _study(autopet, "PETCT_01bb1e", "baseline", diseased=False)
+    with caplog.at_level("WARNING", logger="scripts.prepare_autopet"):
+        _run(autopet, tmp_path / "out")
+    assert "1 study folders of subjects with several studies do not start with a MM-DD-YYYY date" in caplog.text
+    assert "PETCT_01bb1e/baseline" in caplog.text
+
+
 def test_missing_root_wrong_level_and_too_few_subjects(autopet, tmp_path):
     with pytest.raises(LayoutError, match="autoPET folder not found"):
         _run(str(tmp_path / "nowhere"), tmp_path / "out")
