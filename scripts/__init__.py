@@ -19,9 +19,15 @@ def cause_chain(error: BaseException) -> list[BaseException]:
 
 
 def _cause_last(kind, error, traceback, previous=sys.excepthook) -> None:
-    """The bundle's own error where there is one (it names the file or setting), else the innermost cause."""
-    previous(kind, error, traceback)
+    """The bundle's own error where there is one (it names the file or setting), else the innermost cause; Ctrl-C
+    gets the way on instead of a traceback."""
     chain = cause_chain(error)
+    if any(isinstance(e, KeyboardInterrupt) for e in chain):
+        print("\nInterrupted. The same command again goes on from there: a training resumes after its last completed "
+              "step (epoch checkpoints included), an inference (not an evaluation) skips the maps already written.",
+              file=sys.stderr)  # fmt: skip
+        return
+    previous(kind, error, traceback)
     ours = [e for e in chain if type(e).__module__.split(".")[0] == __name__]
     cause = ours[0] if ours else chain[-1]
     if cause is not error:

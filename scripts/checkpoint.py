@@ -130,6 +130,17 @@ class TrainedSettings:
         return self.record.get(key.replace("::", "#"), default)  # MONAI rewrites '#' in config strings as '::'
 
 
+def check_dimensions(trained: TrainedSettings, current: Mapping[str, Any]) -> None:
+    """A checkpoint's spatial dimensions and channels against the command line's, before the settings that follow
+    from them are checked: `--spatial_dims 2` with a 3D detector should say so, not ask for a 2D image size."""
+    differ = mismatches({k: v for k, v in trained.record.items() if k in current}, current)
+    if differ:
+        raise CheckpointError(
+            f"{trained.path}: " + "; ".join(differ) + ". configs/inference.yaml takes these from the checkpoint: drop "
+            "them from the command line, or the preset that sets them."
+        )
+
+
 def current_keys(record: Mapping[str, Any]) -> dict[str, Any]:
     """A record written by an older version, with today's keys (:data:`OLD_KEYS`)."""
     return {OLD_KEYS.get(key, key): value for key, value in record.items()}

@@ -6,6 +6,7 @@ import difflib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -114,6 +115,17 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
         )
         raise DataError(f"{len(missing)} files of section {section!r} of {datalist} not found:{listing(missing)}{hint}")
     return entries
+
+
+def present_section(datalist: str, dataset_dir: str, section: str) -> list[dict]:
+    """A section's entries as :func:`load_datalist` gives them, or [] where the datalist lacks it: for checking it
+    early, beside another, where the run that needs it says so itself."""
+    try:
+        with open(datalist) as f:
+            present = bool((json.load(f) or {}).get(section))
+    except (OSError, ValueError, AttributeError):
+        present = False
+    return load_datalist(datalist, dataset_dir, section) if present else []
 
 
 def _renamed(entries: Sequence[dict]) -> str:
@@ -324,19 +336,36 @@ def intensity_band(entries: Sequence[dict], images: int = 50, voxels: int = 100_
     return float(low), float(high), float(sample.max())
 
 
-def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checking data") -> list[dict]:
+# entries each transform has loaded without a problem in this process (weak: a transform's id can be reused)
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_data(
+    entries: Sequence[dict], transform: Callable, desc: str = "checking data", also: Sequence[dict] = ()
+) -> list[dict]:
     """Runs the deterministic preprocessing over every entry once, so that bad input fails before any work, with
     every bad entry named at once rather than one per rerun.
 
+    `also`: entries checked in the same pass but not returned (training checks its validation section with its own,
+    so that a bad file in either is named in one run); the later check of those entries skips what passed here.
     MONAI wraps a transform's exception in layers of `RuntimeError`; each problem is reported as the innermost
     cause, named with the entry's files, and the first one's traceback is kept as the error's cause.
     """
     problems: list[tuple[str, BaseException]] = []
+    every = [*entries, *also]
+    try:
+        passed = _checked.setdefault(transform, set())
+    except TypeError:  # a transform that cannot be weakly referenced: nothing is remembered
+        passed = set()
     quiet, DataError.quiet = DataError.quiet, True
     try:
-        for entry in tqdm(entries, desc=desc, leave=False):
+        for entry in tqdm(every, desc=desc, leave=False):
+            key = json.dumps(entry, sort_keys=True, default=str)
+            if key in passed:
+                continue
             try:
                 transform(entry)
+                passed.add(key)
             except Exception as e:  # noqa: BLE001 - every failure here is the input's, reported with its file
                 cause = cause_chain(e)[-1]
                 files = ", ".join(f"{k}: {v}" for k, v in entry.items() if k in ("image", "label"))
@@ -355,7 +384,7 @@ def check_data(entries: Sequence[dict], transform: Callable, desc: str = "checki
     advice = [cause.advice for _, cause in problems if isinstance(cause, DataError) and cause.advice]
     lines = [cause.problem if isinstance(cause, DataError) and cause.advice else why for why, cause in problems]
     said = "".join(f"\n{a}" for a in dict.fromkeys(advice))  # each piece of advice once, after the files
-    raise DataError(f"{len(lines)} of {len(entries)} entries cannot be used:{listing(lines)}{said}") from problems[0][1]
+    raise DataError(f"{len(lines)} of {len(every)} entries cannot be used:{listing(lines)}{said}") from problems[0][1]
 
 
 def listing(problems: Sequence[str], most: int = 20) -> str:

@@ -234,12 +234,26 @@ def test_every_bad_entry_is_named_at_once_and_logged_once(tmp_path, caplog):
     _png(str(tmp_path / "lbl" / "small.png"), np.zeros((20, 20), np.uint8))
     sections["training"][1]["label"] = "lbl/small.png"
     (tmp_path / "img" / "training2.png").write_bytes(b"this is not a png")
+    (tmp_path / "img" / "validation0.png").write_bytes(b"nor is this")  # named in the same run (a new user's pass)
     with caplog.at_level("ERROR", logger="scripts.data"):
         message = _error(_parser(tmp_path, sections))
     lines = message.splitlines()
-    assert lines[0] == "2 of 3 entries cannot be used:"
+    assert lines[0] == "3 of 6 entries cannot be used:"
     assert "small.png" in lines[1] and "does not match" in lines[1] and "training2.png" in lines[2]
+    assert "validation0.png" in lines[3]
     assert [r.getMessage() for r in caplog.records if r.name == "scripts.data"] == [message]
+    _png(str(tmp_path / "img" / "validation0.png"), np.zeros((50, 40), np.uint8))
+    parser = _parser(tmp_path, {**sections, "training": sections["validation"]})
+    assert len(parser.get_parsed_content("train#dataset#data")) == 3
+    from monai.transforms import Compose
+
+    from scripts import data
+
+    transform = parser.get_parsed_content("preprocessing")
+    assert len(data._checked[transform]) == 3  # the validation section, once, for the check of its own that follows
+    assert data.check_data([{"image": "nowhere.png"}], Compose([]), "a transform of its own") == [
+        {"image": "nowhere.png"}
+    ]
 
 
 def test_the_command_line_cause_survives_a_cyclic_chain():
@@ -253,6 +267,10 @@ def test_the_command_line_cause_survives_a_cyclic_chain():
     with contextlib.redirect_stderr(shown):
         _cause_last(RuntimeError, outer, None, previous=lambda *args: None)
     assert shown.getvalue().strip() == "Cause: DataError: x.png: has 3 channels"
+    shown, traced = io.StringIO(), []
+    with contextlib.redirect_stderr(shown):  # Ctrl-C: the way on, not a traceback
+        _cause_last(KeyboardInterrupt, KeyboardInterrupt(), None, previous=lambda *args: traced.append(args))
+    assert shown.getvalue().startswith("\nInterrupted. The same command again goes on from there") and not traced
 
 
 def test_labels_on_some_entries_of_a_section_are_named_as_unused(tmp_path, caplog, monkeypatch):

@@ -335,6 +335,8 @@ def test_a_wrong_checkpoint_stops_before_any_input_or_earlier_map_is_touched(
     for path, other, message in (
         (typo, {}, "modle.pt: checkpoint not found. Pass --checkpoint"),
         (checkpoint, {"image_size": [48, 48]}, "image_size: trained with [32, 32], this config has [48, 48]"),
+        # a 2D detector told it is 3D: said so, rather than asking for three image sizes (a new user's 3D pass)
+        (checkpoint, {"spatial_dims": 3}, "spatial_dims: trained with 2, this config has 3. configs/inference.yaml"),
     ):
         with pytest.raises(Exception) as err:
             bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=path, output_dir=str(out),
