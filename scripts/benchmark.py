@@ -375,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         torch.set_num_threads(args.threads)
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
     settings = {k: v for k, v in vars(args).items() if k != "json"}
+    settings["amp"] = args.amp and "cuda" in devices[args.device]  # autocast acts on CUDA only: a CPU run is float32
     print("settings:", json.dumps(settings), f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     rows = []
     for name in devices[args.device]:

@@ -85,7 +85,11 @@ def fire_main(component: Any, **kwargs: Any) -> None:
 
     quiet, DataError.quiet = DataError.quiet, True  # said once, below, not also logged where it is raised
     try:
+        _check_flags(component, sys.argv[1:])
         fire.Fire(component, **kwargs)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the same command again goes on from where it stopped", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001 - re-raised unless the bundle raised it on purpose
         cause = _on_purpose(e)
         if cause is None:
@@ -94,6 +98,42 @@ def fire_main(component: Any, **kwargs: Any) -> None:
         sys.exit(1)
     finally:
         DataError.quiet = quiet
+
+
+def _check_flags(component: Any, argv: Sequence[str]) -> None:
+    """Flags the command does not have stop it before any work: fire runs the command with the flags it knows and
+    only then complains of the rest (`make_2d --ntrain 5` generated the whole default set first)."""
+    if any(a in ("-h", "--help") for a in argv):
+        return
+    if isinstance(component, dict):
+        names = [a for a in argv if not a.startswith("-")]
+        if not names or names[0] not in component:
+            return  # fire names the commands there are
+        component = component[names[0]]
+    import inspect
+
+    try:
+        parameters = inspect.signature(component).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return  # takes any flag (diagnose's config overrides), and checks them itself
+    known = {name.replace("_", "-") for name in parameters}
+    args = list(argv[: list(argv).index("--")]) if "--" in argv else list(argv)  # after "--": fire's own flags
+    flags = [a[2:].split("=", 1)[0] for a in args if a.startswith("--")]
+    unknown = [
+        f for f in flags if f.replace("_", "-") not in known and f.replace("_", "-").removeprefix("no") not in known
+    ]
+    if unknown:
+        hints = [
+            f"--{f}" + (f" (did you mean --{close[0]}?)" if (close := difflib.get_close_matches(
+                f.replace("-", "_"), list(parameters), n=1)) else "")
+            for f in unknown
+        ]  # fmt: skip
+        raise UnknownSetting(
+            f"no such option: {', '.join(hints)}; {getattr(component, '__name__', 'the command')} takes "
+            + ", ".join(f"--{n}" for n in parameters)
+        )
 
 
 def _on_purpose(error: BaseException | None) -> BaseException | None:

@@ -14,7 +14,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai import handlers
 
-from scripts import distributed, metrics
+from scripts import distributed, metrics, tracking
+from scripts.checkpoint import flatten
 from scripts.data import DataError
 from scripts.detector import segment
 from scripts.files import write_json
@@ -163,10 +164,17 @@ class AnomalyMetrics:
         write_json(os.path.join(self.output_dir, "metrics.json"), results)
         engine.state.metric_details.update(self.per_image())
         shown = {k: v for k, v in results.items() if k != "per_category"}
-        # scalars as engine metrics too: MONAI's handlers (e.g. MLFlowHandler under `--tracking mlflow`) log those
+        # the metrics as engine metrics too, which MONAI's handlers log (MLFlowHandler under `--tracking mlflow`); what
+        # made them (checkpoint, settings, labels) as the MLflow run's params, not as metrics
+        settings = {k: v for k, v in shown.items() if k in self.extra or k in ("density_threshold", "fpr_limit")}
         engine.state.metrics.update(
-            {k: v for k, v in shown.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            {
+                k: v
+                for k, v in shown.items()
+                if k not in settings and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
         )
+        tracking.log_run_params(engine, flatten(settings))
         logger.info(
             "evaluation: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
         )

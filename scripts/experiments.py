@@ -55,6 +55,7 @@ from scripts.cli import UnknownSetting, as_list, fire_main, quiet, unknown_ids
 from scripts.contamination import parse_names, parse_ratios, ratio_tag
 from scripts.experiments_report import compare, final_iteration, report
 from scripts.files import write_json
+from scripts.settings import check_settings
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"2d": "configs/demo.yaml", "3d": "configs/demo3d.yaml"}
@@ -124,9 +125,7 @@ def run(
             f"{preset}: preset not found (the bundle's are configs/demo.yaml, configs/small.yaml, ...)"
         )
     ratios = list(parse_ratios(RATIOS[kind] if ratios is None else ratios))
-    seeds = [int(s) for s in as_list(seeds)]
-    if not seeds:
-        raise ValueError('no seed given (e.g. --seeds "[0,1]")')
+    seeds = _seeds(seeds)
     chosen = list(parse_names(variants))
     chosen += ["fixed"] if fixed_threshold and "fixed" not in chosen else []
     unknown = sorted(set(chosen) - set(VARIANTS))
@@ -136,9 +135,14 @@ def run(
     unknown = sorted(set(methods) - {"iltm", *METHODS})
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {unknown or methods}; available: iltm, {', '.join(METHODS)}")
+    for name, given in (("overrides", overrides), ("eval_overrides", eval_overrides)):
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"--{name} must be a dict of config ids, e.g. \"{{'vqvae#epochs': 2}}\", got {given!r}")
     overrides, eval_overrides = dict(overrides or {}), dict(eval_overrides or {})
     _check_before_any_work(preset, methods, overrides, eval_overrides)
     exp_dir = os.path.abspath(exp_dir)
+    if os.path.exists(exp_dir) and not os.path.isdir(exp_dir):
+        raise ValueError(f"{exp_dir}: --exp_dir is a file; pass a folder")
     _record(
         exp_dir, dict(preset=preset, n_train=n_train, n_test=n_test, overrides=overrides, eval_overrides=eval_overrides)
     )
@@ -187,6 +191,16 @@ def run(
     return report(exp_dir)
 
 
+def _seeds(seeds: Any) -> list[int]:
+    """Whole, non-negative seeds: `--seeds 0.5` once ran seed 0 and `True` seed 1 without a word."""
+    given = [int(s) if isinstance(s, str) and s.isdigit() else s for s in as_list(seeds)]
+    wrong = [s for s in given if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if wrong or not given:
+        shown = f"; got {', '.join(map(repr, wrong))}" if wrong else ""
+        raise ValueError(f'--seeds must be whole numbers >= 0, e.g. --seeds "[0,1]"{shown}')
+    return list(given)
+
+
 def _check_before_any_work(preset: str, methods: Sequence[str], overrides: dict, eval_overrides: dict) -> None:
     """Methods not defined for the preset's dimensions and override ids no config defines stop the sweep before
     experiment.json records them (a typo would otherwise lock the folder to the misspelt overrides). The ids are
@@ -213,6 +227,7 @@ def _check_before_any_work(preset: str, methods: Sequence[str], overrides: dict,
             ]
     if problems:
         raise UnknownSetting("\n".join(dict.fromkeys(problems)))
+    check_settings(overrides, eval_overrides)  # values too: a value training refuses would lock the folder to it
 
 
 # ---------------------------------------------------------------------------------------------- steps

@@ -210,6 +210,8 @@ def report(
     data; `out_dir` (default exp_dir) then keeps the whole folder's report beside it.
     """
     exp_dir = os.path.abspath(exp_dir)
+    if not os.path.isdir(exp_dir):
+        raise FileNotFoundError(f"{exp_dir}: no such folder (the --exp_dir of python -m scripts.experiments run)")
     wanted = None if seeds is None else {int(s) for s in as_list(seeds)}
     rows = collect(exp_dir, wanted)
     if wanted is not None:
@@ -226,11 +228,32 @@ def report(
         writer.writerows(rows)
     plot_contamination(rows, os.path.join(out, "figure4.png"))
     plot_iterations(rows, os.path.join(out, "figure3.png"))
-    table = markdown_table(rows)
+    table = markdown_table(rows) + _warned(exp_dir, {r["seed"] for r in rows})
     with open(os.path.join(out, "table1.md"), "w") as f:
         f.write(table + "\n")
     print(table, flush=True)
     return rows
+
+
+def _warned(exp_dir: str, seeds: set[int]) -> str:
+    """The runs whose own summary (``iltm/summary.md``, "Can ILTM help here?") warns, with the gist of each warning:
+    a table of means would otherwise show a run that learned nothing as a plain "+0.0"."""
+    lines = []
+    for seed in sorted(seeds):
+        runs = os.path.join(exp_dir, f"seed_{seed}", "runs")
+        for tag in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+            path = os.path.join(runs, tag, "iltm", "summary.md")
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                found = [line.split("**Warning.**", 1)[1].strip() for line in f if "**Warning.**" in line]
+            if found:
+                gist = "; ".join(w.split(":")[0].split(". ")[0].rstrip(".") for w in found)
+                lines.append(f"- seed {seed}, {tag}: {len(found)} warning{'s' if len(found) > 1 else ''}: {gist}")
+    if not lines:
+        return ""
+    return ("\n\n## Runs whose own summary warns\n\nEach run's `iltm/summary.md`, \"Can ILTM help here?\", says "
+            "more:\n\n" + "\n".join(lines))  # fmt: skip
 
 
 def compare(*evaluations: str, out: str | None = None) -> str:

@@ -104,3 +104,14 @@ def _numbers(row: Mapping[str, str], skip: Sequence[str] = ("iteration",)) -> li
         if name not in skip and not math.isnan(value):
             out.append((name, value))
     return out
+
+
+def log_run_params(engine: Any, params: Mapping[str, Any]) -> None:
+    """`params` on the MLflow run of each MONAI ``MLFlowHandler`` attached to `engine` (``--tracking mlflow``), which
+    logs only ignite's own state (``max_epochs``, ...): an evaluation's run then records which checkpoint and
+    settings made its metrics. Nothing happens when tracking is off."""
+    owners = {id(o): o for handlers in getattr(engine, "_event_handlers", {}).values() for fn, *_ in handlers
+              if type(o := getattr(fn, "__self__", None)).__name__ == "MLFlowHandler"}  # fmt: skip
+    for handler in owners.values():
+        if getattr(handler, "cur_run", None):
+            handler._log_params({k.replace("#", "/"): str(v) for k, v in params.items()})  # MLflow refuses '#'

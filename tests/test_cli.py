@@ -125,7 +125,14 @@ def test_a_script_ends_a_bad_input_with_its_message_not_a_traceback(tmp_path) ->
     "module, argv, message",
     [
         ("scripts.prepare_autopet", ["{missing}", "{out}"], "{missing}: autoPET folder not found"),
-        ("scripts.experiments", ["report", "--exp_dir", "{missing}"], "{missing}: no evaluations yet"),
+        ("scripts.experiments", ["report", "--exp_dir", "{missing}"], "{missing}: no such folder"),
+        # a misspelt flag stops the command before any work (fire ran it with the flags it knew, then complained)
+        (
+            "scripts.synthetic",
+            ["make_2d", "--out_dir", "{out}", "--ntrain", "5"],
+            "no such option: --ntrain (did you mean --n_train?); make_2d takes --out_dir, --n_train",
+        ),
+        ("scripts.prepare_mvtec", ["{missing}", "{out}", "--ratio", "0.4"], "no such option: --ratio (did you mean"),
         (
             "scripts.experiments",
             ["run", "--exp_dir", "{out}", "--kind", "4d"],
@@ -145,6 +152,7 @@ def test_every_script_command_shares_that_ending(tmp_path, monkeypatch, capsys, 
         runpy.run_module(module, run_name="__main__", alter_sys=False)
     assert stop.value.code == 1
     assert capsys.readouterr().err.startswith(f"error: {message.format(**paths)}")
+    assert not os.path.exists(paths["out"]) or argv[0] == "mask_recall"  # nothing made
 
 
 def test_a_bug_keeps_its_traceback(capsys) -> None:

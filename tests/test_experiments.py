@@ -133,6 +133,19 @@ def test_report_tables_and_figures_with_seeds(tmp_path, capsys) -> None:
     # gain = final - the same seed's iteration 0: +10 at 0 %, +20 at 80 %, the same for both seeds (sd 0)
     assert "| AUPRO | +10.0 ± 0.0 | +20.0 ± 0.0 |" in table
     assert "| image AUROC |" not in table.split("ILTM gain")[1]  # undefined image AUROC is not a gain row
+    assert "Runs whose own summary warns" not in table
+    with open(
+        os.path.join(exp, "seed_1", "runs", "r0.80", "iltm", "summary.md"), "w"
+    ) as f:  # a run that learned nothing
+        f.write("## Can ILTM help here?\n\n- **Warning.** The codebook has collapsed: 3 of 128 codes in use, so ...\n"
+                "- **Warning.** ILTM masked no training token in any pass, so a retraining ...\n")  # fmt: skip
+    experiments.report(exp)
+    warned = open(os.path.join(exp, "table1.md")).read().split("## Runs whose own summary warns")[1]
+    assert (
+        "- seed 1, r0.80: 2 warnings: The codebook has collapsed; ILTM masked no training token in any pass" in warned
+    )
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
+        experiments.report(str(tmp_path / "nowhere"))
     # a third seed at 80 % only: the 0 % cells, over two of the three seeds, say so
     run_dir = os.path.join(exp, "seed_2", "runs", "r0.80")
     _fake_run(run_dir, 1, [0.3])
@@ -256,7 +269,10 @@ def test_printed_commands_read_as_written_and_rerun_as_run() -> None:
 
 @pytest.mark.parametrize(
     "arguments, says",
-    [({"kind": "4d"}, "unknown kind '4d'; available: 2d, 3d"), ({"seeds": "[]"}, "no seed given"),
+    [({"kind": "4d"}, "unknown kind '4d'; available: 2d, 3d"), ({"seeds": "[]"}, "--seeds must be whole numbers >= 0"),
+     ({"seeds": 0.5}, "got 0.5"), ({"seeds": True}, "got True"), ({"seeds": "abc"}, "got 'abc'"), ({"seeds": -1}, "got -1"),
+     ({"overrides": {"vqvae#epochs": 0}}, "vqvae#epochs must be >= 1, got 0"),  # a value training refuses: before
+     ({"overrides": "vqvae#epochs=2"}, "--overrides must be a dict of config ids"),  # experiment.json records it
      ({"ratios": "[1.5]"}, r"must be in \[0, 1\], got \[1.5\]"), ({"ratios": "[0.333,0.334]"}, "share a file name"),
      ({"kind": "3d", "methods": "nsa,cutpaste"}, "cutpaste: not defined for spatial_dims 3"),
      ({"methods": "iltm,nsa", "overrides": {"nsa#epoch": 1}}, "--overrides nsa#epoch: no such setting.*nsa#epochs"),
@@ -268,6 +284,12 @@ def test_bad_arguments_stop_the_sweep_before_anything_is_written(tmp_path, argum
     with pytest.raises(ValueError, match=says):
         experiments.run(exp_dir=str(tmp_path / "exp"), **arguments)
     assert not (tmp_path / "exp").exists()
+
+
+def test_an_exp_dir_that_is_a_file_is_refused(tmp_path) -> None:
+    (tmp_path / "exp").write_text("")
+    with pytest.raises(ValueError, match="exp: --exp_dir is a file; pass a folder"):
+        experiments.run(exp_dir=str(tmp_path / "exp"))
 
 
 def test_a_rerun_with_other_settings_is_refused(tmp_path) -> None:

@@ -249,6 +249,8 @@ def test_monai_label_training_overrides_land_where_the_pipeline_reads_them(tiny_
     parser.update({"bundle_root": ROOT, "dataset_dir": data, "datalist": os.path.join(data, "datalist.json")})
     parser.update({"train#dataset#data": entries, "validate#dataset#data": entries[:1], "train#trainer#max_epochs": 3})
     assert parser.get_parsed_content("train#trainer").state.max_epochs == 3
+    # what the run records (run.json) is what trains: a rerun with another max_epochs is another run's settings
+    assert parser.get_parsed_content("run_settings")["vqvae"]["epochs"] == 3
     iltm = parser.get_parsed_content("iltm#workflow")
     assert iltm.train_files == entries and iltm.val_files == entries[:1]
 

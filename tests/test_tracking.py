@@ -62,7 +62,13 @@ def test_training_and_evaluation_are_tracked_locally(tmp_path, single_thread) ->
         **{k: v for k, v in TINY.items() if not k.startswith(("synthetic", "vqvae#", "transformer#", "iltm"))},
     )  # fmt: skip
     logged, _ = _runs(f"sqlite:///{evaluation}/mlruns.db", "iltm")  # the bundle's experiment, not MONAI's default
-    assert {"aupro", "pixel_auroc", "image_auroc"} <= set(logged["evaluation"].data.metrics)
+    named = logged[
+        f"evaluation of {os.path.join(out, 'model.pt')}"
+    ]  # which checkpoint and settings made the metrics (a user's pass)
+    assert {"aupro", "pixel_auroc", "image_auroc"} <= set(named.data.metrics)
+    assert not {"num_samples", "flag_neighbourhood", "density_threshold"} & set(named.data.metrics)
+    assert named.data.params["checkpoint"] == os.path.join(out, "model.pt") and named.data.params["resample"] == "True"
+    assert named.data.params["data/label_threshold"] == "0.0" and named.data.params["num_samples"] == "2"
 
 
 @pytest.mark.parametrize("command", ["training", "evaluating"])

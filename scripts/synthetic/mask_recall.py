@@ -110,7 +110,7 @@ def mask_recall(run_dir: str, data_dir: str, iteration: int | None = None) -> di
         }
     print(f"{path}:")
     for name, r in report.items():
-        print(f"  {name:32s} {r['images']:4d} images, {r['labelled_tokens_per_image']:5.1f} tokens each: recall "
+        print(f"  {name:32s} {r['images']:4d} image{'s' if r['images'] != 1 else ' '}, {r['labelled_tokens_per_image']:5.1f} tokens each: recall "
               f"{r['recall']:.2f}, {r['images_missed']} wholly missed; {r['masked_outside_labels']:.1%} of the "
               f"other tokens masked")  # fmt: skip
     return report
