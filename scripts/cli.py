@@ -16,6 +16,7 @@ import dis
 import functools
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -85,10 +86,11 @@ def fire_main(component: Any, **kwargs: Any) -> None:
 
     quiet, DataError.quiet = DataError.quiet, True  # said once, below, not also logged where it is raised
     try:
-        _check_flags(component, sys.argv[1:])
+        given = kwargs.get("command")
+        _check_flags(component, shlex.split(given) if isinstance(given, str) else given or sys.argv[1:])
         fire.Fire(component, **kwargs)
     except KeyboardInterrupt:
-        print("\ninterrupted: the same command again goes on from where it stopped", file=sys.stderr)
+        print("\ninterrupted (a sweep or a preparation, run again, goes on from what it finished)", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - re-raised unless the bundle raised it on purpose
         cause = _on_purpose(e)
@@ -130,9 +132,10 @@ def _check_flags(component: Any, argv: Sequence[str]) -> None:
                 f.replace("-", "_"), list(parameters), n=1)) else "")
             for f in unknown
         ]  # fmt: skip
+        options = [f"--{n}" for n, p in parameters.items() if p.kind is not p.VAR_POSITIONAL]
         raise UnknownSetting(
             f"no such option: {', '.join(hints)}; {getattr(component, '__name__', 'the command')} takes "
-            + ", ".join(f"--{n}" for n in parameters)
+            + (", ".join(options) or "no options")
         )
 
 

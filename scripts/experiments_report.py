@@ -301,9 +301,11 @@ def _paired(first: str, other: str) -> str:
     """`other` against `first`, image by image (each image's own AUPRO, ``aupro_raw.csv``): on a test set of a few
     dozen images a set-level difference can rest on a few of them, and a sign test says whether chance splits so."""
     own = [_image_aupros(given) for given in (first, other)]
-    if not all(own):  # evaluated before 0.7.6, or a file given for the folder
+    if any(x is None for x in own):  # evaluated before 0.7.6
         return f"\n\n{other} against {first}: no per-image AUPRO to pair (aupro_raw.csv, written since 0.7.6)."
     paired = [(own[0][name], value) for name, value in own[1].items() if name in own[0]]
+    if not paired:
+        return f"\n\n{other} against {first}: no image with anomalies in common to pair (their image names differ)."
     higher, lower = sum(b > a for a, b in paired), sum(b < a for a, b in paired)
     line = f"\n\n{other} against {first}, image by image (own AUPRO, {len(paired)} images with anomalies): "
     if not higher + lower:
@@ -313,11 +315,12 @@ def _paired(first: str, other: str) -> str:
                    f"(two-sided sign test, p = {p:.3g}).")  # fmt: skip
 
 
-def _image_aupros(given: str) -> dict[str, float]:
-    """An evaluation's per-image AUPRO by image name, images without one (no anomaly) left out; {} without the file."""
+def _image_aupros(given: str) -> dict[str, float] | None:
+    """An evaluation's per-image AUPRO by image name, images without one (no anomaly) left out; None without the
+    file."""
     path = os.path.join(given if os.path.isdir(given) else os.path.dirname(given), "aupro_raw.csv")
     if not os.path.isfile(path):
-        return {}
+        return None
     with open(path) as f:
         rows = [(row["filename"], _float(row["class0"])) for row in csv.DictReader(f)]
     return {name: value for name, value in rows if not math.isnan(value)}

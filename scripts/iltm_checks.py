@@ -78,7 +78,7 @@ def _band(stage: dict) -> str:
         f" Intensities above {upper:g} (the brightest 0.1 % of the sampled voxels, up to {top[0]:.4g}) would be "
         "clipped to it: where anomalies are brighter than normal tissue (hot lesions), keep --intensity_max above "
         "them, or keep the preset's scale."
-        if top and top[0] > upper
+        if top and top[0] > upper + 0.1 * (upper - low)  # a tail, not the maximum just above the 99.9th percentile
         else ""
     )
     return (
@@ -152,8 +152,9 @@ def warnings(checks: dict) -> list[str]:
             f"Iteration 0 marks most of each training image: it flags {flagged:.0%} of the training tokens for "
             f"resampling and its first masks hold {masked:.0%} (above {FLAGGED:.0%}). Anomalies are rarely that much "
             "of an image, so its maps mark more than anomalies and its masks take mostly normal tokens out of "
-            "training. An undertrained Transformer (more transformer#epochs) or a resampling threshold near the "
-            "chance probability of a code (1 / codebook size) causes it."
+            "training. An undertrained Transformer (more transformer#epochs) or a mask resampling threshold "
+            "(iltm#mask_resample_threshold, by default resample_threshold) near the chance probability of a code "
+            "(1 / codebook size) causes it."
         )
     recall = start.get("mask_recall")
     if _number(recall) and 0 < recall < RECALL:  # none masked at all has its own warning below

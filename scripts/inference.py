@@ -178,8 +178,8 @@ def unfinished(
     written) is complete, so a killed run over a large folder resumes where it stopped. Any other run maps every
     input, and first moves the maps and record of the earlier run, with the files of `results` (globs: evaluation's
     metrics), to ``<maps_dir>.replaced-<time>``: they are never written over, and a rerun after a kill never takes
-    another run's maps for its own. Maps and metrics found without a record (an older version's) go aside too, and an
-    evaluation without maps keeps a record for its metrics.
+    another run's maps for its own. Metrics found without a record (an older version's) go aside too (maps without
+    one stay: they may be a user's own files), and an evaluation without maps keeps a record for its metrics.
 
     Every rank decides from the folder as it was before rank 0 records this run (a barrier in between), so the ranks
     of a torchrun agree on the list they shard. ``check`` (the input check) runs on that list before anything is
@@ -197,7 +197,7 @@ def unfinished(
         except (OSError, ValueError):
             previous = {}  # unreadable: another run's, as far as anyone can tell
         previous = previous if isinstance(previous, dict) else {}
-    same = resume and previous == record
+    same = resume and bool(outputs) and previous == record  # without maps there is nothing to skip
     todo = [e for e, marker in zip(files, last) if not complete(marker)] if same else list(files)
     if len(todo) < len(files):
         logger.info(f"{maps_dir}: {len(files) - len(todo)} of {len(files)} inputs already mapped by this inference; "
@@ -210,12 +210,12 @@ def unfinished(
             os.makedirs(maps_dir, exist_ok=True)
         except OSError as e:
             raise OSError(f"{maps_dir}: the maps cannot be written there ({e}); use a writable --output_dir") from None
-        if previous != record:  # no record: outputs of unknown origin (an older version's), moved aside as well
-            kinds = [
-                *outputs,
-                *((previous or {}).get("outputs") or []),
-            ]  # the earlier run's overlays, where this one has none
-            _move_aside(maps_dir, [path, *_maps_in(maps_dir, kinds)], [f for p in results for f in glob.glob(p)])
+        metrics = [f for p in results for f in glob.glob(p)]
+        if previous is None:  # no record: maps of unknown origin stay (they may be a user's files); metrics go aside
+            _move_aside(maps_dir, [], metrics, "held metrics without a record of what made them (an older version's?)")
+        elif previous != record:
+            kinds = [*outputs, *(previous.get("outputs") or [])]  # the earlier run's overlays, where this one has none
+            _move_aside(maps_dir, [path, *_maps_in(maps_dir, kinds)], metrics)
         write_json(path, record)
     distributed.barrier()  # no rank writes a map before rank 0 has moved the earlier ones
     return todo
@@ -228,7 +228,7 @@ def _maps_in(maps_dir: str, outputs: Sequence[str]) -> list[str]:
     ]
 
 
-def _move_aside(maps_dir: str, maps: Sequence[str], results: Sequence[str]) -> None:
+def _move_aside(maps_dir: str, maps: Sequence[str], results: Sequence[str], why: str = "") -> None:
     """Another inference's maps and record, and evaluation's metrics (`results`), to ``<maps_dir>.replaced-<time>``
     with their relative paths, and a warning; nothing else in the folders moves."""
     moved = [f for f in dict.fromkeys([*maps, *results]) if os.path.isfile(f)]
@@ -248,8 +248,10 @@ def _move_aside(maps_dir: str, maps: Sequence[str], results: Sequence[str]) -> N
     except OSError as e:
         raise OSError(f"{maps_dir}: the maps of another inference there cannot be moved aside to {aside} ({e}); "
                       "use another --output_dir") from None  # fmt: skip
-    logger.warning(f"{maps_dir}: held the maps{' and metrics' if results else ''} of another inference (another "
-                   f"checkpoint, settings or inputs); moved to {aside}")  # fmt: skip
+    held = [f for f in moved if os.path.basename(f) != "inference.json"]
+    what = "maps and metrics" if results and len(held) > len(results) else "metrics" if results else "maps"
+    why = why or f"held the {what} of another inference (another checkpoint, settings or inputs)"
+    logger.warning(f"{maps_dir}: {why}; moved to {aside}")
 
 
 def complete(path: str) -> bool:

@@ -78,10 +78,10 @@ def save_overlay(
     if labelled and label.any():  # no `origin`: contour's default puts Z[i, j] at (j, i), imshow's pixel centres
         axes[2].contour(_view(label > 0).astype(float), levels=[0.5], colors="lime", linewidths=0.8)
     if density_threshold is None:
-        title = "truth (green)" if labelled else "image"
+        panel = "truth (green)" if labelled else "image"
     else:
-        title = "segmentation" + (" (green: truth)" if labelled else "")
-    axes[2].set_title(title, fontsize=8)
+        panel = "segmentation" + (" (green: truth)" if labelled else "")
+    axes[2].set_title(panel, fontsize=8)
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(title or os.path.basename(path), fontsize=7)

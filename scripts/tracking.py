@@ -12,6 +12,7 @@ mlflow is imported only when tracking is on; it is not needed otherwise.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import socket
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from monai.utils import path_to_uri
+
+logger = logging.getLogger(__name__)
 
 
 def settings(handlers: Iterable[Any], tracking_uri: str, experiment_name: str) -> dict | None:
@@ -113,5 +116,12 @@ def log_run_params(engine: Any, params: Mapping[str, Any]) -> None:
     owners = {id(o): o for handlers in getattr(engine, "_event_handlers", {}).values() for fn, *_ in handlers
               if type(o := getattr(fn, "__self__", None)).__name__ == "MLFlowHandler"}  # fmt: skip
     for handler in owners.values():
-        if getattr(handler, "cur_run", None):
-            handler._log_params({k.replace("#", "/"): str(v) for k, v in params.items()})  # MLflow refuses '#'
+        run = getattr(handler, "cur_run", None)
+        if not run:
+            continue
+        new = {k.replace("#", "/"): str(v) for k, v in params.items()}  # MLflow refuses '#' in names
+        try:  # a killed evaluation's run, reused by MONAI under the same name, cannot take other values
+            logged = handler.client.get_run(run.info.run_id).data.params
+            handler._log_params({k: v for k, v in new.items() if logged.get(k) != v})
+        except Exception as e:  # noqa: BLE001 - tracking must not cost the metrics, which are written already
+            logger.warning(f"MLflow run {run.info.run_name!r}: the evaluation's settings were not logged ({e})")

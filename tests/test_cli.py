@@ -193,3 +193,15 @@ def test_a_data_error_ends_a_script_once(capsys, caplog) -> None:
         fire_main(bad_input, command=[])
     assert capsys.readouterr().err == "error: x.png: cannot be read Replace it.\n" and not caplog.records
     assert DataError.quiet is False
+
+
+def test_the_flag_check_reads_the_command_fire_is_given(monkeypatch, capsys) -> None:
+    """`fire_main(..., command=...)` (as the tests call it) is checked, not the process's own arguments (pytest's)."""
+    from scripts.cli import fire_main
+
+    monkeypatch.setattr(sys, "argv", ["pytest", "--tb=line", "--rootdir", "x"])
+    fire_main(lambda n_train=1: print(f"n_train={n_train}"), command=["--n_train", "3"])
+    assert capsys.readouterr().out.strip() == "n_train=3"
+    with pytest.raises(SystemExit):
+        fire_main(lambda: None, command="--ntrain 3")
+    assert "no such option: --ntrain; <lambda> takes no options" in capsys.readouterr().err

@@ -207,6 +207,28 @@ def test_an_evaluation_without_maps_keeps_the_earlier_metrics(dataset: str, chec
     assert len(list(tmp_path.glob("eval/evaluation.replaced-*/metrics.json"))) == 2
 
 
+def test_the_record_of_a_run_without_maps_resumes_nothing_and_unrecorded_maps_stay(tmp_path, caplog) -> None:
+    """Without maps nothing is skipped on a rerun, however alike; maps without any record may be a user's own files
+    (a custom maps_dir beside the data): they stay, while unrecorded metrics go aside."""
+    from scripts.inference import unfinished
+
+    files = [{"image": str(tmp_path / f"{i}.png")} for i in range(2)]
+    maps, record = tmp_path / "maps", {"checkpoint": "a"}
+    for _ in range(2):  # an evaluation without maps, rerun with --resume_maps True
+        assert (
+            unfinished(files, str(maps), str(tmp_path), record, [], True, results=[str(tmp_path / "m.json")]) == files
+        )
+    user = tmp_path / "inf" / "sub" / "case_seg.nii.gz"
+    user.parent.mkdir(parents=True)
+    user.write_bytes(b"a label of the user's")
+    (tmp_path / "metrics.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="scripts.inference"):
+        unfinished(files, str(tmp_path / "inf"), str(tmp_path), record, ["_seg.nii.gz"], True,
+                   results=[str(tmp_path / "metrics.json")])  # fmt: skip
+    assert user.is_file() and not (tmp_path / "metrics.json").exists()
+    assert "held metrics without a record of what made them" in caplog.text
+
+
 def test_evaluation_of_a_set_without_anomalies_leaves_its_metrics_undefined_quietly(
     dataset: str, checkpoint: str, tmp_path
 ) -> None:
@@ -484,14 +506,15 @@ def test_the_overlay_outlines_the_true_mask_where_it_is(tmp_path, monkeypatch, s
     label[0, 3:7, ..., 15:20] = 1  # panel columns 3-6 (first axis), rows 15-19 (last axis; a 3D view projects Y)
     overlays.save_overlay(str(tmp_path / "o.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), 0.5, label)
     panel = figures[0].axes[2]
-    assert panel.get_title() == "segmentation (green: truth)"
+    assert panel.get_title() == "segmentation (green: truth)" and figures[0]._suptitle.get_text() == "o.png"
     (outline,) = [c for c in panel.collections if hasattr(c, "get_paths") and len(c.get_paths())]
     xy = np.concatenate([p.vertices for p in outline.get_paths()])
     assert (xy[:, 0].min(), xy[:, 0].max()) == pytest.approx((2.5, 6.5))  # half a pixel outside columns 3-6
     assert (xy[:, 1].min(), xy[:, 1].max()) == pytest.approx((14.5, 19.5))  # and rows 15-19
-    figures.clear()
-    overlays.save_overlay(str(tmp_path / "n.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), 0.5)
-    assert figures[0].axes[2].get_title() == "segmentation"
+    figures.clear()  # titled with the input's path below the input root: every autoPET input is SUV.nii.gz
+    overlays.save_overlay(str(tmp_path / "n.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), 0.5,
+                          title="PETCT_1/study/SUV")  # fmt: skip
+    assert figures[0].axes[2].get_title() == "segmentation" and figures[0]._suptitle.get_text() == "PETCT_1/study/SUV"
     figures.clear()  # a baseline's map is no density: no segmentation, the truth alone beside its score
     overlays.save_overlay(str(tmp_path / "b.png"), torch.rand(1, *spatial), torch.rand(1, *spatial), None, label)
     assert [ax.get_title() for ax in figures[0].axes[:3]] == ["image", "anomaly score", "truth (green)"]
