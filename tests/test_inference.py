@@ -156,17 +156,22 @@ def test_evaluation_writes_metrics_maps_and_overlays(dataset: str, checkpoint: s
     assert Image.open(os.path.join(maps, "test_0003_overlay.png")).size[0] > 0
 
 
+def _evaluate_into(out, dataset: str, checkpoint: str, **overrides) -> dict:
+    """The tiny detector's evaluation of the test section into `out`; its metrics."""
+    bundle_run(
+        "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset, datalist=os.path.join(dataset, "datalist.json"),
+        checkpoint=checkpoint, output_dir=str(out), **{**TINY, **overrides},
+    )  # fmt: skip
+    return json.loads((out / "metrics.json").read_text())
+
+
 def test_another_evaluation_moves_the_earlier_one_aside(dataset: str, checkpoint: str, tmp_path, capsys) -> None:
     """Evaluating another detector (or with other settings) into the same folder replaced the earlier maps and metrics;
     they are moved aside, while a rerun of the same evaluation replaces its own."""
     out = tmp_path / "eval"
 
     def evaluate(**overrides) -> None:
-        bundle_run(
-            "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset,
-            datalist=os.path.join(dataset, "datalist.json"), checkpoint=checkpoint, output_dir=str(out),
-            **{**TINY, "save_overlays": False, **overrides},
-        )  # fmt: skip
+        _evaluate_into(out, dataset, checkpoint, **{"save_overlays": False, **overrides})
 
     evaluate()
     evaluate()  # the same evaluation again: nothing to keep
@@ -190,12 +195,7 @@ def test_an_evaluation_without_maps_keeps_the_earlier_metrics(dataset: str, chec
     out = tmp_path / "eval"
 
     def evaluate(**overrides) -> dict:
-        bundle_run(
-            "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset,
-            datalist=os.path.join(dataset, "datalist.json"), checkpoint=checkpoint, output_dir=str(out),
-            **{**TINY, "save_maps": False, "save_overlays": False, **overrides},
-        )  # fmt: skip
-        return json.loads((out / "metrics.json").read_text())
+        return _evaluate_into(out, dataset, checkpoint, **{"save_maps": False, "save_overlays": False, **overrides})
 
     assert evaluate()["resample"] is True
     assert evaluate(**{"network_def#resample": False})["resample"] is False
