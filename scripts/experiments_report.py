@@ -263,9 +263,12 @@ def compare(*evaluations: str, out: str | None = None) -> str:
     the table there (Markdown)."""
     if not evaluations:
         raise ValueError("name the evaluations to compare: folders holding metrics.json (evaluation's --output_dir)")
-    results = []
+    results, seen = [], {}
     for given in evaluations:
         path = os.path.join(given, "metrics.json") if os.path.isdir(given) else given
+        if os.path.realpath(path) in seen:
+            raise ValueError(f"{given}: the same evaluation as {seen[os.path.realpath(path)]}, given twice")
+        seen[os.path.realpath(path)] = given
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{given}: no metrics.json there (python -m monai.bundle run evaluating ... "
                                     "--output_dir writes it)")  # fmt: skip

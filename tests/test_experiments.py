@@ -451,6 +451,8 @@ def test_compare_puts_evaluations_of_one_test_set_side_by_side(tmp_path, capsys)
     )
     reverse = experiments_report.compare(str(tmp_path / "nsa"), str(tmp_path / "iltm"))
     assert reverse.endswith("higher on 6, lower on 0: beyond chance (two-sided sign test, p = 0.0312).")
+    with pytest.raises(ValueError, match="the same evaluation as .*iltm, given twice"):
+        experiments_report.compare(str(tmp_path / "iltm"), str(tmp_path / "iltm" / "metrics.json"))
     with pytest.raises(FileNotFoundError, match="nowhere: no metrics.json there"):
         experiments_report.compare(str(tmp_path / "nowhere"))
 

@@ -331,3 +331,10 @@ def test_mask_recall_groups_training_images_by_their_anomalies(tmp_path) -> None
                 preview=False)  # fmt: skip
     with pytest.raises(ValueError, match="not a training image of .*; pass the run's own dataset folder"):
         mask_recall(str(run), other)
+
+
+def test_a_fraction_outside_0_1_stops_before_any_folder(tmp_path):
+    """`make_2d --anomalous_fraction 1.5` left empty image and label folders behind (a new user's pass)."""
+    with pytest.raises(ValueError, match=r"anomalous fraction must be in \[0, 1\], got 1.5"):
+        syn.make_2d(str(tmp_path / "bad"), n_train=2, n_val=1, n_test=1, anomalous_fraction=1.5, preview=False)
+    assert not (tmp_path / "bad").exists()

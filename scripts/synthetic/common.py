@@ -42,6 +42,8 @@ def as_tuple(value: Any, cast: type) -> tuple:
 
 def write_dataset(out_dir, params, counts, fractions, sample, ext, save, make_preview, progress) -> str:
     """Images, labels, datalist.json (paths relative to out_dir), anomalies.json, params.json, preview.png."""
+    for section, fraction in fractions.items():  # before any folder is made
+        _fraction_count(counts[section], fraction)
     for key in ("images", "labels"):
         os.makedirs(os.path.join(out_dir, key), exist_ok=True)
     datalist: dict[str, list[dict]] = {}
