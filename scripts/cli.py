@@ -14,6 +14,7 @@ import ast
 import difflib
 import dis
 import functools
+import inspect
 import os
 import re
 import shlex
@@ -112,8 +113,6 @@ def _check_flags(component: Any, argv: Sequence[str]) -> None:
         if not names or names[0] not in component:
             return  # fire names the commands there are
         component = component[names[0]]
-    import inspect
-
     try:
         parameters = inspect.signature(component).parameters
     except (TypeError, ValueError):

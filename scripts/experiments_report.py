@@ -17,11 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from matplotlib.ticker import MaxNLocator
-from scipy.stats import binomtest
 
 from scripts.baselines import METHODS
 from scripts.cli import as_list
-from scripts.iltm_checks import SIGN_TEST
+from scripts.iltm_checks import SIGN_TEST, sign_test
 from scripts.plots import figure
 
 METRICS = ("aupro", "best_dice", "pixel_auroc", "image_auroc", "dice_at_density_threshold")
@@ -311,9 +310,9 @@ def _paired(first: str, other: str) -> str:
         return f"\n\n{other} against {first}: no image with anomalies in common to pair (their image names differ)."
     higher, lower = sum(b > a for a, b in paired), sum(b < a for a, b in paired)
     line = f"\n\n{other} against {first}, image by image (own AUPRO, {len(paired)} images with anomalies): "
-    if not higher + lower:
+    p = sign_test(higher, lower)
+    if p is None:
         return line + "no image's AUPRO differs."
-    p = binomtest(higher, higher + lower).pvalue
     return line + (f"higher on {higher}, lower on {lower}: {'within' if p >= SIGN_TEST else 'beyond'} chance "
                    f"(two-sided sign test, p = {p:.3g}).")  # fmt: skip
 

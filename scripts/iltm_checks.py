@@ -371,8 +371,13 @@ def _per_image(outcome: dict) -> str:
 
 def _sign_test(outcome: dict) -> float | None:
     """Were ILTM to change nothing, each image would be as likely to rise as to fall: how often chance splits so."""
-    better, worse = outcome.get("images_better"), outcome.get("images_worse")
-    return binomtest(better, better + worse).pvalue if better is not None and better + worse else None
+    better = outcome.get("images_better")
+    return None if better is None else sign_test(better, outcome["images_worse"])
+
+
+def sign_test(higher: int, lower: int) -> float | None:
+    """Two-sided sign test of images that rose against images that fell (None: none moved)."""
+    return binomtest(higher, higher + lower).pvalue if higher + lower else None
 
 
 def _unproven(outcome: dict) -> str:

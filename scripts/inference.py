@@ -232,7 +232,8 @@ def _move_aside(maps_dir: str, maps: Sequence[str], results: Sequence[str], why:
     """Another inference's maps and record, and evaluation's metrics (`results`), to ``<maps_dir>.replaced-<time>``
     with their relative paths, and a warning; nothing else in the folders moves."""
     moved = [f for f in dict.fromkeys([*maps, *results]) if os.path.isfile(f)]
-    if not [f for f in moved if os.path.basename(f) != "inference.json"]:
+    held = [f for f in moved if os.path.basename(f) != "inference.json"]
+    if not held:
         return  # a record alone (a run killed before its first map): nothing finished to keep
     aside = stamped = f"{maps_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in itertools.count(2):  # two runs replaced within one second keep a folder each
@@ -248,7 +249,6 @@ def _move_aside(maps_dir: str, maps: Sequence[str], results: Sequence[str], why:
     except OSError as e:
         raise OSError(f"{maps_dir}: the maps of another inference there cannot be moved aside to {aside} ({e}); "
                       "use another --output_dir") from None  # fmt: skip
-    held = [f for f in moved if os.path.basename(f) != "inference.json"]
     what = "maps and metrics" if results and len(held) > len(results) else "metrics" if results else "maps"
     why = why or f"held the {what} of another inference (another checkpoint, settings or inputs)"
     logger.warning(f"{maps_dir}: {why}; moved to {aside}")
