@@ -32,10 +32,15 @@ PER_IMAGE = (
 
 
 def summarise(
-    scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], density_threshold: float | None, fpr_limit: float = 0.3
+    scores: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    density_threshold: float | None,
+    fpr_limit: float = 0.3,
+    warn: bool = True,
 ) -> dict[str, float | int | None]:
     """Set-level metrics of maps [*S] and binary labels [*S]; a metric the set cannot define (one class) is None, as
-    is the Dice at the density threshold of a map that has none (a baseline's: `density_threshold` None)."""
+    is the Dice at the density threshold of a map that has none (a baseline's: `density_threshold` None). `warn`
+    False for the per-category subsets, whose nulls metrics.json shows (one category logged each warning twice)."""
     out: dict[str, float | int | None] = {"n_images": len(scores)}
     out["n_anomalous_images"] = int(sum(bool(lab.any()) for lab in labels))
     try:
@@ -43,12 +48,14 @@ def summarise(
         out.update(pixel_auroc=pixel["pixel_auroc"], aupro=pixel["aupro"], best_dice=pixel["best_dice"])
         out["best_dice_threshold"] = pixel["dice_threshold"]
     except ValueError as e:  # no anomalous (or no normal) pixel in this set
-        logger.warning(f"pixel metrics not reported (null): {e}")
+        if warn:
+            logger.warning(f"pixel metrics not reported (null): {e}")
         out.update(pixel_auroc=None, aupro=None, best_dice=None, best_dice_threshold=None)
     try:
         out["image_auroc"] = metrics.image_auroc(scores, labels)
     except ValueError as e:
-        logger.warning(f"{e}; reported as null")
+        if warn:
+            logger.warning(f"{e}; reported as null")
         out["image_auroc"] = None
     out["dice_at_density_threshold"] = None
     if len(scores) and density_threshold is not None:
@@ -156,7 +163,10 @@ class AnomalyMetrics:
         if named:
             results["per_category"] = {
                 c: summarise(
-                    *self._subset([i for i in order if self.categories[i] == c]), self.density_threshold, self.fpr_limit
+                    *self._subset([i for i in order if self.categories[i] == c]),
+                    self.density_threshold,
+                    self.fpr_limit,
+                    warn=False,
                 )
                 for c in named
             }

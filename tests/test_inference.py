@@ -463,7 +463,7 @@ def test_killed_inference_resumes_without_remapping(dataset: str, checkpoint: st
     assert all(fourth[n] != third[n] for n in third)
 
 
-def test_summarise_matches_metrics_and_marks_undefined_as_none() -> None:
+def test_summarise_matches_metrics_and_marks_undefined_as_none(caplog) -> None:
     rng = np.random.default_rng(0)
     scores = [rng.random((8, 8)).astype(np.float32) for _ in range(3)]
     labels = [np.zeros((8, 8), bool), rng.random((8, 8)) > 0.7, rng.random((8, 8)) > 0.8]
@@ -474,7 +474,11 @@ def test_summarise_matches_metrics_and_marks_undefined_as_none() -> None:
     assert (out["best_dice"], out["best_dice_threshold"]) == pytest.approx((dice, thr))
     seg, lab = np.stack(scores) > 0.5, np.stack(labels)
     assert out["dice_at_density_threshold"] == pytest.approx(2 * (seg & lab).sum() / (seg.sum() + lab.sum()))
-    normal_only = summarise(scores[:1], labels[:1], 0.005)
+    with caplog.at_level("WARNING", logger="scripts.evaluation"):
+        normal_only = summarise(scores[:1], labels[:1], 0.005)
+        assert caplog.text.count("reported as null") == 1  # image AUROC
+        assert summarise(scores[:1], labels[:1], 0.005, warn=False) == normal_only  # a category's subset: quiet
+    assert caplog.text.count("reported as null") == 1 and caplog.text.count("not reported") == 1
     assert normal_only["aupro"] is None and normal_only["image_auroc"] is None
 
 

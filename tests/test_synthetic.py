@@ -338,3 +338,13 @@ def test_a_fraction_outside_0_1_stops_before_any_folder(tmp_path):
     with pytest.raises(ValueError, match=r"anomalous fraction must be in \[0, 1\], got 1.5"):
         syn.make_2d(str(tmp_path / "bad"), n_train=2, n_val=1, n_test=1, anomalous_fraction=1.5, preview=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_generating_into_a_finished_dataset_is_refused(tmp_path):
+    """Regenerating with a smaller `n_train` used to leave the old images beside the new datalist (a user's pass)."""
+    folder = str(tmp_path / "set")
+    syn.make_2d(folder, **TINY_2D)
+    before = sorted(os.listdir(os.path.join(folder, "images")))
+    with pytest.raises(FileExistsError, match="already holds a generated dataset"):
+        syn.make_2d(folder, **{**TINY_2D, "n_train": 1})
+    assert sorted(os.listdir(os.path.join(folder, "images"))) == before

@@ -44,6 +44,11 @@ def write_dataset(out_dir, params, counts, fractions, sample, ext, save, make_pr
     """Images, labels, datalist.json (paths relative to out_dir), anomalies.json, params.json, preview.png."""
     for section, fraction in fractions.items():  # before any folder is made
         _fraction_count(counts[section], fraction)
+    if os.path.isfile(os.path.join(out_dir, "datalist.json")):  # a smaller set would leave the old images beside it
+        raise FileExistsError(
+            f"{out_dir} already holds a generated dataset (datalist.json); generate into a new or empty folder, or "
+            "delete this one first"
+        )
     for key in ("images", "labels"):
         os.makedirs(os.path.join(out_dir, key), exist_ok=True)
     datalist: dict[str, list[dict]] = {}
