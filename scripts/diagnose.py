@@ -6,7 +6,10 @@ For one trained detector and one labelled datalist section it prints:
 1. pixel metrics of the full method against the ablation without resampling (original latent, dropout decoding
    only): when the two agree, the map is the VQ-VAE's reconstruction error and ILTM cannot help;
 2. precision and recall, against the true anomalous tokens, of the Transformer's resampling flags and of the token
-   masks each downsampling rule would give (the evidence behind `iltm#downsample_rule`), and the token AUROC: how
+   masks each downsampling rule would give (the evidence behind `iltm#downsample_rule`; from the map the training's
+   mask passes use, restricted to flags unless `--mask_restrict_to_flags False`, at `iltm#mask_density_threshold`,
+   but with inference's N, M and resampling threshold, so a run's `masks_01` matches only where those match too),
+   and the token AUROC: how
    well the Transformer's token log-likelihoods rank the anomalous tokens above the normal ones, whatever the
    resampling threshold (0.5: chance), and the same with the labelled anomalous tokens left out of every token's
    context (``token_auroc_anomalies_out_of_context``): the gap is how much an anomaly's first tokens make the rest
@@ -29,7 +32,7 @@ from tqdm import tqdm
 from scripts.checkpoint import load_detector
 from scripts.cli import check_ids, fire_main
 from scripts.data import DataError, load_datalist
-from scripts.detector import AnomalyDetector
+from scripts.detector import AnomalyDetector, segment
 from scripts.files import write_json
 from scripts.healing import token_log_likelihood
 from scripts.iltm import precision_recall, tokens_from_map
@@ -46,7 +49,7 @@ def _maps(detector, items: list[dict], resample: bool, batch_size: int) -> dict[
     for start in tqdm(range(0, len(items), batch_size), desc=f"maps (resample={resample})", leave=False):
         image = torch.stack([item["image"] for item in items[start : start + batch_size]])
         outs.append(detector.infer(image.to(next(detector.parameters()).device), resample=resample))
-    keys = ("score", "segmentation", "latent_flags", "latent_log_likelihood")
+    keys = ("score", "restricted_score", "unrestricted_score", "latent_flags", "latent_log_likelihood")
     return {k: torch.cat([o[k].cpu() for o in outs]) for k in keys}
 
 
@@ -83,6 +86,7 @@ def diagnose(
     section: str = "training",
     batch_size: int = 8,
     json_path: str | None = None,
+    mask_restrict_to_flags: bool | None = None,
     **overrides,
 ) -> dict:
     """Prints (and returns) the map source, flag and mask precision/recall, and first-stage fidelity of one detector
@@ -95,6 +99,8 @@ def diagnose(
         section: the labelled datalist section to measure on.
         batch_size: images per forward pass.
         json_path: also write the results there.
+        mask_restrict_to_flags: the masks from the map restricted to flagged tokens; default: the config's
+            `iltm#mask_restrict_to_flags`, else training's default (true).
         overrides: config ids, as on the bundle command line (--num_samples 10).
     """
     parser = ConfigParser()
@@ -126,6 +132,16 @@ def diagnose(
         )
     results: dict = {"checkpoint": checkpoint, "section": section, "n_images": len(items)}
     results["settings"] = {key: parser.get_parsed_content(key) for key in SETTINGS}
+    settings = results["settings"]
+
+    def as_trained(key: str, default):  # what training's mask passes use, where the config says (train.yaml)
+        return parser.get_parsed_content(f"iltm#{key}") if f"iltm#{key}" in parser else default
+
+    if mask_restrict_to_flags is None:
+        mask_restrict_to_flags = as_trained("mask_restrict_to_flags", True)
+    settings["mask_restrict_to_flags"] = bool(mask_restrict_to_flags)
+    settings["mask_density_threshold"] = as_trained("mask_density_threshold", settings["density_threshold"])
+    mask_score = "restricted_score" if settings["mask_restrict_to_flags"] else "unrestricted_score"
     for name, resample in (("full", True), ("no_resampling", False)):
         maps = _maps(detector, items, resample, batch_size)
         grid = tuple(maps["latent_flags"].shape[1:])
@@ -142,7 +158,8 @@ def diagnose(
                 clean = _out_of_context(detector, items, truth, batch_size)
                 row["token_auroc_anomalies_out_of_context"] = pixel_auroc(-clean.numpy(), truth.numpy())
         for rule, fraction in RULES:
-            masks = tokens_from_map(maps["segmentation"], grid, rule, fraction)
+            suspect = segment(maps[mask_score], settings["mask_density_threshold"])
+            masks = tokens_from_map(suspect, grid, rule, fraction)
             p, r = precision_recall(masks, truth)
             row[f"masks_{rule}{'' if rule == 'any' else fraction}"] = {
                 "masked": int(masks.sum()),

@@ -8,7 +8,10 @@ no rank reads a file before it is complete. In a single process every function i
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -18,10 +21,12 @@ import torch.distributed as dist
 from torch import nn
 
 T = TypeVar("T")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def initialise() -> torch.device:
     """Joins the process group `torchrun` describes (env:// rendezvous) and returns this rank's device."""
+    die_with_launcher()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
@@ -30,6 +35,17 @@ def initialise() -> torch.device:
     # inside a handler only rank 0 builds (which would wait for the others forever)
     idist.sync()
     return device()
+
+
+def die_with_launcher() -> None:
+    """torchrun starts each rank in a session of its own, so a SIGKILLed torchrun (`timeout -s KILL`, the OOM killer)
+    used to leave its ranks training on into the run's folder, or waiting forever for a peer. On Linux each rank now
+    dies with the torchrun that started it, as the docs' "after a kill, the same command resumes" assumes."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # torchrun died before the call: this rank is an orphan already
+        raise SystemExit("torchrun, which started this process, is gone; rerun the same command to resume")
 
 
 def device() -> torch.device:

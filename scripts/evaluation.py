@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 # per-image values (MONAI's metric details): 1 if the label has any anomalous voxel, the image score (maximum of the
 # map), the mean score, labelled and segmented voxels, the Dice of the detector's own segmentation, and the image's
 # own AUPRO (NaN without anomalous or normal voxels), which `python -m scripts.experiments compare` pairs image by image
+MOST = 0.5  # a segmentation marking more of the voxels than this marks more than anomalies: warned
 PER_IMAGE = (
     "anomalous", "image_score", "mean_score", "label_voxels", "segmented_voxels", "dice_at_density_threshold", "aupro"
 )  # fmt: skip
@@ -170,9 +171,19 @@ class AnomalyMetrics:
                 )
                 for c in named
             }
+        details = self.per_image()
+        if self.density_threshold is not None and self.scores:  # what a threshold far off looks like
+            results["segmented_share"] = float(details["segmented_voxels"].sum()) / sum(s.size for s in self.scores)
+            if results["segmented_share"] > MOST:
+                logger.warning(
+                    f"the segmentation at density_threshold {self.density_threshold:.3g} marks "
+                    f"{results['segmented_share']:.0%} of the voxels of these {len(self.scores)} images: the threshold "
+                    "is far from where this detector's densities lie (an undertrained model, or intensities on "
+                    "another scale); its maps may still rank voxels well (AUPRO, pixel AUROC)"
+                )
         os.makedirs(self.output_dir, exist_ok=True)
         write_json(os.path.join(self.output_dir, "metrics.json"), results)
-        engine.state.metric_details.update(self.per_image())
+        engine.state.metric_details.update(details)
         shown = {k: v for k, v in results.items() if k != "per_category"}
         # the metrics as engine metrics too, which MONAI's handlers log (MLFlowHandler under `--tracking mlflow`); what
         # made them (checkpoint, settings, labels) as the MLflow run's params, not as metrics

@@ -223,18 +223,20 @@ class ILTMWorkflow:
         suspect = self._initial_masks(truth)
         if self.initial_masks and distributed.is_main():
             self._record_initial_masks(state, suspect, truth)
-        final = 0
+        final, trained_on = 0, [suspect]  # the masks each iteration trained with
         for k in range(self.max_iterations + 1):
             if k > 0:
-                trained_on, suspect = suspect, self._masks(state, k, truth)
+                suspect = self._masks(state, k, truth)
                 previous = int(state.steps[f"masks_{k - 1:02d}"]["masked_tokens"]) if k > 1 else 0
                 if k > self.min_iterations and should_stop(previous, int(suspect.sum()), self.stop_tolerance):
                     logger.info(f"ILTM: masked tokens changed by < {self.stop_tolerance:.0%}; stopping at {k - 1}")
                     break
                 if not self.warm_start:
                     transformer.load_state_dict(initial)
-                    if torch.equal(suspect, trained_on):
-                        self._reuse(state, k)
+                    same = [j for j, masks in enumerate(trained_on) if torch.equal(suspect, masks)]
+                    if same:
+                        self._reuse(state, k, same[-1])
+                trained_on.append(suspect)
             keep = sequencer.to_keep(suspect)
             self.stage(f"transformer_{k:02d}", transformer, train_seq, keep, val_seq, self.folder(k), self.output_dir)
             model = os.path.join(self.folder(k), "model.pt")
@@ -251,21 +253,20 @@ class ILTMWorkflow:
         report = distributed.main_first(lambda: self._finish(state, final, truth, val_seq))
         return report or {}
 
-    def _reuse(self, state: RunState, k: int) -> None:
-        """Iteration k's masks are iteration k-1's: retraining from the same initial weights, with the same per-epoch
+    def _reuse(self, state: RunState, k: int, j: int) -> None:
+        """Iteration k's masks are iteration j's: retraining from the same initial weights, with the same per-epoch
         seeds (:func:`scripts.steps.train_stage`), would give the same Transformer, so it is copied instead (on real
-        data where nothing is flagged, every forced iteration retrained iteration 0 to the same weights)."""
+        data where nothing is flagged, every forced iteration retrained iteration 0 to the same weights; a last pass
+        that masks nothing is iteration 0 again)."""
         step = f"transformer_{k:02d}"
         if distributed.is_main() and not state.done(step):
-            source, weights = (os.path.join(self.folder(i), "transformer.pt") for i in (k - 1, k))
+            source, weights = (os.path.join(self.folder(i), "transformer.pt") for i in (j, k))
             os.makedirs(self.folder(k), exist_ok=True)
             atomic_save(load_checkpoint(source), weights)
-            record = {
-                key: v for key, v in state.steps[f"transformer_{k - 1:02d}"].items() if key != "resumed_after_epoch"
-            }
+            record = {key: v for key, v in state.steps[f"transformer_{j:02d}"].items() if key != "resumed_after_epoch"}
             state.complete(step, **{**record, "weights": os.path.relpath(weights, self.output_dir), "wall_time_s": 0.0,
-                                    "same_masks_as": k - 1})  # fmt: skip
-            logger.info(f"ILTM {k}: the masks are those of iteration {k - 1}; its Transformer is reused, not retrained")
+                                    "same_masks_as": j})  # fmt: skip
+            logger.info(f"ILTM {k}: the masks are those of iteration {j}; its Transformer is reused, not retrained")
         distributed.barrier()
 
     def _finish(self, state: RunState, final: int, truth: torch.Tensor | None, val_seq: torch.Tensor) -> dict:
@@ -393,10 +394,18 @@ class ILTMWorkflow:
             checks["flags"] = {
                 f"{k}_share": first[f"{k}_tokens"] / first["total_tokens"] for k in ("resampled", "masked")
             }
+            if final >= 1:  # what the kept Transformer trained without
+                checks["flags"]["final_masked_share"] = (
+                    state.steps[f"masks_{final:02d}"]["masked_tokens"] / first["total_tokens"]
+                )
         if final >= 1 and len(val_seq):
             checks["masks"] = self._mask_signals(state, final, val_seq)
         elif first_masks:
             checks["masks"] = {"masked_tokens": [int(state.steps["masks_01"]["masked_tokens"])]}
+        if final >= 1:
+            checks.setdefault("masks", {})["final_same_as"] = state.steps[f"transformer_{final:02d}"].get(
+                "same_masks_as"
+            )
         if self.val_files:
             checks.update(self._map_checks(final))
         self._load_transformer(final)
@@ -451,6 +460,7 @@ class ILTMWorkflow:
         restricted = self.detector.restrict_to_flags
         restriction = {"restricted": restricted, "images": len(full["score"]),
                        "unflagged_images": int((full["num_flagged"] == 0).sum())}  # fmt: skip
+        segmented = {"segmentation": {"share_iteration_0": float(full["segmentation"].float().mean())}}
         if labels is not None and labels.any() and not labels.all():
             scores = {"full": full["score"], "ablation": ablation["score"], "final": maps(final, True)["score"],
                       "other": full["unrestricted_score" if restricted else "restricted_score"]}  # fmt: skip
@@ -467,10 +477,11 @@ class ILTMWorkflow:
                             "image_auroc_iteration_0": image["full"], "image_auroc_final": image["final"],
                             "normal_images": int((~images).sum()), "anomalous_images": int(images.sum()),
                             **images_changed(scores["full"][:, 0], scores["final"][:, 0], labels[:, 0])},
+                **segmented,
             }  # fmt: skip
         marked = int(full["segmentation"].sum())
         overlap = int((full["segmentation"] & ablation["segmentation"]).sum()) / marked if marked else None
-        return {"map_source": {"overlap": overlap, "marked_voxels": marked}, "restriction": restriction}
+        return {"map_source": {"overlap": overlap, "marked_voxels": marked}, "restriction": restriction, **segmented}
 
     def _load_transformer(self, k: int) -> None:
         path = os.path.join(self.folder(k), "transformer.pt")

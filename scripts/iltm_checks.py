@@ -156,6 +156,21 @@ def warnings(checks: dict) -> list[str]:
             "(iltm#mask_resample_threshold, by default resample_threshold) near the chance probability of a code "
             "(1 / codebook size) causes it."
         )
+    segmented = checks.get("segmentation", {}).get("share_iteration_0")
+    if segmented is not None and segmented > FLAGGED:
+        out.append(
+            f"Iteration 0's segmentation marks {segmented:.0%} of the validation voxels (above {FLAGGED:.0%}): the "
+            "density threshold is far from where this model's densities lie (an undertrained model, or intensities "
+            "on another scale), so its segmentations, and the token masks made the same way, mark more than "
+            "anomalies. Its maps may still rank voxels well (AUPRO)."
+        )
+    final_share = shares.get("final_masked_share")
+    if final_share is not None and final_share > FLAGGED and not (masked is not None and masked > FLAGGED):
+        out.append(
+            f"The final iteration's masks hold {final_share:.0%} of the training tokens (above {FLAGGED:.0%}), so its "
+            "Transformer learned from a minority of each image; anomalies are rarely that much of an image. Compare "
+            "its detector with iteration 0's (iltm/iter_00/model.pt) before using it."
+        )
     recall = start.get("mask_recall")
     if _number(recall) and 0 < recall < RECALL:  # none masked at all has its own warning below
         out.append(
@@ -171,6 +186,12 @@ def warnings(checks: dict) -> list[str]:
             "paper's remedy for a weak first iteration is a higher resampling threshold for the masks "
             "(iltm#mask_resample_threshold, in a new --output_dir); where the warnings above fault the first stage, "
             "mend that first."
+        )
+    elif masks.get("final_same_as") == 0:
+        out.append(
+            "ILTM ended where it started: the final iteration's masks are iteration 0's, so its detector is iteration "
+            "0's (the Transformer was copied, not retrained), whatever the earlier iterations masked. The mask "
+            "signals below describe those earlier iterations, not the final detector."
         )
     elif _number(masks.get("unlearning")) and masks["unlearning"] < UNLEARNING:
         out.append(
@@ -308,7 +329,8 @@ def render(checks: dict) -> str:
         lines.append("- Masks: no training token was masked in any pass")
     elif masks.get("kept_drop") is not None:
         unlearned = (
-            f"retraining without the masked tokens lowered their log-likelihood {_than_kept(masks['unlearning'])}"
+            f"retraining without the first masks (iteration 1) lowered their log-likelihood "
+            f"{_than_kept(masks['unlearning'])}"
             if _number(masks.get("unlearning"))
             else "no validation token was masked in the first pass, so whether the retrained Transformer unlearns "
             "masked tokens is not measured"

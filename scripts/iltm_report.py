@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from scripts import iltm_checks
 from scripts.plots import figure
-from scripts.steps import RunState
+from scripts.steps import RunState, read_record
 from scripts.tokens import load_token_masks
 
 COLUMNS = (
@@ -99,6 +99,18 @@ def _csv_cell(value: object) -> object:
     return "" if value == "-" or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def _resumed(output_dir: str) -> str:
+    """The settings a run was resumed with (`--resume True`): its later steps used them, the record keeps the first."""
+    path = os.path.join(output_dir, "run.json")
+    resumed = read_record(path, "what the run was started with").get("resumed", []) if os.path.isfile(path) else []
+    return "".join(
+        f"\n\n**Resumed with other settings** (--resume True, {r['at']}) after the steps {', '.join(r['after_steps']) or 'none'}"
+        f": the steps after them used {'; '.join(r['differences'])}. Iteration 0 and the final iteration may differ "
+        "in more than their masks."
+        for r in resumed
+    )
+
+
 def write_report(
     output_dir: str,
     state: RunState,
@@ -118,6 +130,7 @@ def write_report(
     rows = iteration_rows(state, final)
     table = format_table(rows)
     section = iltm_checks.render(checks) if checks is not None else ""
+    table += _resumed(output_dir)
     print(f"\nILTM iterations (final: {final})\n{table}\n\n{section}\n", flush=True)
     with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write(f"# ILTM iterations (final: {final})\n\n{table}\n" + (f"\n{section}\n" if section else ""))

@@ -176,8 +176,13 @@ class RunGuard:
                         f"{self.output_dir}: resuming despite {len(differ)} differences (--resume True); the completed "
                         "steps keep the run's:\n  " + "\n  ".join(differ)
                     )
+                    # the record keeps what the completed steps were made with, and says what the later ones were
+                    state = os.path.join(self.output_dir, "state.json")
+                    done = sorted(read_record(state, "which steps of this run are complete")) if has_steps else []
+                    resumed = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "after_steps": done, "differences": differ}
+                    write_json(self.path, {**old, "resumed": [*old.get("resumed", []), resumed]}, indent=1)
                 self.warned = True
-                return  # the record keeps what the completed steps were made with
+                return
         elif has_steps:
             logger.warning(f"{self.output_dir}: a run without {os.path.basename(self.path)}; recording this one's")
         else:

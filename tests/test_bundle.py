@@ -228,6 +228,14 @@ def test_iltm_pipeline_writes_every_artefact_and_resumes_after_a_kill(tmp_path, 
     assert 0 <= found["full"]["token_auroc"] <= 1 and "token_auroc" not in found["no_resampling"]
     assert 0 <= found["full"]["token_auroc_anomalies_out_of_context"] <= 1
     assert found["settings"]["num_samples"] == TINY_2D["num_samples"]  # what the numbers were measured with
+    # its masks are the training's where N, M and thresholds are the mask passes' (the run's masks are restricted to
+    # flags while its maps are not: diagnose used to mask from the inference map, recall 1.0 against the run's 0.44)
+    as_masked = diagnose(_config("train.yaml", "demo.yaml"), str(whole / "iltm" / "iter_00" / "model.pt"),
+                         section="training", **{**overrides, "num_samples": 16, "num_decodes": 4})  # fmt: skip
+    assert as_masked["settings"]["mask_restrict_to_flags"] is True
+    first = [state["masks_01"][k] for k in ("masked_tokens", "precision", "recall")]  # NaN recorded as None
+    found_masks = [None if v != v else v for v in as_masked["full"]["masks_any"].values()]
+    assert found_masks == pytest.approx(first)
     # inference.yaml alone: the checkpoint given to diagnose is the one whose recorded settings build the detector
     data = str(tmp_path / "data")
     again = diagnose(_config("inference.yaml"), str(whole / "iltm" / "iter_00" / "model.pt"), section="validation",
@@ -351,6 +359,27 @@ def test_a_run_that_stops_on_empty_first_masks_still_reports_them(tmp_path, monk
     retrained = torch.load(again / "iltm" / "iter_01" / "model.pt", weights_only=True)["model"]
     assert "same_masks_as" not in json.loads((again / "state.json").read_text())["transformer_01"]
     assert all(torch.equal(retrained[n], weights[1][n]) for n in retrained)
+
+
+def test_a_last_pass_that_masks_nothing_is_iteration_0_again_and_the_summary_says_so(tmp_path, monkeypatch):
+    """Iteration 1 masks a token per image, iteration 2 none: the final detector is iteration 0's. A user's run
+    retrained it at full cost to the very same weights, and its summary reported iteration 1's mask signals only."""
+    from scripts.iltm import ILTMWorkflow
+
+    def passes(self, files, threshold, desc, *args):  # no maps: masks chosen per pass
+        suspect = torch.zeros((len(files), *self.grid), dtype=torch.bool)
+        suspect[:, 0, 0] = desc.startswith("ILTM 1")
+        return suspect, torch.zeros_like(suspect)
+
+    monkeypatch.setattr(ILTMWorkflow, "_sharded_pass", passes)
+    out = _pipeline(tmp_path, "last", **{"iltm#min_iterations": 2})
+    state = json.loads((out / "state.json").read_text())
+    assert [state[f"masks_{k:02d}"]["masked_tokens"] for k in (1, 2)] == [12, 0]
+    assert "same_masks_as" not in state["transformer_01"] and state["transformer_02"]["same_masks_as"] == 0
+    assert state["checks_02"]["masks"]["final_same_as"] == 0
+    summary = (out / "iltm" / "summary.md").read_text()
+    assert "ILTM ended where it started: the final iteration's masks are iteration 0's" in summary
+    assert "retraining without the first masks (iteration 1) lowered" in summary
 
 
 def test_small_cpu_preset_for_user_data(load_preset):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -137,3 +139,42 @@ def test_torchrun_that_would_not_be_one_run_stops_before_any_work(runs, tmp_path
                output_dir=str(tmp_path / "eval"))  # fmt: skip
     for name in ("plain", "dense", "eval"):
         assert not os.path.exists(tmp_path / name) or not os.listdir(tmp_path / name), name
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie left for a reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_torchrun_takes_its_ranks_with_it(tmp_path) -> None:
+    """torchrun starts its ranks in sessions of their own: a SIGKILL to torchrun alone (`timeout -s KILL`) left them
+    training on into the run's folder, or hanging (a user's pass). Each rank now dies with it."""
+    script = tmp_path / "join.py"
+    script.write_text("import os, pathlib, time\nfrom scripts import distributed\ndistributed.initialise()\n"
+                      "pathlib.Path(__file__).with_name(f'rank{distributed.rank()}').write_text(str(os.getpid()))\n"
+                      "time.sleep(300)\n")  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids: list[int] = []
+    try:
+        deadline = time.time() + 120
+        while len(pids) < 2 and time.time() < deadline and launcher.poll() is None:  # each rank writes its pid
+            time.sleep(0.2)
+            pids = [int(f.read_text()) for f in sorted(tmp_path.glob("rank[01]")) if f.read_text()]
+        assert len(pids) == 2 and all(map(_alive, pids))
+        launcher.kill()
+        launcher.wait()
+        deadline = time.time() + 30
+        while any(map(_alive, pids)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, pids))
+    finally:
+        launcher.kill()
+        for pid in filter(_alive, pids):
+            os.kill(pid, signal.SIGKILL)

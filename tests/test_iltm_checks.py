@@ -72,6 +72,11 @@ def test_healthy_run_gets_no_warning_and_a_readable_section() -> None:
         ({**{k: v for k, v in HEALTHY.items() if k not in ("iteration_0", "outcome")},
           "flags": {"resampled_share": 1.0, "masked_share": 0.3}}, "it flags 100% of the training tokens for "
                                                                    "resampling and its first masks hold 30% (above 50%)"),
+        # a user's pass: the first masks held 40 %, the final ones 54 %, and nothing said so
+        (_with("flags", final_masked_share=0.54), "The final iteration's masks hold 54% of the training tokens"),
+        (_with("masks", final_same_as=0), "ILTM ended where it started: the final iteration's masks are iteration 0's"),
+        # a user's undertrained run segmented 4,095 of every 4,096 pixels, and nothing said so
+        ({**HEALTHY, "segmentation": {"share_iteration_0": 0.99}}, "Iteration 0's segmentation marks 99% of the valid"),
     ],
 )  # fmt: skip
 def test_each_warning_fires_on_its_evidence(checks: dict, phrase: str) -> None:

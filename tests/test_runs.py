@@ -97,7 +97,17 @@ def test_resume_keeps_the_record_and_overwrite_moves_the_run_aside(tmp_path, dat
         json.dump({"vqvae": {}}, f)
     guard(out, data, epochs=5, resume=True).start()
     with open(os.path.join(out, "run.json")) as f:
-        assert json.load(f)["settings"]["vqvae#epochs"] == 100  # what the completed steps were made with
+        record = json.load(f)
+    assert record["settings"]["vqvae#epochs"] == 100  # what the completed steps were made with
+    # and what the later ones were (a user's resumed run trained its ILTM iterations 1 epoch, iteration 0 3, and
+    # nothing said so): the summary reads it from here
+    assert [(r["after_steps"], r["differences"]) for r in record["resumed"]] == [
+        (["vqvae"], ["vqvae#epochs: 100 in the run, 5 now"])
+    ]
+    from scripts.iltm_report import _resumed
+
+    assert "**Resumed with other settings** (--resume True, " in _resumed(out)
+    assert "after the steps vqvae: the steps after them used vqvae#epochs: 100 in the run, 5 now" in _resumed(out)
     fresh = guard(out, data, epochs=5, overwrite=True)
     fresh.start()
     aside = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
