@@ -131,8 +131,9 @@ class TrainedSettings:
 
 
 def check_dimensions(trained: TrainedSettings, current: Mapping[str, Any]) -> None:
-    """A checkpoint's spatial dimensions and channels against the command line's, before the settings that follow
-    from them are checked: `--spatial_dims 2` with a 3D detector should say so, not ask for a 2D image size."""
+    """A checkpoint's spatial dimensions, channels and image size against the config's, before the settings that
+    follow from them are checked: `--spatial_dims 2`, or a 2D preset's image size, with a 3D detector should say so,
+    not ask for a 2D (or 3D) image size."""
     differ = mismatches({k: v for k, v in trained.record.items() if k in current}, current)
     if differ:
         raise CheckpointError(
@@ -191,12 +192,19 @@ def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None
         raise CheckpointError(other)
     differ = mismatches(recorded, current)
     if differ:
+        kind = detector_kind(recorded)
+        way = (
+            f"Use the preset and layer it was trained with ({kind[1]} last) with its training's overrides of these "
+            "settings (a baseline's own network settings are not taken from its checkpoint)"
+            if kind and kind[1]
+            else "Use --config_file configs/inference.yaml alone, which takes these settings from the checkpoint, or the "
+            "preset it was trained with (--config_file \"['configs/inference.yaml','configs/PRESET.yaml']\") and its "
+            "training's overrides of these settings"
+        )
         raise CheckpointError(
             f"{path}: built with other settings than this config:\n  "
             + "\n  ".join(differ)
-            + "\nUse --config_file configs/inference.yaml alone, which takes these settings from the checkpoint, or the "
-            "preset it was trained with (--config_file \"['configs/inference.yaml','configs/PRESET.yaml']\") and its "
-            "training's overrides; or drop the overrides that change these settings."
+            + f"\n{way}; or drop the overrides that change these settings."
         )
     stage = _one_stage(detector, state_dict(checkpoint))
     if stage:

@@ -32,6 +32,7 @@ RUN_ARGUMENTS = {
 
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(os.path.dirname(SCRIPTS), "configs")
 
 # renamed ids (metadata.json's changelog) -> (new id, version): a command line or preset that still uses one is told
 RENAMED = {
@@ -167,13 +168,10 @@ def _raised_by_the_bundle(error: BaseException) -> bool:
 
 
 def _ids(config: Any, prefix: str = "") -> Iterator[str]:
-    if isinstance(config, dict):
-        items = config.items()
-    elif isinstance(config, list):
-        items = ((str(i), v) for i, v in enumerate(config))
-    else:
+    """Every id a user could set: list items (`imports#9`) are steps, not settings."""
+    if not isinstance(config, dict):
         return
-    for key, value in items:
+    for key, value in config.items():
         yield f"{prefix}{key}"
         yield from _ids(value, f"{prefix}{key}#")
 
@@ -221,10 +219,25 @@ def _unknown(parser: ConfigParser, keys: Sequence[str], where: str) -> list[str]
             continue
         if key.replace("::", "#") in parser or key.lstrip("+") in parser:
             continue
+        other = _other_stage(key.replace("::", "#"), where)
+        if other:
+            messages.append(f"--{key}: {other}")
+            continue
         close = [c for c in difflib.get_close_matches(key, known, n=6, cutoff=0.6) if not passed_on(parser, c)][:3]
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         messages.append(f"--{key}: no such setting in {where}{hint}")
     return messages
+
+
+def _other_stage(key: str, where: str) -> str | None:
+    """Why an id unknown here is a setting all the same: training's, given to inference or evaluation (a training
+    command's overrides copied over), or theirs, given to training."""
+    stages = (("train.yaml", "a training setting (configs/train.yaml): inference and evaluation do not read it"),
+              ("inference.yaml", "an inference setting (configs/inference.yaml): training does not read it"))  # fmt: skip
+    for config, says in stages:
+        if config not in where and key in ConfigParser(ConfigParser.load_config_file(os.path.join(CONFIGS, config))):
+            return f"{says}; drop it"
+    return None
 
 
 def passed_on(parser: ConfigParser, key: str) -> str | None:

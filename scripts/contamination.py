@@ -99,13 +99,13 @@ def check_protocol(out: str, protocol: dict[str, Any]) -> None:
     """The evaluation draw (seed, split sizes) of the datalists already in `out` (`protocol.json`, written with the
     summary, and by scripts.prepare_mvtec before its first datalist) must be this run's: another would put one
     preparation's test images in another's training sets beside them. More ratios or categories, or other
-    training-pool options, may be added later."""
+    training-pool options, may be added later. A setting an older preparation did not record is not compared."""
     path = os.path.join(out, "protocol.json")
     if not os.path.isfile(path):
         return
     with open(path) as f:
         recorded = json.load(f)
-    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in protocol.items() if recorded.get(k) != v]
+    differ = [f"{k}: {recorded[k]!r} there, {v!r} now" for k, v in protocol.items() if recorded.get(k, v) != v]
     if differ:
         raise LayoutError(f"{out}: holds datalists drawn with other settings ({'; '.join(differ)}); use another --out")
 

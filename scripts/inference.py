@@ -59,6 +59,11 @@ def input_files(
             logger.info(f"{datalist}: {len(listed) - len(files)} of the {len(listed)} entries of {section!r} repeat an "
                         "earlier one; each image is mapped once")  # fmt: skip
     else:
+        if os.path.isfile(folder):
+            raise DataError(
+                f"{folder}: a file, not a folder; to map this one image pass its folder and its name: "
+                f"--folder {os.path.dirname(folder) or '.'} --folder_pattern {os.path.basename(folder)}"
+            )
         if not os.path.isdir(folder):
             raise DataError(f"{folder}: input folder not found")
         if labels == "require":

@@ -180,7 +180,12 @@ def find_categories(root: str, categories: Sequence[str], exclude: Sequence[str]
         if missing:
             raise LayoutError(f"{os.path.join(root, missing[0])}: category folder not found; {root} holds "
                               f"{', '.join(found) or 'no folder'}")  # fmt: skip
-        return [c for c in categories if c not in exclude]
+        dropped = [c for c in categories if c in exclude]
+        if dropped:  # asked for by name: said, not silently left out
+            raise LayoutError(f"{', '.join(dropped)}: asked for with --categories but excluded (--exclude; by default "
+                              f"{', '.join(EXCLUDED)}, which the paper leaves out: too few anomalies); pass "
+                              "--exclude '' to prepare it")  # fmt: skip
+        return list(categories)
     if not found:
         raise LayoutError(f"{root}: no category folders (expected <root>/<category>/train/good/*.png)")
     kept = [c for c in found if c not in exclude]
@@ -245,6 +250,10 @@ def training_set(
     """
     size = len(category.train_good) if size is None else int(size)
     n_anomalous = count_at_ratio(size, ratio)
+    if size - n_anomalous > len(category.train_good) and oversample:
+        logger.warning(f"{category.name} at {ratio:.0%}: {size - n_anomalous} normal training images from the "
+                       f"{len(category.train_good)} in train/good, so some repeat (--train_size {size} is above "
+                       "that count)")  # fmt: skip
     normal = draw(
         category.train_good,
         size - n_anomalous,
@@ -278,7 +287,12 @@ class MaskWriter:
         self.sizes: dict[str, tuple[int, int]] = {}  # image -> (width, height); each header read once
 
     def _relative(self, path: str) -> str:
-        return os.path.relpath(path, self.base).replace(os.sep, "/")
+        """Relative to the base; absolute where that would climb out of a base reached through a symlink (the
+        system resolves `..` from the link's target, and the zero masks were not found)."""
+        relative = os.path.relpath(path, self.base)
+        if relative.startswith(os.pardir) and os.path.realpath(self.base) != self.base:
+            return os.path.realpath(path).replace(os.sep, "/")
+        return relative.replace(os.sep, "/")
 
     def _copy(self, rel: str, is_mask: bool) -> str:
         dest = os.path.join(self.out, "images", *rel.split("/"))
@@ -422,7 +436,14 @@ def main(
         "n_test": int(n_test),
         "test_anomalous": int(test_anomalous),
     }
-    protocol = {"dataset": "mvtec", "seed": int(seed), **splits}
+    # copies of another size, or paths relative to another base, would replace or mix with the datalists already there
+    protocol = {
+        "dataset": "mvtec",
+        "seed": int(seed),
+        **splits,
+        "copy": bool(copy),
+        "size": int(size) if copy else None,
+    }
     check_protocol(out, protocol)
     rows = []
     for name in names:

@@ -89,9 +89,15 @@ def test_trains_and_evaluates_through_the_bundle_commands(tmp_path) -> None:
     cause = error.value
     while cause is not None and not isinstance(cause, CheckpointError):  # MONAI wraps the handler's error
         cause = cause.__cause__ or cause.__context__
-    assert "autoencoder_def#variational: trained with True, this config has False (set with --dense#variational)" in (
-        str(cause)
-    )
+    assert (
+        "holds the Dense VAE (Baur et al.) detector (dense_vae), but this config builds Dense AE (Baur et al.)'s"
+        in (str(cause))
+    )  # the way on, not back to "configs/inference.yaml alone", which would not build a baseline
+    assert "layer 'configs/baseline_dense.yaml' last and pass --dense#variational True" in str(cause)
+    with pytest.raises(Exception) as error:  # another network setting: the way back is the layer and its overrides
+        run("evaluating", config_file=evaluate, **{**common, "dense#latent_size": 8})
+    cause = next(c for c in (error.value, error.value.__cause__) if isinstance(c, CheckpointError))
+    assert "Use the preset and layer it was trained with (configs/baseline_dense.yaml last)" in str(cause)
 
 
 def test_cutpaste_pastes_a_rectangle_of_the_image_where_the_mask_says() -> None:
@@ -126,8 +132,12 @@ def test_cutpaste_trains_fits_and_evaluates_through_the_bundle_commands(tmp_path
     data, out = str(tmp_path / "data"), str(tmp_path / "cutpaste")
     small = {"cutpaste#patch_size": 16, "cutpaste#stride": 8, "cutpaste#batch_size": 4}
     common = {"bundle_root": ROOT, "dataset_dir": data, "output_dir": out, **DATA, **small}
-    run("train_baseline", config_file=_configs("train.yaml", "demo.yaml", "baseline_cutpaste.yaml"),
-        **common, **{"cutpaste#epochs": 1})  # fmt: skip
+    run(
+        "training",
+        config_file=_configs("train.yaml", "demo.yaml", "baseline_cutpaste.yaml"),
+        **common,
+        **{"cutpaste#epochs": 1},
+    )  # MONAI's standard id trains the layer's baseline, as train_baseline does
     model = torch.load(os.path.join(out, "model.pt"), weights_only=True)
     assert model["model"]["mean"].abs().sum() > 0 and not torch.equal(model["model"]["precision"], torch.eye(512))
     evaluate = _configs("inference.yaml", "demo.yaml", "evaluate.yaml", "baseline_cutpaste.yaml")
@@ -215,6 +225,17 @@ def test_stkd_drops_the_highest_scores_then_distils_through_the_bundle_command(t
     with pytest.raises(Exception) as error:
         run("train_baseline", config_file=_configs("train.yaml", "demo.yaml", *layers[::-1]), **common)
     assert "baseline_cutpaste.yaml came after configs/baseline_stkd.yaml" in str(error.value.__cause__)
+    # STKD's detector under CutPaste's layer alone was scored, and recorded, as CutPaste's (the same network)
+    with pytest.raises(Exception) as error:
+        run("evaluating", config_file=_configs("inference.yaml", "demo.yaml", "evaluate.yaml", layers[0]),
+            **{k: v for k, v in common.items() if not k.startswith("stkd#")})  # fmt: skip
+    assert "holds the STKD (self-trained CutPaste) detector (stkd), but this config builds CutPaste" in str(
+        error.value.__cause__
+    )
+    # and evaluate.yaml after the layers, which replaced the baseline's evaluation with ILTM's
+    with pytest.raises(Exception) as error:
+        run("evaluating", config_file=_configs("inference.yaml", "demo.yaml", *layers, "evaluate.yaml"), **common)
+    assert "configs/evaluate.yaml came after configs/baseline_cutpaste.yaml" in str(error.value.__cause__)
 
 
 def test_a_presets_baseline_settings_reach_its_layer_and_a_misspelt_name_stops() -> None:

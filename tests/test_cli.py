@@ -29,6 +29,15 @@ def test_unknown_ids_get_the_closest_suggestions() -> None:
     assert message.startswith("--vqvae#epoch: no such setting") and "did you mean vqvae#epochs" in message
     (message,) = unknown_ids([INFERENCE], ["num_sample"])
     assert "num_samples" in message
+    # a training command's overrides copied to evaluation (as the checkpoint error's advice reads): named as such,
+    # not "did you mean imports#9" (a user's pass)
+    (message,) = unknown_ids([INFERENCE, DEMO], ["iltm#export"])
+    assert message == "--iltm#export: a training setting (configs/train.yaml): inference and evaluation do not read " \
+        "it; drop it"  # fmt: skip
+    (message,) = unknown_ids([TRAIN, DEMO], ["folder_pattern"])
+    assert "an inference setting (configs/inference.yaml): training does not read it" in message
+    (message,) = unknown_ids([INFERENCE], ["import"])
+    assert "imports#" not in message
     with pytest.raises(UnknownSetting, match="--allow_new_ids True"):
         check_overrides(False, ["run", "--config_file", TRAIN, "--vqvae#epoch", "2"])
     check_overrides(True, ["run", "--config_file", TRAIN, "--my_new_id", "2"])

@@ -256,15 +256,21 @@ def test_evaluation_of_a_set_without_anomalies_leaves_its_metrics_undefined_quie
         assert len(list(csv.DictReader(f))) == 4
 
 
-def test_evaluation_without_resampling_is_recorded(dataset: str, checkpoint: str, tmp_path) -> None:
+def test_evaluation_without_resampling_is_recorded(dataset: str, checkpoint: str, tmp_path, capsys) -> None:
+    """The ablation's record; and a density threshold that segments every voxel is said (a user's undertrained run
+    segmented 4,095 of every 4,096 pixels without a word)."""
     out = str(tmp_path / "ablation")
     bundle_run(
         "evaluating", config_file=[INFERENCE, EVALUATE], dataset_dir=dataset, save_maps=False, save_overlays=False,
         datalist=os.path.join(dataset, "datalist.json"), checkpoint=checkpoint, output_dir=out,
-        **{**TINY, "network_def#resample": False},
+        **{**TINY, "network_def#resample": False, "density_threshold": 7.9},  # the KDE's largest: 7.98
     )  # fmt: skip
     with open(os.path.join(out, "metrics.json")) as f:
-        assert json.load(f)["resample"] is False
+        result = json.load(f)
+    assert result["resample"] is False and result["segmented_share"] > 0.5
+    share = f"{result['segmented_share']:.0%}"
+    logged = capsys.readouterr()
+    assert f"the segmentation at density_threshold 7.9 marks {share} of the voxels of these 4 images" in logged.out
     assert os.listdir(os.path.join(out, "evaluation")) == ["inference.json"]  # no maps; the record of the metrics
     with open(os.path.join(out, "aupro_raw.csv")) as f:  # each image's own AUPRO, for compare's pairing
         own = {row["filename"]: float(row["class0"]) for row in csv.DictReader(f)}
@@ -359,6 +365,13 @@ def test_a_wrong_checkpoint_stops_before_any_input_or_earlier_map_is_touched(
         (checkpoint, {"image_size": [48, 48]}, "image_size: trained with [32, 32], this config has [48, 48]"),
         # a 2D detector told it is 3D: said so, rather than asking for three image sizes (a new user's 3D pass)
         (checkpoint, {"spatial_dims": 3}, "spatial_dims: trained with 2, this config has 3. configs/inference.yaml"),
+        # a preset of the other dimension (demo.yaml on a 3D detector asked for a 3D image_size, then failed again)
+        (
+            checkpoint,
+            {"image_size": [32, 32, 16]},
+            "image_size: trained with [32, 32], this config has [32, 32, 16]. "
+            "configs/inference.yaml takes these from the checkpoint",
+        ),
     ):
         with pytest.raises(Exception) as err:
             bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=path, output_dir=str(out),
@@ -576,6 +589,12 @@ def test_a_folder_pattern_maps_the_images_and_not_the_masks_beside_them(tmp_path
     assert [os.path.basename(e["image"]) for e in chosen] == ["tile0.jpg", "tile1.jpg"]
     with pytest.raises(DataError, match=r"no image files matching folder_pattern '\*.tif'"):
         input_files(str(tmp_path), None, str(tmp_path), pattern="*.tif")
+    one = str(tmp_path / "tile1.jpg")  # one image given as --folder: the flags that map it (a user's pass)
+    with pytest.raises(
+        DataError, match=f"tile1.jpg: a file, not a folder; .*--folder {tmp_path} --folder_pattern tile1.jpg"
+    ):
+        input_files(one, None, str(tmp_path))
+    assert input_files(str(tmp_path), None, str(tmp_path), pattern="tile1.jpg") == [{"image": one}]
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
     parser.update({"bundle_root": ROOT, "folder": str(tmp_path), "folder_pattern": "*.jpg"})

@@ -179,6 +179,30 @@ def test_clear_errors_for_partial_folders(mvtec, tmp_path, damage, message):
         _run(mvtec, tmp_path / "out")
 
 
+def test_what_a_rerun_or_the_root_could_change_is_refused_or_resolved(mvtec, tmp_path, caplog):
+    """A user's pass: images copied again at another size replaced those of the datalists already there; a root
+    reached through a symlink gave zero-mask paths that climbed out of the link's target; an excluded category asked
+    for by name ended in a traceback; normal images repeated without a word."""
+    out = tmp_path / "copies"
+    _run(mvtec, out, ratios="0.2", size=16, copy=True, categories="grid")
+    for other in ({"size": 12, "copy": True}, {"copy": False}):
+        with pytest.raises(LayoutError, match="holds datalists drawn with other settings .*use another --out"):
+            _run(mvtec, out, ratios="0.4", categories="grid", **other)
+    with Image.open(out / _load(out, "grid", 0.2)["training"][0]["image"]) as img:
+        assert img.size == (16, 16)
+    (tmp_path / "links" / "deep").mkdir(parents=True)
+    linked = tmp_path / "links" / "deep" / "mvtec"
+    linked.symlink_to(mvtec)
+    _run(str(linked), tmp_path / "via_link", ratios="0.4", categories="grid")
+    for e in _load(tmp_path / "via_link", "grid", 0.4)["training"]:
+        assert os.path.isfile(os.path.join(str(linked), e["label"])), e["label"]  # as the bundle joins them
+    with pytest.raises(LayoutError, match="toothbrush: asked for with --categories but excluded .*--exclude ''"):
+        _run(mvtec, tmp_path / "tb", categories="toothbrush")
+    with caplog.at_level("WARNING", logger="scripts.prepare_mvtec"):
+        _run(mvtec, tmp_path / "big", ratios="0", categories="grid", train_size=N_TRAIN + 3)
+    assert f"{N_TRAIN + 3} normal training images from the {N_TRAIN} in train/good, so some repeat" in caplog.text
+
+
 def test_missing_root_and_categories(tmp_path, mvtec):
     with pytest.raises(LayoutError, match="MVTec AD folder not found"):
         _run(str(tmp_path / "nowhere"), tmp_path / "out")

@@ -17,9 +17,9 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from scripts import distributed
-from scripts.checkpoint import detector_record, save_detector
+from scripts.checkpoint import CheckpointError, TrainedSettings, detector_record, save_detector
 
-__all__ = ["METHODS", "SECTIONS", "Method", "export", "own_overrides", "preset"]
+__all__ = ["METHODS", "SECTIONS", "Method", "check_layer", "export", "own_overrides", "preset"]
 
 
 class Method(NamedTuple):
@@ -69,9 +69,28 @@ def preset(baselines: Mapping[str, Mapping[str, Any]], section: str) -> Mapping[
     return own
 
 
-def export(detector: nn.Module, data: Mapping[str, Any], path: str) -> str:
-    """The trained baseline as a detector checkpoint (weights and settings record), the file inference.yaml loads."""
+def export(detector: nn.Module, data: Mapping[str, Any], path: str, method: str | None = None) -> str:
+    """The trained baseline as a detector checkpoint (weights and settings record), the file inference.yaml loads.
+    `method` is recorded too: CutPaste's and STKD's detectors are the same network, told apart by nothing else."""
     if distributed.is_main():
-        save_detector(detector, detector_record(detector, data), path)
+        save_detector(detector, {**detector_record(detector, data), **({"method": method} if method else {})}, path)
     distributed.barrier()
     return path
+
+
+def check_layer(checkpoint: str, method: str, layer: str) -> None:
+    """Before any work: the layer came last (evaluate.yaml after it replaced its evaluation record, and the run failed
+    deep in MONAI), and an existing checkpoint holds this method's detector (an STKD model evaluated under CutPaste's
+    layer alone was scored, and recorded, as CutPaste's)."""
+    if method == "iltm":
+        raise ValueError(f"configs/evaluate.yaml came after {layer} and replaced its evaluation: layer {layer} last, "
+                         f"e.g. --config_file \"['configs/inference.yaml','configs/PRESET.yaml','configs/evaluate.yaml',"
+                         f"'{layer}']\"")  # fmt: skip
+    trained = TrainedSettings(checkpoint).record.get("method") if os.path.isfile(checkpoint) else None
+    if trained in METHODS and trained != method:
+        wanted = METHODS[trained]
+        layers = ",".join(f"'{name}'" for name in wanted.layers)
+        flags = "".join(f" --{k} {v}" for k, v in wanted.overrides.items())
+        raise CheckpointError(f"{checkpoint}: holds the {wanted.label} detector ({trained}), but this config builds "
+                              f"{METHODS[method].label if method in METHODS else method}'s ({method}): layer {layers} last{flags and ' and pass' + flags}, "
+                              "as when it was trained")  # fmt: skip
