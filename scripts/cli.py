@@ -89,7 +89,8 @@ def fire_main(component: Any, **kwargs: Any) -> None:
     quiet, DataError.quiet = DataError.quiet, True  # said once, below, not also logged where it is raised
     try:
         given = kwargs.get("command")
-        _check_flags(component, shlex.split(given) if isinstance(given, str) else given or sys.argv[1:])
+        argv = sys.argv[1:] if given is None else shlex.split(given) if isinstance(given, str) else given
+        _check_flags(component, argv)  # an empty command is fire's too: not the process's arguments
         fire.Fire(component, **kwargs)
     except KeyboardInterrupt:
         print("\ninterrupted (a sweep or a preparation, run again, goes on from what it finished)", file=sys.stderr)

@@ -96,12 +96,14 @@ def load_datalist(datalist: str, dataset_dir: str, section: str, labels: str = "
         )
     if labels == "drop" or (labels == "auto" and labelled < len(entries)):
         entries = [{k: v for k, v in e.items() if k != "label"} for e in entries]
-    missing = [
-        f"{e[k]}: {k} file not found"
-        for e in entries
-        for k in ("image", "label")
-        if k in e and not os.path.isfile(e[k])
-    ]
+    missing = list(
+        dict.fromkeys(  # once each: a zero mask shared by the normal images, an over-sampled image
+            f"{e[k]}: {k} file not found"
+            for e in entries
+            for k in ("image", "label")
+            if k in e and not os.path.isfile(e[k])
+        )
+    )
     if len(missing) == 1:
         raise DataError(f"{missing[0]} (datalist {datalist}, section {section!r})")
     if missing:

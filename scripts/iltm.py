@@ -13,6 +13,7 @@ steps and continues at the first incomplete one (a Transformer mid-training resu
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import math
 import os
@@ -516,12 +517,15 @@ class ILTMWorkflow:
         step = f"export_{final:02d}"  # per final iteration: a rerun that trained further exports its new model
         targets = [t for t in (os.path.join(self.output_dir, "model.pt"), self.export) if t]
         if state.done(step):
-            targets = [t for t in targets if not os.path.isfile(t)]
+            kept, targets = targets, [t for t in targets if not os.path.isfile(t)]
             if not targets:
-                logger.info(f"ILTM: final detector already exported to {self.export or self.output_dir}; left as is")
+                logger.info(f"ILTM: final detector already exported ({', '.join(kept)}); left as is")
                 return
         for target in targets:
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            if target == self.export and os.path.isfile(target) and not filecmp.cmp(target, source, shallow=False):
+                logger.warning(f"iltm#export: {target} held another detector (another run's export), replaced by this "
+                               f"run's; each run keeps its own <output_dir>/model.pt")  # fmt: skip
             if os.path.abspath(target) != os.path.abspath(source):
                 shutil.copyfile(source, f"{target}.tmp")
                 os.replace(f"{target}.tmp", target)

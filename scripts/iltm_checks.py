@@ -190,8 +190,8 @@ def warnings(checks: dict) -> list[str]:
     elif masks.get("final_same_as") == 0:
         out.append(
             "ILTM ended where it started: the final iteration's masks are iteration 0's, so its detector is iteration "
-            "0's (the Transformer was copied, not retrained), whatever the earlier iterations masked. The mask "
-            "signals below describe those earlier iterations, not the final detector."
+            "0's (the Transformer was copied, not retrained), whatever the earlier iterations masked. The section's "
+            "mask signals describe those earlier iterations, not the final detector."
         )
     elif _number(masks.get("unlearning")) and masks["unlearning"] < UNLEARNING:
         out.append(

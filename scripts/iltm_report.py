@@ -104,9 +104,9 @@ def _resumed(output_dir: str) -> str:
     path = os.path.join(output_dir, "run.json")
     resumed = read_record(path, "what the run was started with").get("resumed", []) if os.path.isfile(path) else []
     return "".join(
-        f"\n\n**Resumed with other settings** (--resume True, {r['at']}) after the steps {', '.join(r['after_steps']) or 'none'}"
-        f": the steps after them used {'; '.join(r['differences'])}. Iteration 0 and the final iteration may differ "
-        "in more than their masks."
+        f"\n\n**Resumed with other settings** (--resume True, {r['at']}) after the steps "
+        f"{', '.join(r['after_steps']) or 'none'}: the steps after them used {'; '.join(r['differences'])}. "
+        "Iteration 0 and the final iteration may differ in more than their masks."
         for r in resumed
     )
 

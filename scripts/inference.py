@@ -168,6 +168,15 @@ def check_inputs(files: Sequence[dict], root: str | None, select: str = "") -> N
         )
 
 
+def done(files: Sequence[dict], maps_dir: str, outputs: Sequence[str]) -> None:
+    """The last line of an inference: how many inputs, and where their outputs are (ignite's own last line is not)."""
+    if distributed.is_main():
+        where = (
+            f"their {', '.join(outputs)} files are in {maps_dir}" if outputs else "nothing saved (--save_maps False)"
+        )
+        logger.info(f"inference done: {len(files)} input(s); {where}")
+
+
 def unfinished(
     files: Sequence[dict],
     maps_dir: str,

@@ -45,6 +45,7 @@ from scripts.contamination import (
     rng,
     write_summary,
 )
+from scripts.data import listing
 from scripts.files import write_json
 
 DEFAULT_RATIOS = (0.0, 0.2, 0.4, 0.6, 0.8)
@@ -125,6 +126,7 @@ def scan_category(root: str, name: str) -> Category:
         raise LayoutError(f"{train_dir}: no PNG images")
     test_good: list[Sample] = []
     test_defects: dict[str, list[Sample]] = {}
+    problems: list[str] = []  # every missing or mismatched mask at once, not one per run
     for defect in sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d))):
         files = _pngs(os.path.join(test_dir, defect))
         if defect == NORMAL:
@@ -136,15 +138,15 @@ def scan_category(root: str, name: str) -> Category:
             image, mask = _rel(name, "test", defect, f), f"{os.path.splitext(f)[0]}{MASK_SUFFIX}"
             label = _rel(name, "ground_truth", defect, masks.get(mask.lower(), mask))
             if not os.path.isfile(os.path.join(root, label)):
-                raise LayoutError(f"{os.path.join(root, label)}: mask of anomalous image {image} not found")
-            if image_size(root, image) != image_size(root, label):
-                raise LayoutError(
-                    f"{os.path.join(root, label)}: mask size {image_size(root, label)} differs from its image's "
-                    f"{image_size(root, image)} ({image})"
-                )
+                problems.append(f"{os.path.join(root, label)}: mask of anomalous image {image} not found")
+            elif image_size(root, image) != image_size(root, label):
+                problems.append(f"{os.path.join(root, label)}: mask size {image_size(root, label)} differs from its "
+                                f"image's {image_size(root, image)} ({image})")  # fmt: skip
             samples.append(Sample(image, defect, label))
         if samples:
             test_defects[defect] = samples
+    if problems:
+        raise LayoutError(problems[0] if len(problems) == 1 else f"{name}: {len(problems)} problems{listing(problems)}")
     if not test_good and not test_defects:
         raise LayoutError(f"{test_dir}: no test images (expected <category>/test/<defect or good>/*.png)")
     return Category(name, train_good, test_good, test_defects)
@@ -458,8 +460,9 @@ def main(
     base = "the output folder" if copy else "the MVTec AD root"
     print(f"\n{len(rows)} datalists written in {out} (its summary.md lists every one there); image paths are "
           f"relative to {base}: pass it as --dataset_dir.")  # fmt: skip
-    if not copy and int(size) != 256:
-        print(f'Images are resized by the bundle: add --image_size "[{size}, {size}]" to the training command.')
+    if int(size) != 256:  # the preset's image_size would resize them to 256 (copies of another size too)
+        print(f'For images of {size} px: add --image_size "[{size}, {size}]" to the training command (configs/mvtec.yaml '
+              "resizes to 256).")  # fmt: skip
     return rows
 
 

@@ -13,6 +13,7 @@ written over. ``<output_dir>/run.lock`` names the process that trains into the f
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -229,6 +230,7 @@ class RunGuard:
             logger.warning(f"{self.lock}: left by a run that is gone ({holder or 'unreadable'}); replacing it")
             with contextlib.suppress(FileNotFoundError):  # another process replaced it first
                 os.remove(self.lock)
+        atexit.register(self.finish)  # an error or Ctrl-C releases it too (a kill -9 leaves it, for the check above)
 
     def _create_lock(self, me: dict) -> bool:
         """The lock appears with its content or not at all (a hard link is atomic), so that no other process ever

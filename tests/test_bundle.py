@@ -361,7 +361,7 @@ def test_a_run_that_stops_on_empty_first_masks_still_reports_them(tmp_path, monk
     assert all(torch.equal(retrained[n], weights[1][n]) for n in retrained)
 
 
-def test_a_last_pass_that_masks_nothing_is_iteration_0_again_and_the_summary_says_so(tmp_path, monkeypatch):
+def test_a_last_pass_that_masks_nothing_is_iteration_0_again_and_the_summary_says_so(tmp_path, monkeypatch, capsys):
     """Iteration 1 masks a token per image, iteration 2 none: the final detector is iteration 0's. A user's run
     retrained it at full cost to the very same weights, and its summary reported iteration 1's mask signals only."""
     from scripts.iltm import ILTMWorkflow
@@ -380,6 +380,10 @@ def test_a_last_pass_that_masks_nothing_is_iteration_0_again_and_the_summary_say
     summary = (out / "iltm" / "summary.md").read_text()
     assert "ILTM ended where it started: the final iteration's masks are iteration 0's" in summary
     assert "retraining without the first masks (iteration 1) lowered" in summary
+    # another run exporting to the same file replaces it, and says so (its own model.pt keeps it)
+    capsys.readouterr()
+    _pipeline(tmp_path, "other", **{"iltm#min_iterations": 2, "iltm#export": str(out / "exported.pt"), "seed": 1})
+    assert f"iltm#export: {out / 'exported.pt'} held another detector (another run's export)" in capsys.readouterr().out
 
 
 def test_small_cpu_preset_for_user_data(load_preset):

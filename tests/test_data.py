@@ -97,6 +97,19 @@ def test_missing_file(tmp_path):
     assert f"resolved against dataset_dir {tmp_path / 'elsewhere'}; pass --dataset_dir" in message
 
 
+def test_a_missing_file_many_entries_share_is_named_once(tmp_path):
+    """prepare_mvtec's normal images share one zero mask: a user's pass saw it listed as "7 files ... not found"."""
+    from scripts.data import load_datalist
+
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"{i}.png")
+    entries = [{"image": f"{i}.png", "label": "zero_masks/gone.png"} for i in range(3)]
+    (tmp_path / "list.json").write_text(json.dumps({"training": entries}))
+    with pytest.raises(DataError) as err:
+        load_datalist(str(tmp_path / "list.json"), str(tmp_path), "training")
+    assert str(err.value).count("gone.png: label file not found") == 1 and "files of section" not in str(err.value)
+
+
 def test_missing_datalist_and_empty_or_absent_section(tmp_path):
     parser = _parser(tmp_path, _dataset(tmp_path))
     parser["datalist"] = str(tmp_path / "nope.json")

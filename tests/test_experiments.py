@@ -277,7 +277,7 @@ def test_printed_commands_read_as_written_and_rerun_as_run() -> None:
      ({"kind": "3d", "methods": "nsa,cutpaste"}, "cutpaste: not defined for spatial_dims 3"),
      ({"methods": "iltm,nsa", "overrides": {"nsa#epoch": 1}}, "--overrides nsa#epoch: no such setting.*nsa#epochs"),
      ({"eval_overrides": {"num_sample": 1}}, "--eval_overrides num_sample: no such setting"),
-     ({"overrides": {"resume": True}}, "--overrides resume: no such setting in .*inference.yaml")],
+     ({"overrides": {"resume": True}}, "--overrides resume: a training setting .*: inference and evaluation do not")],
 )  # fmt: skip
 def test_bad_arguments_stop_the_sweep_before_anything_is_written(tmp_path, arguments, says, monkeypatch) -> None:
     monkeypatch.setattr(experiments, "bundle", lambda *a, **k: pytest.fail("a bad argument reached the bundle"))

@@ -342,7 +342,7 @@ def _cause(raised: pytest.ExceptionInfo) -> str:
 
 
 def test_a_wrong_checkpoint_stops_before_any_input_or_earlier_map_is_touched(
-    dataset: str, checkpoint: str, tmp_path
+    dataset: str, checkpoint: str, tmp_path, capsys
 ) -> None:
     """The checkpoint is loaded first: a mistyped path (whose record would otherwise leave every setting at its
     default) or a checkpoint of other settings stops the run with that cause, leaves an earlier run's maps and record
@@ -359,6 +359,10 @@ def test_a_wrong_checkpoint_stops_before_any_input_or_earlier_map_is_touched(
     bundle_run("run", config_file=INFERENCE, folder=str(folder), checkpoint=checkpoint, output_dir=str(out), **TINY)
     before = {f: os.stat(out / "inference" / f).st_mtime_ns for f in os.listdir(out / "inference")}
     assert "part_overlay.png" in before and "inference.json" in before
+    assert (
+        f"inference done: 1 input(s); their _score.nii.gz, _seg.nii.gz, _overlay.png files are in {out / 'inference'}"
+        in (capsys.readouterr().out)
+    )  # the last line says what was done and where (it used to be ignite's "Engine run finished")
     typo = checkpoint.replace("model.pt", "modle.pt")
     for path, other, message in (
         (typo, {}, "modle.pt: checkpoint not found. Pass --checkpoint"),

@@ -203,6 +203,13 @@ def test_what_a_rerun_or_the_root_could_change_is_refused_or_resolved(mvtec, tmp
     assert f"{N_TRAIN + 3} normal training images from the {N_TRAIN} in train/good, so some repeat" in caplog.text
 
 
+def test_every_bad_mask_of_a_category_is_named_at_once(mvtec, tmp_path):
+    os.remove(f"{mvtec}/bottle/ground_truth/crack/003_mask.png")
+    _png(f"{mvtec}/bottle/ground_truth/crack/001_mask.png", np.zeros((3, 3), np.uint8))
+    with pytest.raises(LayoutError, match=r"(?s)bottle: 2 problems.*001_mask.png: mask size .*003_mask.png: mask of"):
+        _run(mvtec, tmp_path / "out")
+
+
 def test_missing_root_and_categories(tmp_path, mvtec):
     with pytest.raises(LayoutError, match="MVTec AD folder not found"):
         _run(str(tmp_path / "nowhere"), tmp_path / "out")

@@ -239,6 +239,17 @@ def test_a_second_process_is_kept_out_and_a_stale_lock_replaced(tmp_path, data, 
     assert not os.path.exists(lock)
 
 
+def test_a_run_that_ends_in_an_error_or_ctrl_c_releases_its_lock(tmp_path, data) -> None:
+    """Ctrl-C left run.lock, and the next run warned of "a run that is gone" (a user's pass)."""
+    out = str(tmp_path / "run")
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r}); from test_runs import guard; "
+            f"guard({out!r}, {data!r}).start(); raise KeyboardInterrupt")  # fmt: skip
+    here = os.path.dirname(os.path.abspath(__file__))
+    ended = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=120)
+    assert "KeyboardInterrupt" in ended.stderr and os.path.isfile(os.path.join(out, "run.json"))
+    assert not os.path.exists(os.path.join(out, "run.lock"))
+
+
 def test_an_unreadable_record_is_named(tmp_path, data) -> None:
     out = str(tmp_path / "run")
     os.makedirs(out)

@@ -9,6 +9,7 @@ by the same evaluation; each is a config layered last on training and evaluation
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -19,6 +20,7 @@ from torch import nn
 from scripts import distributed
 from scripts.checkpoint import CheckpointError, TrainedSettings, detector_record, save_detector
 
+logger = logging.getLogger(__name__)
 __all__ = ["METHODS", "SECTIONS", "Method", "check_layer", "export", "own_overrides", "preset"]
 
 
@@ -74,6 +76,7 @@ def export(detector: nn.Module, data: Mapping[str, Any], path: str, method: str 
     `method` is recorded too: CutPaste's and STKD's detectors are the same network, told apart by nothing else."""
     if distributed.is_main():
         save_detector(detector, {**detector_record(detector, data), **({"method": method} if method else {})}, path)
+        logger.info(f"baseline: detector written to {path}")
     distributed.barrier()
     return path
 
@@ -88,9 +91,9 @@ def check_layer(checkpoint: str, method: str, layer: str) -> None:
                          f"'{layer}']\"")  # fmt: skip
     trained = TrainedSettings(checkpoint).record.get("method") if os.path.isfile(checkpoint) else None
     if trained in METHODS and trained != method:
-        wanted = METHODS[trained]
+        wanted, built = METHODS[trained], METHODS[method].label if method in METHODS else method
         layers = ",".join(f"'{name}'" for name in wanted.layers)
         flags = "".join(f" --{k} {v}" for k, v in wanted.overrides.items())
         raise CheckpointError(f"{checkpoint}: holds the {wanted.label} detector ({trained}), but this config builds "
-                              f"{METHODS[method].label if method in METHODS else method}'s ({method}): layer {layers} last{flags and ' and pass' + flags}, "
-                              "as when it was trained")  # fmt: skip
+                              f"{built}'s ({method}): layer {layers} last{flags and ' and pass' + flags}, as when it "
+                              "was trained")  # fmt: skip
