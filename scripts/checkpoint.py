@@ -138,7 +138,7 @@ def check_dimensions(trained: TrainedSettings, current: Mapping[str, Any]) -> No
     if differ:
         raise CheckpointError(
             f"{trained.path}: " + "; ".join(differ) + ". configs/inference.yaml takes these from the checkpoint: drop "
-            "them from the command line, or the preset that sets them."
+            "them from the command line, or the preset that sets them (or pass the values it was trained with)."
         )
 
 
@@ -193,6 +193,8 @@ def load_detector(detector: nn.Module, path: str, data: Mapping[str, Any] | None
     differ = mismatches(recorded, current)
     if differ:
         kind = detector_kind(recorded)
+        if kind and recorded.get("method") == "stkd":  # CutPaste's network, STKD's layers
+            kind = (kind[0], "configs/baseline_cutpaste.yaml, then configs/baseline_stkd.yaml,")
         way = (
             f"Use the preset and layer it was trained with ({kind[1]} last) with its training's overrides of these "
             "settings (a baseline's own network settings are not taken from its checkpoint)"

@@ -43,8 +43,10 @@ def die_with_launcher() -> None:
     dies with the torchrun that started it, as the docs' "after a kill, the same command resumes" assumes."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # torchrun died before the call: this rank is an orphan already
+    parent = os.getppid()
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        return  # not granted: the rank lives on as before
+    if os.getppid() != parent:  # torchrun died between the two calls: this rank is an orphan already
         raise SystemExit("torchrun, which started this process, is gone; rerun the same command to resume")
 
 

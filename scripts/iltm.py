@@ -235,8 +235,8 @@ class ILTMWorkflow:
                 if not self.warm_start:
                     transformer.load_state_dict(initial)
                     same = [j for j, masks in enumerate(trained_on) if torch.equal(suspect, masks)]
-                    if same:
-                        self._reuse(state, k, same[-1])
+                    if same:  # the first: a later equal one is its copy
+                        self._reuse(state, k, same[0])
                 trained_on.append(suspect)
             keep = sequencer.to_keep(suspect)
             self.stage(f"transformer_{k:02d}", transformer, train_seq, keep, val_seq, self.folder(k), self.output_dir)
@@ -524,8 +524,8 @@ class ILTMWorkflow:
         for target in targets:
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
             if target == self.export and os.path.isfile(target) and not filecmp.cmp(target, source, shallow=False):
-                logger.warning(f"iltm#export: {target} held another detector (another run's export), replaced by this "
-                               f"run's; each run keeps its own <output_dir>/model.pt")  # fmt: skip
+                logger.warning(f"iltm#export: {target} held another detector (an earlier export), replaced by this "
+                               "run's final one; each run keeps its own <output_dir>/model.pt")  # fmt: skip
             if os.path.abspath(target) != os.path.abspath(source):
                 shutil.copyfile(source, f"{target}.tmp")
                 os.replace(f"{target}.tmp", target)

@@ -22,6 +22,7 @@ writes ``OUT_DIR/datalist_<category>_r<ratio, 2 decimals>.json`` (e.g. ``datalis
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -332,6 +333,26 @@ class MaskWriter:
         }
 
 
+def _check_older_copies(out: str, protocol: dict) -> None:
+    """`copy` and `size` against an older preparation's (protocol.json before 0.7.7 did not record them), as its
+    files tell them: copies under `out/images` at their size, or none."""
+    path = os.path.join(out, "protocol.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        if "copy" in json.load(f):
+            return  # check_protocol compared them
+    copies = (os.path.join(d, n) for d, _, names in sorted(os.walk(os.path.join(out, "images"))) for n in sorted(names))
+    first = next((p for p in copies if p.lower().endswith(".png")), None)
+    there = {
+        "copy": first is not None,
+        "size": image_size(os.path.dirname(first), os.path.basename(first))[0] if first else None,
+    }
+    differ = [f"{k}: {v!r} there, {protocol[k]!r} now" for k, v in there.items() if protocol[k] != v]
+    if differ:
+        raise LayoutError(f"{out}: holds datalists prepared with other copies ({'; '.join(differ)}); use another --out")
+
+
 def prepare_category(
     root: str,
     out: str,
@@ -447,6 +468,7 @@ def main(
         "size": int(size) if copy else None,
     }
     check_protocol(out, protocol)
+    _check_older_copies(out, protocol)
     rows = []
     for name in names:
         found, datalists = prepare_category(root, out, name, ratios, int(seed), splits, writer, train_size,

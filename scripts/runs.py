@@ -179,7 +179,8 @@ class RunGuard:
                     )
                     # the record keeps what the completed steps were made with, and says what the later ones were
                     state = os.path.join(self.output_dir, "state.json")
-                    done = sorted(read_record(state, "which steps of this run are complete")) if has_steps else []
+                    steps = read_record(state, "which steps of this run are complete") if has_steps else {}
+                    done = sorted(steps, key=lambda step: str(steps[step].get("completed_at", "")))  # in their order
                     resumed = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "after_steps": done, "differences": differ}
                     write_json(self.path, {**old, "resumed": [*old.get("resumed", []), resumed]}, indent=1)
                 self.warned = True

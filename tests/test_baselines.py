@@ -235,7 +235,14 @@ def test_stkd_drops_the_highest_scores_then_distils_through_the_bundle_command(t
     # and evaluate.yaml after the layers, which replaced the baseline's evaluation with ILTM's
     with pytest.raises(Exception) as error:
         run("evaluating", config_file=_configs("inference.yaml", "demo.yaml", *layers, "evaluate.yaml"), **common)
-    assert "configs/evaluate.yaml came after configs/baseline_cutpaste.yaml" in str(error.value.__cause__)
+    assert "configs/evaluate.yaml came after configs/baseline_cutpaste.yaml and replaced the baseline's evaluation: " \
+        "put configs/evaluate.yaml before the baseline's layers" in str(error.value.__cause__)  # fmt: skip
+    # training is not checked against the folder's checkpoint: --overwrite True moves another method's run aside
+    run("train_baseline", config_file=_configs("train.yaml", "demo.yaml", layers[0]),
+        **{k: v for k, v in common.items() if not k.startswith("stkd#")}, overwrite=True)  # fmt: skip
+    assert json.load(open(os.path.join(out, "state.json"))).keys() >= {"baseline"} and [
+        p for p in os.listdir(tmp_path) if p.startswith("stkd.replaced-")
+    ]
 
 
 def test_a_presets_baseline_settings_reach_its_layer_and_a_misspelt_name_stops() -> None:

@@ -383,7 +383,7 @@ def test_a_last_pass_that_masks_nothing_is_iteration_0_again_and_the_summary_say
     # another run exporting to the same file replaces it, and says so (its own model.pt keeps it)
     capsys.readouterr()
     _pipeline(tmp_path, "other", **{"iltm#min_iterations": 2, "iltm#export": str(out / "exported.pt"), "seed": 1})
-    assert f"iltm#export: {out / 'exported.pt'} held another detector (another run's export)" in capsys.readouterr().out
+    assert f"iltm#export: {out / 'exported.pt'} held another detector (an earlier export)" in capsys.readouterr().out
 
 
 def test_small_cpu_preset_for_user_data(load_preset):

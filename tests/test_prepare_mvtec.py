@@ -190,6 +190,10 @@ def test_what_a_rerun_or_the_root_could_change_is_refused_or_resolved(mvtec, tmp
             _run(mvtec, out, ratios="0.4", categories="grid", **other)
     with Image.open(out / _load(out, "grid", 0.2)["training"][0]["image"]) as img:
         assert img.size == (16, 16)
+    older = json.loads((out / "protocol.json").read_text())  # a folder prepared before 0.7.7: told by its files
+    (out / "protocol.json").write_text(json.dumps({k: v for k, v in older.items() if k not in ("copy", "size")}))
+    with pytest.raises(LayoutError, match="holds datalists prepared with other copies .size: 16 there, 12 now"):
+        _run(mvtec, out, ratios="0.4", categories="grid", size=12, copy=True)
     (tmp_path / "links" / "deep").mkdir(parents=True)
     linked = tmp_path / "links" / "deep" / "mvtec"
     linked.symlink_to(mvtec)

@@ -18,10 +18,10 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from scripts import distributed
-from scripts.checkpoint import CheckpointError, TrainedSettings, detector_record, save_detector
+from scripts.checkpoint import CheckpointError, TrainedSettings, detector_record, load_for_inference, save_detector
 
 logger = logging.getLogger(__name__)
-__all__ = ["METHODS", "SECTIONS", "Method", "check_layer", "export", "own_overrides", "preset"]
+__all__ = ["METHODS", "SECTIONS", "Method", "check_layer", "export", "load_checked", "own_overrides", "preset"]
 
 
 class Method(NamedTuple):
@@ -81,14 +81,19 @@ def export(detector: nn.Module, data: Mapping[str, Any], path: str, method: str 
     return path
 
 
-def check_layer(checkpoint: str, method: str, layer: str) -> None:
-    """Before any work: the layer came last (evaluate.yaml after it replaced its evaluation record, and the run failed
-    deep in MONAI), and an existing checkpoint holds this method's detector (an STKD model evaluated under CutPaste's
-    layer alone was scored, and recorded, as CutPaste's)."""
+def check_layer(method: str, layer: str) -> None:
+    """Before any work: the baseline's layers came last (evaluate.yaml after them replaced their evaluation record,
+    and the run failed deep in MONAI)."""
     if method == "iltm":
-        raise ValueError(f"configs/evaluate.yaml came after {layer} and replaced its evaluation: layer {layer} last, "
-                         f"e.g. --config_file \"['configs/inference.yaml','configs/PRESET.yaml','configs/evaluate.yaml',"
-                         f"'{layer}']\"")  # fmt: skip
+        raise ValueError(f"configs/evaluate.yaml came after {layer} and replaced the baseline's evaluation: put "
+                         "configs/evaluate.yaml before the baseline's layers, which come last, e.g. --config_file "
+                         f"\"['configs/inference.yaml','configs/PRESET.yaml','configs/evaluate.yaml','{layer}']\"")  # fmt: skip
+
+
+def load_checked(network: nn.Module, checkpoint: str, data: Mapping[str, Any], method: str) -> Mapping[str, Any]:
+    """Inference's and evaluation's first step for a baseline: its checkpoint holds this method's detector (an STKD
+    model evaluated under CutPaste's layer alone was scored, and recorded, as CutPaste's; checkpoints exported since
+    0.7.7 record their method, older ones cannot be told apart), then :func:`scripts.checkpoint.load_for_inference`."""
     trained = TrainedSettings(checkpoint).record.get("method") if os.path.isfile(checkpoint) else None
     if trained in METHODS and trained != method:
         wanted, built = METHODS[trained], METHODS[method].label if method in METHODS else method
@@ -97,3 +102,4 @@ def check_layer(checkpoint: str, method: str, layer: str) -> None:
         raise CheckpointError(f"{checkpoint}: holds the {wanted.label} detector ({trained}), but this config builds "
                               f"{built}'s ({method}): layer {layers} last{flags and ' and pass' + flags}, as when it "
                               "was trained")  # fmt: skip
+    return load_for_inference(network, checkpoint, data)
