@@ -9,6 +9,7 @@ no rank reads a file before it is complete. In a single process every function i
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -34,6 +35,8 @@ def initialise() -> torch.device:
     # ignite sets up its view of the group lazily with a collective call: on every rank now, not first on rank 0
     # inside a handler only rank 0 builds (which would wait for the others forever)
     idist.sync()
+    if not is_main():  # the log is rank 0's (ignite's engines log each epoch on every rank); warnings still show
+        logging.disable(logging.INFO)
     return device()
 
 

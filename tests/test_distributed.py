@@ -32,7 +32,7 @@ SETTINGS = {
 }  # fmt: skip
 
 
-def bundle(run_id: str, configs: list[str], processes: int, env: dict | None = None, **overrides) -> None:
+def bundle(run_id: str, configs: list[str], processes: int, env: dict | None = None, **overrides) -> str:
     """`python -m monai.bundle run` as a user types it, under torchrun when `processes` > 1 (one thread each)."""
     launcher = [sys.executable]
     if processes > 1:
@@ -43,6 +43,7 @@ def bundle(run_id: str, configs: list[str], processes: int, env: dict | None = N
     result = subprocess.run(cmd, cwd=ROOT, env={**environ, **(env or {})}, capture_output=True, text=True, timeout=240)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return result.stdout + result.stderr
 
 
 def files(folder) -> list[str]:
@@ -64,7 +65,7 @@ def runs(tmp_path_factory) -> dict[str, str]:
     out = {}
     for name, processes, configs in (("ddp", 2, [*TRAIN, "configs/multi_gpu_train.yaml"]), ("single", 1, TRAIN)):
         out[name] = str(tmp / name)
-        bundle(
+        out[f"{name}_log"] = bundle(
             "training", configs, processes, output_dir=out[name], **{"iltm#export": str(tmp / f"{name}.pt")}, **common
         )
     out["data"] = str(tmp / "data")
@@ -77,6 +78,11 @@ def test_two_processes_train_everything_into_the_layout_of_one(runs) -> None:
     assert {"vqvae", "transformer_00", "masks_01", "transformer_01", "checks_01"} <= set(steps)
     assert steps["masks_01"]["total_tokens"] == 12 * 8 * 8  # every training image once, none twice
     assert not os.path.exists(os.path.join(runs["ddp"], "iltm", "iter_01", "mask_chunks"))
+    # the log is rank 0's, as one process's: rank 1 logged each epoch too (a user's pass)
+    epochs = [
+        log.count("SupervisedTrainer - INFO - Epoch[1] Complete") for log in (runs["ddp_log"], runs["single_log"])
+    ]
+    assert epochs[0] == epochs[1] > 0
 
 
 def test_sharded_masks_are_a_single_process_pass(runs, load_preset) -> None:
