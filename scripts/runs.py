@@ -117,6 +117,7 @@ class RunGuard:
         self.path = os.path.join(output_dir, "run.json")
         self.lock = os.path.join(output_dir, "run.lock")
         self.started = self.moved = self.warned = False
+        atexit.register(self.finish)  # an error or Ctrl-C releases the lock too (a kill -9 leaves it: see _acquire)
 
     def start(self) -> None:
         """Checks and records the run, and takes the lock: rank 0's work under torchrun, the others wait for it."""
@@ -178,9 +179,8 @@ class RunGuard:
                         "steps keep the run's:\n  " + "\n  ".join(differ)
                     )
                     # the record keeps what the completed steps were made with, and says what the later ones were
-                    state = os.path.join(self.output_dir, "state.json")
-                    steps = read_record(state, "which steps of this run are complete") if has_steps else {}
-                    done = sorted(steps, key=lambda step: str(steps[step].get("completed_at", "")))  # in their order
+                    state = os.path.join(self.output_dir, "state.json")  # its steps in the order they completed
+                    done = list(read_record(state, "which steps of this run are complete")) if has_steps else []
                     resumed = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "after_steps": done, "differences": differ}
                     write_json(self.path, {**old, "resumed": [*old.get("resumed", []), resumed]}, indent=1)
                 self.warned = True
@@ -231,7 +231,6 @@ class RunGuard:
             logger.warning(f"{self.lock}: left by a run that is gone ({holder or 'unreadable'}); replacing it")
             with contextlib.suppress(FileNotFoundError):  # another process replaced it first
                 os.remove(self.lock)
-        atexit.register(self.finish)  # an error or Ctrl-C releases it too (a kill -9 leaves it, for the check above)
 
     def _create_lock(self, me: dict) -> bool:
         """The lock appears with its content or not at all (a hard link is atomic), so that no other process ever
