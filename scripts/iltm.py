@@ -194,18 +194,30 @@ class ILTMWorkflow:
         masks = load_token_masks(path, self.train_files, self.grid, required=True)
         return masks if not labels else (truth & masks if labels == "labels&" else truth | masks)
 
-    def _record_initial_masks(self, state: RunState, suspect: torch.Tensor, truth: torch.Tensor | None) -> None:
-        """``masks_00``, row 0 of the summary: the masks iteration 0 trains with. Recorded once; a rerun whose masks
-        differ (another mask file under ``resume``) is told that the record and iteration 0 keep the first ones."""
-        record = {"source": os.fspath(self.initial_masks), **mask_record(suspect, truth)}
-        if not state.done("masks_00"):
-            state.complete("masks_00", **record)
-            return
-        kept = state.steps["masks_00"]
-        if (kept.get("source"), kept.get("masked_tokens")) != (record["source"], record["masked_tokens"]):
-            logger.warning(f"iltm#initial_masks: {record['source']} ({record['masked_tokens']} tokens) now, but this run "
-                           f"recorded {kept.get('source')} ({kept.get('masked_tokens')} tokens) as iteration 0's masks; "
-                           "a completed iteration 0 is not retrained")  # fmt: skip
+    def _first_masks(self, state: RunState, suspect: torch.Tensor, truth: torch.Tensor | None) -> torch.Tensor | None:
+        """The masks iteration 0 trains with; a user's are recorded once as ``masks_00``, row 0 of the summary.
+
+        Under ``resume`` a completed iteration 0 is not retrained. Where the masks it trained with (the record, or none)
+        differ from today's, they are unknown here (None), so no later iteration is taken for a copy of it."""
+        source = os.fspath(self.initial_masks or "")
+        now = {"source": source, "masked_tokens": int(suspect.sum())}
+        kept = state.steps.get("masks_00")
+        if kept is None and not state.done("transformer_00"):
+            if source and distributed.is_main():
+                state.complete("masks_00", source=source, **mask_record(suspect, truth))
+            return suspect
+        was = {key: kept.get(key) for key in now} if kept else {"source": "", "masked_tokens": 0}
+        if was == now:
+            return suspect
+        if distributed.is_main():
+
+            def named(masks: dict) -> str:
+                return f"{masks['source'] or 'no masks'} ({masks['masked_tokens']} tokens)"
+
+            logger.warning(f"iltm#initial_masks: {named(now)} now, but this run recorded {named(was)} as iteration 0's "
+                           "masks; a completed iteration 0 is not retrained, and no later iteration is taken for a copy "
+                           "of it")  # fmt: skip
+        return None
 
     def folder(self, k: int) -> str:
         return os.path.join(self.output_dir, "iltm", f"iter_{k:02d}")
@@ -222,9 +234,7 @@ class ILTMWorkflow:
         truth = self._true_tokens()
 
         suspect = self._initial_masks(truth)
-        if self.initial_masks and distributed.is_main():
-            self._record_initial_masks(state, suspect, truth)
-        final, trained_on = 0, [suspect]  # the masks each iteration trained with
+        final, trained_on = 0, [self._first_masks(state, suspect, truth)]  # the masks each iteration trained with
         for k in range(self.max_iterations + 1):
             if k > 0:
                 suspect = self._masks(state, k, truth)
@@ -234,7 +244,9 @@ class ILTMWorkflow:
                     break
                 if not self.warm_start:
                     transformer.load_state_dict(initial)
-                    same = [j for j, masks in enumerate(trained_on) if torch.equal(suspect, masks)]
+                    same = [
+                        j for j, masks in enumerate(trained_on) if masks is not None and torch.equal(suspect, masks)
+                    ]
                     if same:  # the first: a later equal one is its copy
                         self._reuse(state, k, same[0])
                 trained_on.append(suspect)

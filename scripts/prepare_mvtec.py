@@ -368,11 +368,11 @@ def prepare_category(
     written, so that a ratio that fails leaves none."""
     category = scan_category(root, name)
     split = split_category(category, seed=seed, **splits)
-    validation = [writer.entry(name, s) for s in split.validation]
+    trains = [training_set(category, split.pool, ratio, seed, train_size, oversample) for ratio in ratios]  # may fail:
+    validation = [writer.entry(name, s) for s in split.validation]  # then before any file is written
     test = [writer.entry(name, s) for s in split.test]
     rows, datalists = [], {}
-    for ratio in ratios:
-        train = training_set(category, split.pool, ratio, seed, train_size, oversample)
+    for ratio, train in zip(ratios, trains):
         datalist = {
             "description": (
                 f"MVTec AD {name}, {ratio:.0%} anomalous training images (ILTM contamination protocol, seed {seed}). "

@@ -187,7 +187,7 @@ def train_stage(
             Events.EPOCH_COMPLETED, lambda engine: keeper.update(trainer.state.epoch, engine.state.metrics, network)
         )
     if distributed.is_main():
-        saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), filename_prefix="checkpoint", n_saved=None)
+        saver = Checkpoint(objects, DiskSaver(folder, require_empty=False), n_saved=None)  # checkpoint_N.pt
         trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_latest(folder))
     start = time.time()

@@ -111,6 +111,11 @@ def test_records_of_older_versions_are_read_with_todays_keys() -> None:
     old = {"resize": ["Resized"], "resize_mode": "resize"}
     now = {"spatial": ["ResizeWithPadOrCropd"], "resize_mode": "pad_crop"}
     assert [line.split(":")[0] for line in mismatches(old, now)] == ["resize_mode", "spatial"]
+    # a baseline network's copy of a data setting (the dense AE's image_size) is named once, as the data setting
+    old, now = {"image_size": [64, 64], "autoencoder_def#image_size": [64, 64]}, {"image_size": [32, 32]}
+    assert mismatches(old, {**now, "autoencoder_def#image_size": [32, 32]}) == [
+        "image_size: trained with [64, 64], this config has [32, 32]"
+    ]
 
 
 def test_a_checkpoint_of_another_kind_of_detector_names_the_config_layer(trained: str, tmp_path) -> None:

@@ -376,20 +376,33 @@ def test_initial_masks_split_a_runs_masks_into_what_they_catch_and_what_they_mas
     with caplog.at_level(logging.WARNING):
         assert torch.equal(workflow._initial_masks(truth), truth | torch.stack([run[0], torch.zeros_like(run[1])]))
     assert "half.pt: no token masks for 1 of the training images" in caplog.text
-    # row 0 of the summary: the given masks, recorded once; other masks on a rerun are named, the record kept
-    from scripts.steps import RunState
-
+    # row 0 of the summary: the given masks, recorded once; other masks on a rerun are named, the record kept, and
+    # iteration 0's masks are unknown (None), so that no later iteration with today's masks is taken for its copy
     state = RunState(str(tmp_path))
     workflow.initial_masks = "labels"
-    workflow._record_initial_masks(state, truth, truth)
+    assert torch.equal(workflow._first_masks(state, truth, truth), truth)
     recorded = {k: v for k, v in state.steps["masks_00"].items() if k != "completed_at"}
     assert recorded == {"source": "labels", "masked_tokens": 2, "total_tokens": 8, "precision": 1.0, "recall": 1.0}
+    assert torch.equal(workflow._first_masks(state, truth, truth), truth)  # the same masks again
     workflow.initial_masks = path
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        workflow._record_initial_masks(state, run, truth)
+        assert workflow._first_masks(state, run, truth) is None
     assert f"{path} (3 tokens) now, but this run recorded labels (2 tokens)" in caplog.text
     assert state.steps["masks_00"]["source"] == "labels"
+    state.complete("transformer_00")
+    workflow.initial_masks = None  # masks dropped under resume: iteration 0 still trained with the labels
+    assert workflow._first_masks(state, torch.zeros_like(truth), truth) is None
+    # a run whose iteration 0 trained without masks, resumed with some: no record is made up for it
+    unmasked = RunState(str(tmp_path / "unmasked"))
+    unmasked.complete("transformer_00")
+    assert torch.equal(workflow._first_masks(unmasked, torch.zeros_like(truth), truth), torch.zeros_like(truth))
+    workflow.initial_masks = "labels"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert workflow._first_masks(unmasked, truth, truth) is None
+    assert "labels (2 tokens) now, but this run recorded no masks (0 tokens)" in caplog.text
+    assert not unmasked.done("masks_00")
     # and the run's settings check names a missing file before any training
     from scripts.settings import SettingError, check_settings
 

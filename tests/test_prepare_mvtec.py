@@ -239,6 +239,7 @@ def test_a_failed_preparation_binds_what_it_left_and_summaries_list_every_datali
     with pytest.raises(LayoutError, match="anomalous training images"):  # pools of 4 and no oversampling
         _run(mvtec, out, categories="bottle", ratios="0,0.8", oversample=False)
     assert not list(out.glob("datalist_*.json")) and not (out / "protocol.json").exists()
+    assert not (out / "zero_masks").exists()  # the failing draw comes before any file is written
     _category(mvtec, "wood", defects={"knot": 13})  # no pool at all: the category after bottle fails
     with pytest.raises(LayoutError, match="wood: anomalous training images"):
         _run(mvtec, out, categories="bottle,wood", ratios="0,0.2")
