@@ -143,6 +143,22 @@ def _epoch(trainer_state: dict) -> int | None:
     return int(iteration) // int(length) if iteration is not None and length else None
 
 
+def _reraise_interrupt(_engine, error: BaseException) -> None:
+    if isinstance(error, KeyboardInterrupt):
+        raise error
+
+
+def quiet_interrupt(*engines) -> None:
+    """Ctrl-C ends a run with the bundle's one-line way on (scripts/__init__.py) instead of MONAI's StatsHandler
+    logging it with a traceback: ignite stops at the first EXCEPTION_RAISED handler that raises, so this one goes
+    first. Other errors go on to the handlers as before; an engine without any is left alone (ignite raises then)."""
+    for engine in engines:
+        handlers = getattr(engine, "_event_handlers", {}).get(Events.EXCEPTION_RAISED)
+        if handlers and handlers[0][0] is not _reraise_interrupt:
+            engine.add_event_handler(Events.EXCEPTION_RAISED, _reraise_interrupt)
+            handlers.insert(0, handlers.pop())
+
+
 def train_stage(
     step: str, trainer, weights: str, output_dir: str, evaluator=None, seed: int = 0, best_metric: str | None = None
 ) -> torch.nn.Module:
@@ -165,6 +181,7 @@ def train_stage(
         logger.info(f"{step}: already complete, loading {weights}")
         load_weights(network, state_dict(load_checkpoint(weights)), weights)
         return network
+    quiet_interrupt(trainer, evaluator)
     folder = os.path.dirname(weights)
     objects = {"model": network, "optimizer": trainer.optimizer, "trainer": trainer}
     if trainer.scaler is not None:

@@ -285,3 +285,31 @@ def test_a_folder_whose_images_lie_deeper_says_where(tmp_path) -> None:
     assert f"images lie deeper (e.g. {os.path.join('PETCT_0001', 'study', 'SUV.png')}): pass a datalist" in str(
         err.value
     )
+
+
+def test_ctrl_c_in_an_engine_is_not_logged_as_an_error_with_a_traceback(capsys) -> None:
+    """MONAI's StatsHandler logs whatever ends an engine with its traceback: a Ctrl-C showed 50 lines of it above the
+    bundle's one-line way on. Other errors are still logged and raised; an engine without handlers is left alone."""
+    from ignite.engine import Engine, Events
+    from monai.handlers import StatsHandler
+
+    from scripts.steps import quiet_interrupt
+
+    def step(engine, batch):
+        raise KeyboardInterrupt if batch == "stop" else ValueError("a bad batch")
+
+    for batch, error in (("stop", KeyboardInterrupt), ("bad", ValueError)):
+        engine = Engine(step)
+        StatsHandler(name="stats", iteration_log=False, epoch_log=False).attach(engine)
+        quiet_interrupt(engine, None)
+        quiet_interrupt(engine)  # once, however often asked
+        capsys.readouterr()
+        with pytest.raises(error):
+            engine.run([batch])
+        out = capsys.readouterr().out  # the StatsHandler's own stream
+        assert ("Exception:" in out) == (error is ValueError) and ("Traceback" in out) == (error is ValueError), out
+    bare = Engine(step)
+    quiet_interrupt(bare)
+    assert not bare._event_handlers.get(Events.EXCEPTION_RAISED)
+    with pytest.raises(KeyboardInterrupt):
+        bare.run(["stop"])
