@@ -44,7 +44,9 @@ def place_flags(log_likelihood: torch.Tensor, flags: torch.Tensor, size: int) ->
     and healing costs the same; only which tokens are re-drawn changes. Ties go to the earlier token.
     """
     pool = F.avg_pool2d if log_likelihood.dim() == 3 else F.avg_pool3d
-    smooth = pool(log_likelihood[:, None].float(), size, 1, size // 2, count_include_pad=False)[:, 0]
+    kernel = [min(size, n - 1 + n % 2) for n in log_likelihood.shape[1:]]  # odd, within a small grid's side
+    padding = [k // 2 for k in kernel]
+    smooth = pool(log_likelihood[:, None].float(), kernel, 1, padding, count_include_pad=False)[:, 0]
     rank = smooth.flatten(1).argsort(dim=1, stable=True).argsort(dim=1)
     return (rank < flags.flatten(1).sum(dim=1, keepdim=True)).view_as(flags)
 

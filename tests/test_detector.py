@@ -249,6 +249,10 @@ def test_place_flags_moves_each_images_flags_onto_the_least_likely_neighbourhood
     ll3[0, 1:3, 1:3, 1:3] = -2.0
     ll3[0, 5, 5, 5] = -9.0
     assert place_flags(ll3, ll3 < -1.5, 3)[0, 1:3, 1:3, 1:3].all()  # 3D: k x k x k
+    # a grid with sides below the neighbourhood (a small image_size's 2 x 2 x 4 tokens): narrower there, no error
+    small = torch.zeros(1, 2, 2, 4)
+    small[0, :, :, 3] = -5.0
+    assert torch.equal(place_flags(small, small < -1.0, 3), small < -1.0)
 
 
 def test_flag_neighbourhood_keeps_each_images_number_of_flags() -> None:
