@@ -75,7 +75,8 @@ def draw(pool: Sequence[T], n: int, generator: np.random.Generator, what: str, o
     if n > len(pool) and not oversample:
         raise LayoutError(
             f"{what}: {n} needed but only {len(pool)} available and over-sampling is disabled "
-            f"(allow it, or lower the training size or the ratio)"
+            "(--oversample True repeats images; or ask for fewer: --train_size of prepare_mvtec or --n_train of "
+            "prepare_autopet, or lower --ratios)"
         )
     order: list[int] = []
     while len(order) < n:
